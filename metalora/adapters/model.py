@@ -1,0 +1,194 @@
+"""A frozen backbone serving many adapters at once, with mixed-adapter batches.
+
+The frozen path of every layer runs once for the whole batch; each adapted layer then adds its
+low-rank update per *segment* (a contiguous run of samples sharing an adapter).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..backbones.base import Backbone
+from .adapter import Adapter
+from .formats import reference_forward
+
+
+@dataclass
+class Segment:
+    """Samples [start, end) of a batch that share one adapter (None = the bare backbone)."""
+
+    adapter: Adapter | None
+    start: int
+    end: int
+    seeds: dict[str, torch.Tensor]  # {layer: (end - start, seed_dim)}
+
+
+class _Context:
+    """Per-forward state shared by all wrapped layers; set and cleared by the model."""
+
+    def __init__(self):
+        self.segments: list[Segment] | None = None
+        self.reference = False
+
+
+class AdaptedLayer(nn.Module):
+    """Wraps one frozen target layer: `y = base(x)`, plus each segment's low-rank update."""
+
+    wraps_target = True
+
+    def __init__(self, name: str, base: nn.Module, ctx: _Context):
+        super().__init__()
+        self.name = name
+        self.base = base
+        self._ctx = ctx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        segs = self._ctx.segments
+        if self._ctx.reference:
+            return self._reference(x, segs)
+        y = self.base(x)  # frozen path: once for the whole batch
+        if not segs:
+            return y
+        parts, touched = [], False
+        for s in segs:
+            br = s.adapter.branch(self.name) if s.adapter is not None else None
+            if br is None:
+                parts.append(y[s.start : s.end])
+            else:
+                touched = True
+                parts.append(y[s.start : s.end] + br(x[s.start : s.end], s.seeds.get(self.name)))
+        if not touched:
+            return y
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _reference(self, x, segs):
+        (s,) = segs  # the reference path runs one sample (one segment) at a time
+        br = s.adapter.branch(self.name) if s.adapter is not None else None
+        return reference_forward(self.base, br, x, s.seeds.get(self.name))
+
+
+@dataclass
+class Output:
+    embeddings: torch.Tensor  # (N, D), in the order of the request
+    logits: list[torch.Tensor]  # per sample: (num_classes of its adapter,)
+    seeds: list[torch.Tensor | None]  # per sample: the concatenated seed c(x), or None
+
+
+class MetaLoRAModel(nn.Module):
+    """One frozen backbone + a dict of adapters by name; forward over batches that mix them."""
+
+    def __init__(self, backbone: Backbone):
+        super().__init__()
+        self.backbone = backbone
+        self._ctx = _Context()
+        tail = backbone.tail_module()
+        for name in list(backbone.targetable()):
+            parent_name, _, attr = name.rpartition(".")
+            parent = tail.get_submodule(parent_name) if parent_name else tail
+            setattr(parent, attr, AdaptedLayer(name, getattr(parent, attr), self._ctx))
+        self.adapters: dict[str, Adapter] = {}  # not submodules: loaded and dropped at run time
+
+    def add_adapter(self, name: str, adapter: Adapter) -> None:
+        self.adapters[name] = adapter
+
+    def remove_adapter(self, name: str) -> Adapter | None:
+        return self.adapters.pop(name, None)
+
+    @contextmanager
+    def _segments(self, segments: list[Segment], reference: bool = False):
+        self._ctx.segments, self._ctx.reference = segments, reference
+        try:
+            yield
+        finally:
+            self._ctx.segments, self._ctx.reference = None, False
+
+    def _resolve(self, names: list[str | None]) -> list[Adapter | None]:
+        out = []
+        for n in names:
+            if n is None:
+                out.append(None)
+            elif n in self.adapters:
+                out.append(self.adapters[n])
+            else:
+                raise KeyError(f"adapter {n!r} is not loaded; loaded: {sorted(self.adapters)}")
+        return out
+
+    def forward_prefix(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen prefix (B, C, H, W) — cacheable, and shared by every adapter."""
+        return self.backbone.prefix(x)
+
+    def forward_from_prefix(self, h: torch.Tensor, adapters: list[Adapter | None]) -> Output:
+        """Prefix features + one adapter (or None) per sample -> embeddings, logits and seeds.
+
+        Samples are grouped by adapter (stable sort), run as contiguous segments and put back in
+        order, so callers may pass any interleaving.
+        """
+        n = h.shape[0]
+        if len(adapters) != n:
+            raise ValueError(f"{n} samples but {len(adapters)} adapters")
+        order = _group_order(adapters)
+        inv = torch.empty_like(order)
+        inv[order] = torch.arange(n, device=order.device)
+        identity = bool((order == torch.arange(n)).all())
+        hs = h if identity else h[order.to(h.device)]
+        f = self.backbone.pool_prefix(hs)  # (N, F)
+        segments: list[Segment] = []
+        for start, end, ad in _runs([adapters[i] for i in order.tolist()]):
+            seeds = ad.seeds(f[start:end]) if ad is not None else {}
+            segments.append(Segment(ad, start, end, seeds))
+        with self._segments(segments):
+            emb = self.backbone.tail(hs)  # (N, D)
+        logits, seeds = [], []
+        for s in segments:
+            head = s.adapter.head if s.adapter is not None else self.backbone.head
+            lo = head(emb[s.start : s.end])  # (n_s, classes)
+            cat = torch.cat(list(s.seeds.values()), dim=1) if s.seeds else None  # (n_s, S)
+            for i in range(s.end - s.start):
+                logits.append(lo[i])
+                seeds.append(cat[i] if cat is not None else None)
+        inv_l = inv.tolist()
+        return Output(
+            embeddings=emb if identity else emb[inv.to(emb.device)],
+            logits=[logits[j] for j in inv_l],
+            seeds=[seeds[j] for j in inv_l],
+        )
+
+    def forward(self, x: torch.Tensor, names: list[str | None]) -> Output:
+        """Images (N, 3, S, S) + adapter name per sample (None = bare backbone)."""
+        return self.forward_from_prefix(self.forward_prefix(x), self._resolve(names))
+
+    def forward_reference(self, x: torch.Tensor, names: list[str | None]) -> Output:
+        """Slow, obvious path: each sample alone, every adapted layer as `W0 + ΔW(c)` explicitly."""
+        embs, logits, seeds = [], [], []
+        for i, ad in enumerate(self._resolve(names)):
+            h = self.backbone.prefix(x[i : i + 1])
+            f = self.backbone.pool_prefix(h)
+            sd = ad.seeds(f) if ad is not None else {}
+            with self._segments([Segment(ad, 0, 1, sd)], reference=True):
+                e = self.backbone.tail(h)  # (1, D)
+            embs.append(e)
+            logits.append((ad.head if ad is not None else self.backbone.head)(e)[0])
+            seeds.append(torch.cat(list(sd.values()), dim=1)[0] if sd else None)
+        return Output(torch.cat(embs), logits, seeds)
+
+
+def _group_order(adapters: list[Adapter | None]) -> torch.Tensor:
+    """A stable permutation putting equal adapters next to each other, first-seen order."""
+    first: dict[int, int] = {}
+    for a in adapters:
+        first.setdefault(id(a), len(first))
+    keys = [first[id(a)] for a in adapters]
+    return torch.tensor(sorted(range(len(adapters)), key=lambda i: keys[i]), dtype=torch.long)
+
+
+def _runs(seq: list[Adapter | None]):
+    """(start, end, adapter) for each maximal run of the same adapter."""
+    start = 0
+    for i in range(1, len(seq) + 1):
+        if i == len(seq) or seq[i] is not seq[start]:
+            yield start, i, seq[start]
+            start = i

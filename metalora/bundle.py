@@ -1,0 +1,239 @@
+"""Adapter bundles (DESIGN.md §4): safetensors + a checksummed, self-describing manifest.json.
+
+Loading verifies every checksum, the backbone identity and every tensor's name and shape, and
+refuses anything else with a message that says what is wrong. Nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .adapters import Adapter, AdapterConfig
+from .backbones.base import Backbone, sha256_file
+
+SCHEMA = "metalora-bundle/1"
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+WEIGHTS = "weights.safetensors"
+GALLERY = "gallery.safetensors"
+MANIFEST = "manifest.json"
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be used; `code` is a stable machine-readable reason."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def check_name(name: str, what: str = "name") -> str:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name in {".", ".."}:
+        raise BundleError("invalid_name", f"{what} {name!r} must match {NAME_RE.pattern}")
+    return name
+
+
+@dataclass
+class Gallery:
+    """k-NN gallery of one adapter: L2-normalised embeddings, label indices and item ids."""
+
+    embeddings: torch.Tensor  # (N, D) float
+    labels: torch.Tensor  # (N,) int64, indices into the adapter's labels
+    ids: list[str]
+
+    def __post_init__(self):
+        n = self.embeddings.shape[0]
+        if self.embeddings.dim() != 2 or self.labels.shape != (n,) or len(self.ids) != n:
+            raise BundleError(
+                "gallery_shape",
+                f"gallery needs (N, D) embeddings, (N,) labels and N ids; got "
+                f"{tuple(self.embeddings.shape)}, {tuple(self.labels.shape)}, {len(self.ids)}",
+            )
+        if any("\n" in i for i in self.ids):
+            raise BundleError("gallery_ids", "gallery ids may not contain newlines")
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        ids = "\n".join(self.ids).encode("utf-8")
+        return {
+            "embeddings": self.embeddings.to(torch.float16).contiguous(),
+            "labels": self.labels.to(torch.int64).contiguous(),
+            "ids_utf8": torch.frombuffer(bytearray(ids), dtype=torch.uint8) if ids else torch.zeros(0, dtype=torch.uint8),
+        }
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor]) -> "Gallery":
+        missing = {"embeddings", "labels", "ids_utf8"} - set(t)
+        if missing:
+            raise BundleError("gallery_keys", f"gallery misses tensors {sorted(missing)}")
+        raw = bytes(t["ids_utf8"].tolist()).decode("utf-8")
+        ids = raw.split("\n") if raw else []
+        return cls(t["embeddings"].float(), t["labels"].long(), ids)
+
+
+def _atomic_dir_write(dest: Path, write) -> None:
+    """Write a bundle into a temp dir next to `dest`, then swap it in with a rename."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        write(tmp)
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}-{time.time_ns()}")
+            dest.rename(old)
+            tmp.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_bundle(
+    path: str | Path,
+    adapter: Adapter,
+    backbone: Backbone,
+    *,
+    name: str,
+    version: str,
+    training: dict | None = None,
+    metrics: dict | None = None,
+    gallery: Gallery | None = None,
+    preprocess: dict | None = None,
+) -> dict:
+    """Write `adapter` (+ optional gallery) as a bundle directory; returns the manifest."""
+    check_name(name)
+    check_name(str(version), "version")
+    path = Path(path)
+    state = {k: v.detach().cpu().float().contiguous() for k, v in adapter.state_dict().items()}
+    manifest = {
+        "schema": SCHEMA,
+        "name": name,
+        "version": str(version),
+        "adapter": adapter.config.to_dict(),
+        "resolved_targets": adapter.targets,
+        "seed_dim": adapter.seed_dim,
+        "trainable_params": adapter.num_trainable(),
+        "head_params": sum(p.numel() for p in adapter.head.parameters()),
+        "backbone": {**backbone.identity.to_dict(), "embed_dim": backbone.embed_dim, "seed_in_dim": backbone.seed_in_dim},
+        "preprocess": preprocess or backbone.preprocess.to_dict(),
+        "training": training or {},
+        "metrics": metrics or {},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "files": {},
+    }
+
+    def write(tmp: Path) -> None:
+        save_file(state, str(tmp / WEIGHTS), metadata={"schema": SCHEMA})
+        if gallery is not None:
+            save_file(gallery.to_tensors(), str(tmp / GALLERY))
+        for f in (WEIGHTS, GALLERY):
+            if (tmp / f).exists():
+                manifest["files"][f] = {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+    _atomic_dir_write(path, write)
+    return manifest
+
+
+def read_manifest(path: str | Path) -> dict:
+    """Parse and sanity-check a bundle's manifest (no tensors are read)."""
+    path = Path(path)
+    mf = path / MANIFEST
+    if not mf.is_file():
+        raise BundleError("missing_manifest", f"{path}: no {MANIFEST}")
+    try:
+        manifest = json.loads(mf.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError("bad_manifest", f"{mf}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
+        raise BundleError("bad_manifest", f"{mf}: schema is {manifest.get('schema') if isinstance(manifest, dict) else None!r}, expected {SCHEMA!r}")
+    for key in ("name", "version", "adapter", "backbone", "files"):
+        if key not in manifest:
+            raise BundleError("bad_manifest", f"{mf}: missing field {key!r}")
+    check_name(manifest["name"])
+    check_name(str(manifest["version"]), "version")
+    if WEIGHTS not in manifest["files"]:
+        raise BundleError("bad_manifest", f"{mf}: files lists no {WEIGHTS}")
+    return manifest
+
+
+def verify_files(path: str | Path, manifest: dict) -> None:
+    """Every file the manifest lists exists, has its size and its sha256."""
+    path = Path(path)
+    for fname, meta in manifest["files"].items():
+        if "/" in fname or "\\" in fname or fname.startswith("."):
+            raise BundleError("bad_manifest", f"file name {fname!r} is not a plain file in the bundle")
+        f = path / fname
+        if not f.is_file():
+            raise BundleError("missing_file", f"{path}: {fname} is listed in the manifest but missing")
+        if f.stat().st_size != meta.get("bytes"):
+            raise BundleError("checksum_mismatch", f"{f}: {f.stat().st_size} bytes, manifest says {meta.get('bytes')} (truncated or replaced)")
+        if sha256_file(f) != meta.get("sha256"):
+            raise BundleError("checksum_mismatch", f"{f}: sha256 differs from the manifest (tampered or corrupt)")
+
+
+def check_backbone(manifest: dict, backbone: Backbone) -> None:
+    want = manifest["backbone"]
+    have = backbone.identity
+    if want.get("name") != have.name:
+        raise BundleError("backbone_mismatch", f"bundle is for backbone {want.get('name')!r}, this one is {have.name!r}")
+    if want.get("weights_sha256") != have.weights_sha256:
+        raise BundleError(
+            "backbone_mismatch",
+            f"bundle was trained on {have.name} weights sha256 {str(want.get('weights_sha256'))[:12]}…, "
+            f"these weights are {str(have.weights_sha256)[:12]}…",
+        )
+    for key, val in (("embed_dim", backbone.embed_dim), ("seed_in_dim", backbone.seed_in_dim)):
+        if key in want and want[key] != val:
+            raise BundleError("backbone_mismatch", f"bundle expects {key}={want[key]}, backbone has {val}")
+
+
+def load_bundle(path: str | Path, backbone: Backbone, device: str | torch.device = "cpu") -> tuple[Adapter, dict]:
+    """Verify and load a bundle onto `backbone`; returns (adapter in eval mode, manifest)."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    verify_files(path, manifest)
+    check_backbone(manifest, backbone)
+    try:
+        config = AdapterConfig.from_dict(manifest["adapter"])
+        adapter = Adapter(backbone, config)
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError("bad_manifest", f"{path}: adapter config cannot be built: {e}") from None
+    if adapter.targets != manifest.get("resolved_targets", adapter.targets):
+        raise BundleError("bad_manifest", f"{path}: targets resolve to {adapter.targets}, manifest says {manifest['resolved_targets']}")
+    try:
+        state = load_file(str(path / WEIGHTS))
+    except (SafetensorError, OSError) as e:
+        raise BundleError("bad_weights", f"{path / WEIGHTS}: not a readable safetensors file ({e})") from None
+    own = adapter.state_dict()
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    bad = [f"{k}: {tuple(state[k].shape)} != {tuple(own[k].shape)}" for k in set(own) & set(state) if state[k].shape != own[k].shape]
+    if missing or extra or bad:
+        raise BundleError("shape_mismatch", f"{path}: weights do not fit the manifest: missing {missing[:5]}, unexpected {extra[:5]}, shapes {bad[:5]}")
+    adapter.load_state_dict(state, strict=True)
+    adapter.requires_grad_(False)
+    return adapter.to(device).eval(), manifest
+
+
+def load_gallery(path: str | Path, manifest: dict) -> Gallery | None:
+    """The bundle's gallery (checksums already verified by `load_bundle`), or None."""
+    if GALLERY not in manifest["files"]:
+        return None
+    try:
+        g = Gallery.from_tensors(load_file(str(Path(path) / GALLERY)))
+    except (SafetensorError, OSError) as e:
+        raise BundleError("bad_gallery", f"{path}: gallery is not a readable safetensors file ({e})") from None
+    n_labels = len(manifest["adapter"]["labels"])
+    if len(g.labels) and (int(g.labels.min()) < 0 or int(g.labels.max()) >= n_labels):
+        raise BundleError("bad_gallery", f"{path}: gallery labels fall outside the adapter's {n_labels} labels")
+    return g

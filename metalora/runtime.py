@@ -1,0 +1,110 @@
+"""In-process inference over a model store: the backbone, loaded adapters, preprocessing.
+
+The CLI uses it directly; the service wraps it with batching, caching and HTTP.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .adapters import MetaLoRAModel, Output
+from .backbones import Preprocess, create_backbone
+from .bundle import BundleError, load_bundle, load_gallery
+from .images import DEFAULT_MAX_PIXELS, Preprocessor, decode_image
+from .imagenet import imagenet_labels
+from .store import DEFAULT_STORE, ModelStore
+
+BASE = "base"
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+    return torch.device(device)
+
+
+class Runtime:
+    """One frozen backbone from the store's manifest + the adapters loaded onto it."""
+
+    def __init__(self, store: str | Path | None = None, device: str | torch.device = "cpu", backbone: str | None = None):
+        self.store = ModelStore(store or DEFAULT_STORE)
+        self.device = torch.device(device) if not isinstance(device, torch.device) else device
+        names = [p.name for p in (self.store.root / "backbones").iterdir() if p.is_dir()] if (self.store.root / "backbones").is_dir() else []
+        name = backbone or (names[0] if len(names) == 1 else "efficientnet_lite0")
+        bm = self.store.backbone_manifest(name) or {}
+        self.backbone = create_backbone(name, **bm.get("kwargs", {}))
+        want = bm.get("weights", {}).get("sha256")
+        if want and want != self.backbone.identity.weights_sha256:
+            raise BundleError("backbone_mismatch", f"store says {name} weights sha256 {want[:12]}…, loaded {str(self.backbone.identity.weights_sha256)[:12]}…")
+        # One resolution per backbone in the store: the manifest may override the weights' default.
+        self.preprocess_cfg = Preprocess(**{**self.backbone.preprocess.to_dict(), **bm.get("preprocess", {})})
+        self.preprocessor = Preprocessor(self.preprocess_cfg)
+        self.backbone.to(self.device).to(memory_format=torch.channels_last)
+        self.model = MetaLoRAModel(self.backbone)
+        self.manifests: dict[str, dict] = {}  # "name@version" -> manifest
+        self.base_labels = imagenet_labels()
+
+    # ------------------------------------------------------------------ adapters
+    def resolve(self, ref: str) -> str:
+        """`base`, `name` or `name@version` -> a loaded-adapter key (`base` or `name@version`)."""
+        if ref == BASE:
+            return BASE
+        name, version, _ = self.store.resolve(ref)
+        return f"{name}@{version}"
+
+    def load(self, ref: str) -> str:
+        key = self.resolve(ref)
+        if key == BASE or key in self.model.adapters:
+            return key
+        name, version, path = self.store.resolve(key)
+        adapter, manifest = load_bundle(path, self.backbone, self.device)
+        self.model.add_adapter(key, adapter)
+        self.manifests[key] = manifest
+        return key
+
+    def unload(self, key: str) -> bool:
+        self.manifests.pop(key, None)
+        return self.model.remove_adapter(key) is not None
+
+    def labels(self, key: str) -> list[str]:
+        return self.base_labels if key == BASE else self.manifests[key]["adapter"]["labels"]
+
+    def gallery(self, key: str):
+        name, version, path = self.store.resolve(key)
+        return load_gallery(path, self.manifests[key])
+
+    # ------------------------------------------------------------------ compute
+    def preprocess(self, images: list[bytes], max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+        return torch.stack([self.preprocessor(decode_image(b, max_pixels)) for b in images])  # (N, 3, S, S)
+
+    @torch.inference_mode()
+    def run(self, x: torch.Tensor, keys: list[str]) -> Output:
+        """A mixed batch: one loaded key per sample (`base` = the bare backbone)."""
+        x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        return self.model(x, [None if k == BASE else k for k in keys])
+
+    def format_predictions(self, key: str, logits: torch.Tensor, top_k: int) -> dict:
+        probs = logits.float().softmax(-1)
+        k = min(top_k, probs.numel())
+        scores, idx = probs.topk(k)
+        labels = self.labels(key)
+        version = "" if key == BASE else key.split("@", 1)[1]
+        return {
+            "adapter": key.split("@", 1)[0],
+            "version": version,
+            "predictions": [{"label": labels[i], "index": int(i), "score": float(s)} for s, i in zip(scores.tolist(), idx.tolist())],
+        }
+
+    def predict(self, images: list[bytes], ref: str, top_k: int = 5) -> list[dict]:
+        key = self.load(ref)
+        out = self.run(self.preprocess(images), [key] * len(images))
+        return [self.format_predictions(key, lo, top_k) for lo in out.logits]
+
+    def embed(self, images: list[bytes], ref: str) -> torch.Tensor:
+        key = self.load(ref)
+        return F.normalize(self.run(self.preprocess(images), [key] * len(images)).embeddings.float(), dim=-1)

@@ -1,0 +1,83 @@
+"""Backbones by name: the shipped EfficientNet-Lite0 weights, torchvision/timm variants, ImageNet check."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from metalora.adapters import Adapter, AdapterConfig, MetaLoRAModel
+from metalora.backbones import BACKBONES, create_backbone, efficientnet_lite0_key_map, efficientnet_lite0_weights_path
+
+from .conftest import DATA, needs_shared, randomize
+
+
+def test_key_map_covers_every_tensor_of_the_weights_file():
+    raw = torch.load(efficientnet_lite0_weights_path(), map_location="cpu", weights_only=True)
+    mapping = efficientnet_lite0_key_map(list(raw))
+    model_keys = set(timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict())
+    assert set(mapping) == set(raw), "every key of the file is mapped"
+    assert set(mapping.values()) == model_keys, "every model tensor comes from the file"
+    assert len(set(mapping.values())) == len(mapping), "no two file keys map to one model key"
+
+
+def test_key_map_fails_loudly_on_unknown_keys():
+    with pytest.raises(KeyError, match="unmapped"):
+        efficientnet_lite0_key_map(["_conv_stem.weight", "_mystery.weight"])
+    with pytest.raises(KeyError, match="out of range"):
+        efficientnet_lite0_key_map(["_blocks.99._bn1.weight"])
+
+
+def test_efficientnet_uses_tf_recipe():
+    bb = create_backbone("efficientnet_lite0")
+    assert bb.preprocess.mean == (0.5, 0.5, 0.5) and bb.preprocess.std == (0.5, 0.5, 0.5)
+    assert bb.identity.weights_sha256.startswith("579344248a93")
+    assert bb.net.bn1.eps == pytest.approx(1e-3)
+    assert all(not p.requires_grad for p in bb.parameters())
+
+
+def test_unknown_backbone_lists_known_ones():
+    with pytest.raises(KeyError, match="efficientnet_lite0"):
+        create_backbone("vgg99")
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "mixer_s16_224"])
+def test_registered_backbones_random_init(name):
+    torch.manual_seed(0)
+    bb = create_backbone(name, pretrained=False)
+    assert name in BACKBONES
+    x = torch.randn(2, 3, 224, 224)
+    model = MetaLoRAModel(bb)
+    targets = list(bb.targetable())
+    assert targets, "a backbone exposes layers to adapt"
+    model.add_adapter("cp", randomize(Adapter(bb, AdapterConfig("cp", (2,), [targets[0], targets[-1]], ["a", "b"])), 0.05))
+    with torch.no_grad():
+        out = model(x, ["cp", None])
+        emb = bb.tail(bb.prefix(x))
+    assert out.embeddings.shape == (2, bb.embed_dim)
+    assert torch.isfinite(out.embeddings).all()
+    assert out.logits[0].shape == (2,) and out.logits[1].shape == (bb.num_classes,)
+    torch.testing.assert_close(out.embeddings[1], emb[1], rtol=1e-4, atol=1e-4)
+
+
+def test_user_supplied_weights_file_loads(tmp_path):
+    src = create_backbone("resnet18")
+    f = tmp_path / "r18.pth"
+    torch.save(src.net.state_dict(), f)
+    bb = create_backbone("resnet18", weights=str(f))
+    assert bb.identity.weights_sha256 is not None
+    torch.testing.assert_close(bb.net.conv1.weight, src.net.conv1.weight)
+    bad = {k: v for k, v in src.net.state_dict().items() if not k.startswith("fc.")}
+    torch.save(bad, f)
+    with pytest.raises(ValueError, match="missing"):
+        create_backbone("resnet18", weights=str(f))
+
+
+@needs_shared("imagenet-sample", "val.zip")
+def test_imagenet_sample_top1_at_least_85():
+    from metalora.imagenet import evaluate_imagenet_sample
+
+    bb = create_backbone("efficientnet_lite0").to(memory_format=torch.channels_last)
+    res = evaluate_imagenet_sample(bb, DATA / "imagenet-sample" / "val.zip", DATA / "imagenet-sample" / "classes.tsv", progress=False)
+    assert res["n"] == 1000
+    assert res["top1"] >= 0.85, res
