@@ -86,6 +86,27 @@ class Branch(nn.Module):
     def channel_dim(self) -> int:
         return -1 if self.is_linear else 1
 
+    @property
+    def per_token(self) -> bool:
+        """True when A acts on each position alone (Linear, or a 1x1/stride-1 conv without padding).
+
+        Such branches are two matmuls over tokens, so a batch mixing many adapters of one shape can
+        run as two batched matmuls over per-sample factors instead of a loop over segments.
+        """
+        if self.is_linear:
+            return True
+        g = self.geometry
+        pad_free = g.same or g.padding in (0, (0, 0), "valid", "same")  # k=1: "same" pads nothing
+        return self.kernel == (1, 1) and g.stride == (1, 1) and pad_free
+
+    def signature(self) -> tuple:
+        """Branches with equal signatures can share one batched (gathered) matmul."""
+        return (type(self), tuple(self.A.shape), tuple(self.B.shape), self.A.dtype, self.A.device)
+
+    def mix(self, u: torch.Tensor, seed: torch.Tensor | None) -> torch.Tensor:
+        """The seed-dependent middle on tokens: (N, T, Ra) -> (N, T, Rb). Plain LoRA passes through."""
+        return u
+
     def forward(self, x: torch.Tensor, seed: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
@@ -147,6 +168,9 @@ class CPBranch(Branch):
         u = u * _seed_view(seed, u, self.channel_dim)
         return self._up(u, self.B) * self.scale
 
+    def mix(self, u, seed):
+        return u * seed[:, None, :]  # (N, T, R) * (N, 1, R)
+
     def delta_weight(self, seed):
         dw = torch.einsum("or,nr,ri...->noi...", self.B, seed, self.A)  # (N, O, I, k, k)
         return dw * self.scale
@@ -190,6 +214,13 @@ class TRBranch(Branch):
             v = v.reshape(n, r2 * r3, h, w)  # (N, R2·R3, H', W')
         return self._up(v, self.B) * self.scale
 
+    def mix(self, u, seed):
+        r1, r2, r3 = self.ranks
+        n, t, _ = u.shape
+        c = seed.reshape(n, r3, r1)  # (N, R3, R1)
+        v = torch.einsum("ntpq,nrp->ntqr", u.reshape(n, t, r1, r2), c)  # (N, T, R2, R3)
+        return v.reshape(n, t, r2 * r3)
+
     def delta_weight(self, seed):
         r1, r2, r3 = self.ranks
         n = seed.shape[0]
@@ -198,6 +229,34 @@ class TRBranch(Branch):
         c = seed.reshape(n, r3, r1)  # (N, R3, R1)
         dw = torch.einsum("pqi...,oqr,nrp->noi...", a, b, c)  # (N, O, I, k, k)
         return dw * self.scale
+
+
+def gathered_update(branches: list[Branch], counts: list[int], x: torch.Tensor, seed: torch.Tensor | None) -> torch.Tensor:
+    """Low-rank updates of several same-signature per-token branches over one batch (Punica's BGMV).
+
+    Samples come grouped: the first `counts[0]` rows use `branches[0]`, and so on. Each sample's
+    factors are gathered, then the update is two batched matmuls: per sample
+    `Δy = scale·B·mix(A·x, c)` on every token. Equal to calling each branch on its rows.
+    """
+    n = x.shape[0]
+    ref = branches[0]
+    idx = torch.repeat_interleave(
+        torch.arange(len(branches), device=x.device), torch.tensor(counts, device=x.device)
+    )  # (N,) adapter index of each sample
+    a = torch.stack([b.A.reshape(b.A.shape[0], -1) for b in branches])[idx]  # (N, Ra, I)
+    bw = torch.stack([b.B * b.scale for b in branches])[idx]  # (N, O, Rb), scale folded in
+    if ref.is_linear:
+        lead = x.shape[1:-1]
+        t = x.reshape(n, -1, ref.in_dim)  # (N, T, I)
+    else:
+        _, _, h, w = x.shape
+        t = x.permute(0, 2, 3, 1).reshape(n, h * w, ref.in_dim)  # (N, H·W, I); a view when channels_last
+    u = torch.bmm(t, a.transpose(1, 2))  # (N, T, Ra)
+    v = ref.mix(u, seed)  # (N, T, Rb)
+    d = torch.bmm(v, bw.transpose(1, 2))  # (N, T, O)
+    if ref.is_linear:
+        return d.reshape(n, *lead, ref.out_dim)
+    return d.reshape(n, h, w, ref.out_dim).permute(0, 3, 1, 2)  # (N, O, H, W), channels_last strides
 
 
 def create_branch(fmt: str, base: nn.Module, ranks: tuple[int, ...], alpha: float) -> Branch:

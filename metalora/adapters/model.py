@@ -14,7 +14,7 @@ from torch import nn
 
 from ..backbones.base import Backbone
 from .adapter import Adapter
-from .formats import reference_forward
+from .formats import gathered_update, reference_forward
 
 
 @dataclass
@@ -33,6 +33,7 @@ class _Context:
     def __init__(self):
         self.segments: list[Segment] | None = None
         self.reference = False
+        self.gather = True  # False: the plain per-segment loop (kept for tests and benchmarks)
 
 
 class AdaptedLayer(nn.Module):
@@ -53,6 +54,12 @@ class AdaptedLayer(nn.Module):
         y = self.base(x)  # frozen path: once for the whole batch
         if not segs:
             return y
+        if self._ctx.gather:
+            return self._gathered(x, y, segs)
+        return self._looped(x, y, segs)
+
+    def _looped(self, x, y, segs):
+        """One branch call per segment (gather -> branch -> concatenate)."""
         parts, touched = [], False
         for s in segs:
             br = s.adapter.branch(self.name) if s.adapter is not None else None
@@ -64,6 +71,41 @@ class AdaptedLayer(nn.Module):
         if not touched:
             return y
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _gathered(self, x, y, segs):
+        """Segments whose branches share a per-token signature run as one batched matmul (S-LoRA/Punica);
+        a lone segment or a spatial (k x k) branch runs as its own call."""
+        groups: dict[tuple, list[tuple[Segment, object]]] = {}
+        for s in segs:
+            br = s.adapter.branch(self.name) if s.adapter is not None else None
+            if br is not None:
+                key = br.signature() if br.per_token else ("alone", id(s))
+                groups.setdefault(key, []).append((s, br))
+        if not groups:
+            return y
+        n = x.shape[0]
+        for members in groups.values():
+            rows = [torch.arange(s.start, s.end) for s, _ in members]
+            rows = rows[0] if len(rows) == 1 else torch.cat(rows)  # (N_g,) sample rows of this group
+            contiguous = all(a[0].end == b[0].start for a, b in zip(members, members[1:]))
+            start, end = members[0][0].start, members[-1][0].end
+            xs = x[start:end] if contiguous else x[rows.to(x.device)]
+            if len(members) == 1:
+                s, br = members[0]
+                d = br(xs, s.seeds.get(self.name))
+            else:
+                brs = [br for _, br in members]
+                seed = None
+                if brs[0].seed_dim:
+                    seed = torch.cat([s.seeds[self.name] for s, _ in members])  # (N_g, seed_dim)
+                d = gathered_update(brs, [s.end - s.start for s, _ in members], xs, seed)
+            if contiguous and start == 0 and end == n:
+                y = y + d
+            elif contiguous:
+                y = torch.cat([y[:start], y[start:end] + d, y[end:]])
+            else:
+                y = y.index_add(0, rows.to(y.device), d)
+        return y
 
     def _reference(self, x, segs):
         (s,) = segs  # the reference path runs one sample (one segment) at a time
@@ -91,6 +133,16 @@ class MetaLoRAModel(nn.Module):
             parent = tail.get_submodule(parent_name) if parent_name else tail
             setattr(parent, attr, AdaptedLayer(name, getattr(parent, attr), self._ctx))
         self.adapters: dict[str, Adapter] = {}  # not submodules: loaded and dropped at run time
+
+    @property
+    def gather(self) -> bool:
+        """Whether same-shape branches of different adapters run as one batched matmul (default)
+        or as the plain loop over segments; both give the same result."""
+        return self._ctx.gather
+
+    @gather.setter
+    def gather(self, on: bool) -> None:
+        self._ctx.gather = bool(on)
 
     def add_adapter(self, name: str, adapter: Adapter) -> None:
         self.adapters[name] = adapter
