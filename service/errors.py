@@ -1,0 +1,88 @@
+"""One JSON error shape for every failure: `{"error": {"code": "...", "message": "..."}}`.
+
+Codes are stable and machine-readable; the message is for people. Client mistakes are 4xx,
+overload is 503 with Retry-After, a missed deadline 504; a 500 is always a bug.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from metalora.bundle import BundleError
+from metalora.images import ImageError
+
+log = logging.getLogger("metalora.service")
+
+# BundleError codes that mean "the client named something wrong" rather than "the bundle is bad".
+_BUNDLE_STATUS = {"unknown_adapter": 404, "invalid_name": 422}
+# Any other BundleError (checksum_mismatch, bad_manifest, backbone_mismatch, ...) is a bundle
+# that cannot be served: 409, the store's state conflicts with the request.
+BUNDLE_CONFLICT = 409
+
+
+class ServiceError(Exception):
+    """An error with its HTTP status, stable code and optional headers (e.g. Retry-After)."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+    @classmethod
+    def from_bundle(cls, e: BundleError) -> "ServiceError":
+        return cls(_BUNDLE_STATUS.get(e.code, BUNDLE_CONFLICT), e.code, str(e))
+
+    @classmethod
+    def from_image(cls, e: ImageError, index: int | None = None) -> "ServiceError":
+        where = f"images[{index}]: " if index is not None else ""
+        return cls(e.status, e.code, where + str(e))
+
+
+def error_body(code: str, message: str) -> dict:
+    return {"error": {"code": code, "message": message}}
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(code, message), status_code=status, headers=headers)
+
+
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers that turn every exception into the one error shape."""
+
+    @app.exception_handler(ServiceError)
+    async def _service(request: Request, e: ServiceError):
+        return error_response(e.status, e.code, e.message, e.headers)
+
+    @app.exception_handler(BundleError)
+    async def _bundle(request: Request, e: BundleError):
+        se = ServiceError.from_bundle(e)
+        return error_response(se.status, se.code, se.message)
+
+    @app.exception_handler(ImageError)
+    async def _image(request: Request, e: ImageError):
+        return error_response(e.status, e.code, str(e))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, e: RequestValidationError):
+        parts = []
+        for err in e.errors()[:5]:
+            loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+        code = "invalid_json" if any(err.get("type") == "json_invalid" for err in e.errors()) else "invalid_request"
+        return error_response(422, code, "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        return error_response(e.status_code, _HTTP_CODES.get(e.status_code, f"http_{e.status_code}"), str(e.detail), getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, e: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal_error", f"internal error ({type(e).__name__}); this is a bug, please report it")

@@ -1,0 +1,208 @@
+"""Request and response bodies of the HTTP API (the JSON contract of issue 4 / DESIGN.md §5)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+AdapterRef = Annotated[str, StringConstraints(min_length=1, max_length=130, pattern=r"^[a-z0-9][a-z0-9._-]{0,63}(@[a-z0-9][a-z0-9._-]{0,63})?$")]
+ItemId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
+MAX_FANOUT = 16
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _adapters(v):
+    return [v] if isinstance(v, str) else v
+
+
+class ImagesRequest(_Strict):
+    """Images as base64 strings (a `data:` URL prefix is accepted) and one adapter or a list."""
+
+    adapter: AdapterRef | Annotated[list[AdapterRef], Field(min_length=1, max_length=MAX_FANOUT)] = Field(
+        "base", description="`base`, `name` or `name@version`; a list fans out: one result per image × adapter"
+    )
+    images: list[str] | None = Field(None, min_length=1, description="base64-encoded image files (JPEG, PNG, WebP, BMP, GIF, TIFF)")
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(dict.fromkeys(_adapters(self.adapter)))
+
+
+class PredictRequest(ImagesRequest):
+    top_k: int = Field(5, ge=1, description="labels per result (capped by the adapter's class count)")
+
+    @model_validator(mode="after")
+    def _need_images(self):
+        if not self.images:
+            raise ValueError("images: at least one image is required")
+        return self
+
+
+class EmbedRequest(ImagesRequest):
+    @model_validator(mode="after")
+    def _need_images(self):
+        if not self.images:
+            raise ValueError("images: at least one image is required")
+        return self
+
+
+class KnnRequest(ImagesRequest):
+    """Images or query vectors (never both) against the adapter's gallery."""
+
+    vectors: list[list[float]] | None = Field(None, min_length=1, description="query embeddings (any norm; normalised here)")
+    k: int = Field(10, ge=1, description="neighbours per query")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.images is None) == (self.vectors is None):
+            raise ValueError("give either images or vectors (exactly one of them)")
+        if self.vectors is not None and len(self.adapters) != 1:
+            raise ValueError("vectors belong to one adapter's embedding space: name exactly one adapter")
+        return self
+
+
+class Prediction(BaseModel):
+    label: str
+    index: int
+    score: float
+
+
+class PredictResult(BaseModel):
+    adapter: str
+    version: str
+    predictions: list[Prediction]
+
+
+class PredictResponse(BaseModel):
+    results: list[PredictResult] = Field(description="one per image × adapter: image 0 with every adapter, then image 1, ...")
+
+
+class EmbedResult(BaseModel):
+    adapter: str
+    version: str
+    embedding: list[float]
+    dim: int
+
+
+class EmbedResponse(BaseModel):
+    results: list[EmbedResult]
+
+
+class Neighbor(BaseModel):
+    id: str
+    label: str
+    score: float = Field(description="cosine similarity")
+
+
+class KnnResult(BaseModel):
+    adapter: str
+    version: str
+    neighbors: list[Neighbor]
+    label: str | None = Field(description="majority vote of the neighbours (ties: larger summed similarity)")
+    votes: dict[str, int]
+
+
+class KnnResponse(BaseModel):
+    results: list[KnnResult]
+
+
+class GalleryItemRequest(_Strict):
+    """A gallery item: its label and either an image (embedded by the adapter) or a ready vector."""
+
+    label: str = Field(min_length=1, max_length=200)
+    image: str | None = Field(None, description="base64 image")
+    vector: list[float] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.image is None) == (self.vector is None):
+            raise ValueError("give either image or vector (exactly one of them)")
+        return self
+
+
+class GalleryInfo(BaseModel):
+    adapter: str
+    version: str
+    items: int
+    dim: int
+    index: Literal["flat", "hnsw", "none"]
+    source: Literal["bundle", "edited", "none"]
+    labels: dict[str, int] = Field(description="items per label")
+
+
+class GalleryItemResponse(BaseModel):
+    adapter: str
+    version: str
+    id: str
+    label: str | None
+    items: int
+    created: bool | None = None
+    deleted: bool | None = None
+
+
+class AdapterVersion(BaseModel):
+    version: str
+    loaded: bool
+    pinned: bool
+    format: str | None = None
+    ranks: list[int] | None = None
+    targets: list[str] | None = None
+    num_classes: int | None = None
+    labels: list[str] | None = None
+    trainable_params: int | None = None
+    metrics: dict | None = None
+    gallery_items: int | None = None
+    error: str | None = Field(None, description="why the bundle cannot be read, if it cannot")
+
+
+class AdapterSummary(BaseModel):
+    name: str
+    versions: list[str]
+    latest: str | None
+    loaded: list[str]
+    pinned: list[str]
+
+
+class AdapterList(BaseModel):
+    backbone: dict
+    capacity: int
+    adapters: list[AdapterSummary]
+
+
+class AdapterInfo(BaseModel):
+    name: str
+    latest: str | None
+    versions: list[AdapterVersion]
+
+
+class LoadResponse(BaseModel):
+    adapter: str
+    version: str
+    loaded: bool
+    pinned: bool
+    load_seconds: float
+
+
+class UnloadResponse(BaseModel):
+    adapter: str
+    version: str
+    unloaded: bool
+    deferred: bool = Field(description="true when requests in flight still use it: it goes when they are done")
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Ready(BaseModel):
+    status: str
+    device: str
+    backend: str
+    loaded: list[str]
+    failed: dict[str, str]
+
+
