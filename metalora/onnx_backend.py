@@ -1,0 +1,281 @@
+"""ONNX Runtime backend: the frozen backbone, and each adapter with it, as one static graph.
+
+A graph maps `image (N, 3, S, S)` to `embedding (N, D)` and `logits (N, C)`, plus `seed (N, S_c)`
+for adapters with a mapping network: the seed `c(x)` is computed inside the graph from the
+pooled prefix features, exactly as the torch path does. The batch axis is dynamic, the image
+size is fixed to the backbone's input size.
+
+Mixed-adapter batches run one graph per adapter segment (the frozen prefix therefore runs once
+per *segment*, not once per batch as in torch): ONNX has no way to pick a branch per sample
+without exporting every adapter into one graph. `OrtRunner.run(x, keys)` has the call shape and
+the result type of `Runtime.run`, so the service engine can use either.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .adapters import Adapter, Output
+from .backbones.base import Backbone
+
+BASE = "base"
+OPSET = 17
+OUTPUTS = ("embedding", "logits", "seed")
+
+# Which backend `auto` picks per device kind, from the side-by-side measurement in
+# docs/deploy.md ("ONNX Runtime vs torch"). CUDA stays on torch until it is measured there.
+AUTO_BACKEND = {"cpu": "onnx", "cuda": "torch"}
+
+
+def resolve_backend(backend: str, device: str | torch.device) -> str:
+    """`auto|torch|onnx` -> `torch|onnx` for a device; `auto` falls back to torch without onnxruntime."""
+    if backend in ("torch", "onnx"):
+        return backend
+    if backend != "auto":
+        raise ValueError(f"backend must be auto, torch or onnx, got {backend!r}")
+    kind = torch.device(device).type
+    choice = AUTO_BACKEND.get(kind, "torch")
+    if choice == "onnx":
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return "torch"
+    return choice
+
+
+class _FusedLayer(nn.Module):
+    """A target layer with one adapter's branch folded in: `base(x) + branch(x, seed)`."""
+
+    def __init__(self, name: str, base: nn.Module, branch: nn.Module, seeds: dict):
+        super().__init__()
+        self.name, self.base, self.branch = name, base, branch
+        self._seeds = seeds  # filled by the graph's forward before the tail runs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.branch(x, self._seeds.get(self.name))
+
+
+class ExportGraph(nn.Module):
+    """image -> (embedding, logits[, seed]) for the bare backbone or one adapter; what gets exported."""
+
+    def __init__(self, backbone: Backbone, adapter: Adapter | None = None):
+        super().__init__()
+        # A private copy: the live backbone is shared with the torch path (and may be wrapped by
+        # MetaLoRAModel); its wrapped layers behave as the frozen layer when no segment is set.
+        self.backbone = copy.deepcopy(backbone).eval()
+        self.adapter = adapter
+        self._seeds: dict[str, torch.Tensor] = {}
+        if adapter is not None:
+            tail = self.backbone.tail_module()
+            for name in adapter.targets:
+                parent_name, _, attr = name.rpartition(".")
+                parent = tail.get_submodule(parent_name) if parent_name else tail
+                setattr(parent, attr, _FusedLayer(name, getattr(parent, attr), adapter.branch(name), self._seeds))
+
+    @property
+    def has_seed(self) -> bool:
+        return self.adapter is not None and self.adapter.mapping is not None
+
+    def forward(self, x: torch.Tensor):
+        bb = self.backbone
+        h = bb.prefix(x)  # (N, C_p, H_p, W_p)
+        self._seeds.clear()
+        seeds = self.adapter.seeds(bb.pool_prefix(h)) if self.adapter is not None else {}  # {layer: (N, s_l)}
+        self._seeds.update(seeds)
+        emb = bb.tail(h)  # (N, D)
+        logits = (self.adapter.head if self.adapter is not None else bb.head)(emb)  # (N, C)
+        if self.has_seed:
+            return emb, logits, torch.cat(list(seeds.values()), dim=1)  # (N, S_c)
+        return emb, logits
+
+
+def graph_digest(backbone: Backbone, adapter: Adapter | None, input_size: int) -> str:
+    """Content hash naming a cached graph: backbone weights, adapter tensors and config, input size."""
+    h = hashlib.sha256(f"{backbone.identity.name}|{backbone.identity.weights_sha256}|{input_size}|{OPSET}|{torch.__version__}".encode())
+    if backbone.identity.weights_sha256 is None:  # random-init backbones (tests): hash the weights
+        for k, v in backbone.state_dict().items():
+            h.update(k.encode())
+            h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+    if adapter is not None:
+        h.update(repr(adapter.config.to_dict()).encode())
+        for k, v in adapter.state_dict().items():
+            h.update(k.encode())
+            h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def export_onnx(backbone: Backbone, adapter: Adapter | None, path: str | Path, input_size: int | None = None) -> Path:
+    """Export the bare backbone (adapter=None) or backbone + adapter to `path` (fp32, dynamic batch)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    size = input_size or backbone.preprocess.input_size
+    graph = ExportGraph(backbone, adapter).float().cpu()
+    names = list(OUTPUTS if graph.has_seed else OUTPUTS[:2])
+    x = torch.zeros(2, 3, size, size)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with torch.no_grad():
+        # The TorchScript-based exporter: the model is plain tensor code, so a trace is exact
+        # and needs no onnxscript; the batch axis stays symbolic.
+        torch.onnx.export(
+            graph,
+            (x,),
+            str(tmp),
+            input_names=["image"],
+            output_names=names,
+            dynamic_axes={n: {0: "batch"} for n in ["image", *names]},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
+    return path
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("METALORA_ONNX_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "metalora" / "onnx"
+
+
+def providers_for(device: str | torch.device) -> list[str]:
+    """CUDA execution provider when the device is CUDA and this onnxruntime build has it; CPU otherwise."""
+    import onnxruntime as ort
+
+    if torch.device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OrtRunner:
+    """Runs a `Runtime`'s loaded keys with onnxruntime: one exported graph and session per key.
+
+    Graphs are exported on first use (or `prepare(key)`) and cached on disk by content hash, so
+    a restart reuses them. An adapter reloaded under the same key is re-exported.
+    """
+
+    def __init__(self, runtime, cache_dir: str | Path | None = None, providers: list[str] | None = None, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.ort = ort
+        self.runtime = runtime
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.providers = providers or providers_for(runtime.device)
+        self.input_size = int(runtime.preprocess_cfg.input_size)
+        self.options = ort.SessionOptions()
+        if threads:
+            self.options.intra_op_num_threads = threads
+        self.options.log_severity_level = 3  # warnings from graph fusions are noise here
+        self._sessions: dict[str, tuple[object, object]] = {}  # key -> (adapter object, session)
+        self._lock = threading.Lock()
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    def _adapter(self, key: str) -> Adapter | None:
+        if key == BASE:
+            return None
+        try:
+            return self.runtime.model.adapters[key]
+        except KeyError:
+            raise KeyError(f"adapter {key!r} is not loaded; loaded: {sorted(self.runtime.model.adapters)}") from None
+
+    def graph_path(self, key: str) -> Path:
+        adapter = self._adapter(key)
+        digest = graph_digest(self.runtime.backbone, adapter, self.input_size)
+        return self.cache_dir / f"{key.replace('@', '-')}-{digest}.onnx"
+
+    def prepare(self, key: str):
+        """The session for a loaded key, exporting its graph when not cached."""
+        adapter = self._adapter(key)
+        with self._lock:
+            hit = self._sessions.get(key)
+            if hit is not None and hit[0] is adapter:
+                return hit[1]
+            path = self.graph_path(key)
+            if not path.exists():
+                export_onnx(self.runtime.backbone, adapter, path, self.input_size)
+            sess = self.ort.InferenceSession(str(path), self.options, providers=self.providers)
+            self._sessions[key] = (adapter, sess)
+            # Drop sessions of keys the runtime has unloaded since.
+            for k in [k for k in self._sessions if k != BASE and k not in self.runtime.model.adapters]:
+                del self._sessions[k]
+            return sess
+
+    def forget(self, key: str) -> None:
+        with self._lock:
+            self._sessions.pop(key, None)
+
+    def run(self, x: torch.Tensor, keys: list[str]) -> Output:
+        """A mixed batch, one loaded key per sample: same result type and order as `Runtime.run`."""
+        n = x.shape[0]
+        if len(keys) != n:
+            raise ValueError(f"{n} samples but {len(keys)} keys")
+        xn = x.detach().float().cpu().contiguous().numpy()  # (N, 3, S, S)
+        groups: dict[str, list[int]] = {}
+        for i, k in enumerate(keys):
+            groups.setdefault(k, []).append(i)
+        emb = np.empty((n, 0), np.float32)
+        logits: list[torch.Tensor | None] = [None] * n
+        seeds: list[torch.Tensor | None] = [None] * n
+        for key, idx in groups.items():
+            sess = self.prepare(key)
+            xs = xn if len(idx) == n else xn[idx]  # (n_k, 3, S, S)
+            out = sess.run(None, {"image": xs})
+            if emb.shape[1] == 0:
+                emb = np.empty((n, out[0].shape[1]), np.float32)
+            emb[idx] = out[0]
+            lo = torch.from_numpy(out[1])  # (n_k, C)
+            sd = torch.from_numpy(out[2]) if len(out) > 2 else None  # (n_k, S_c)
+            for j, i in enumerate(idx):
+                logits[i] = lo[j]
+                seeds[i] = sd[j] if sd is not None else None
+        return Output(embeddings=torch.from_numpy(emb), logits=logits, seeds=seeds)
+
+
+def compare_throughput(runtime, keys: list[str], batch: int = 16, rounds: int = 7, threads: int | None = None, progress: bool = True) -> dict:
+    """Images/s of torch (`Runtime.run`) and ORT (`OrtRunner.run`) on the same batch, runs alternated.
+
+    Each round times one torch run and one ORT run back to back (order swapped every round), so
+    both see the same machine load; the medians and their ratio are reported.
+    """
+    import statistics
+    import time
+
+    from tqdm import tqdm
+
+    threads = threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    runner = OrtRunner(runtime, threads=threads)
+    ks = [keys[i % len(keys)] for i in range(batch)]
+    x = torch.rand(batch, 3, runner.input_size, runner.input_size) * 2 - 1  # (B, 3, S, S)
+    for k in set(ks):
+        runner.prepare(k)
+    runtime.run(x, ks), runner.run(x, ks)  # warm-up: allocator, thread pools, ORT arenas
+    times = {"torch": [], "onnx": []}
+    fns = {"torch": lambda: runtime.run(x, ks), "onnx": lambda: runner.run(x, ks)}
+    for r in tqdm(range(rounds), desc="torch vs onnx", disable=not progress):
+        for name in (("torch", "onnx") if r % 2 == 0 else ("onnx", "torch")):
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "device": str(runtime.device),
+        "providers": runner.providers,
+        "threads": threads,
+        "batch": batch,
+        "rounds": rounds,
+        "keys": sorted(set(ks)),
+        "torch_img_s": batch / med["torch"],
+        "onnx_img_s": batch / med["onnx"],
+        "onnx_over_torch": med["torch"] / med["onnx"],
+    }

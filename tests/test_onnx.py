@@ -1,0 +1,140 @@
+"""ONNX Runtime backend: exported graphs match the torch path (fp32, max abs diff <= 1e-4).
+
+Runs the real efficientnet_lite0 with randomized adapter bundles of every format, written to a
+temporary store and loaded the way the service loads them.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from metalora.adapters import Adapter, AdapterConfig
+from metalora.bundle import save_bundle
+from metalora.runtime import Runtime
+from metalora.store import DEFAULT_STORE
+from tests.conftest import randomize
+
+ort = pytest.importorskip("onnxruntime")
+from metalora.onnx_backend import AUTO_BACKEND, OrtRunner, export_onnx, resolve_backend  # noqa: E402
+
+TOL = 1e-4
+BUNDLES = [  # (name, format, ranks, targets)
+    ("tr-all", "tr", (2, 3, 2), ["*"]),
+    ("cp-head", "cp", (4,), ["conv_head"]),
+    ("lora-pw", "lora", (4,), ["blocks.6.0.*"]),
+]
+
+
+@pytest.fixture(scope="module")
+def runtime(tmp_path_factory):
+    """A store holding the shipped backbone manifest and three randomized bundles."""
+    root = tmp_path_factory.mktemp("store")
+    shutil.copytree(DEFAULT_STORE / "backbones", root / "backbones")
+    rt = Runtime(root, device="cpu")
+    torch.manual_seed(0)
+    for name, fmt, ranks, targets in BUNDLES:
+        ad = randomize(Adapter(rt.backbone, AdapterConfig(fmt, ranks, targets, [f"c{i}" for i in range(7)])), std=0.05)
+        save_bundle(root / "adapters" / name / "1", ad, rt.backbone, name=name, version="1")
+        rt.load(name)
+    return rt
+
+
+@pytest.fixture(scope="module")
+def runner(runtime, tmp_path_factory):
+    return OrtRunner(runtime, cache_dir=tmp_path_factory.mktemp("onnx"))
+
+
+def _images(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 224, 224, generator=g) * 2 - 1  # the backbone's [-1, 1] input range
+
+
+def _max_diff(a, b) -> float:
+    return max((x.float() - y.float()).abs().max().item() for x, y in zip(a, b))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", ["base"] + [f"{b[0]}@1" for b in BUNDLES])
+def test_graph_matches_torch(runtime, runner, key):
+    x = _images(3, seed=1)
+    ref = runtime.run(x, [key] * 3)
+    out = runner.run(x, [key] * 3)
+    assert out.embeddings.shape == ref.embeddings.shape
+    assert (out.embeddings - ref.embeddings.float()).abs().max().item() <= TOL
+    assert _max_diff(out.logits, ref.logits) <= TOL
+    if key.startswith("lora") or key == "base":
+        assert all(s is None for s in out.seeds)
+    else:
+        # The seed is computed inside the graph; a randomized mapping net moves it off its start.
+        assert _max_diff(out.seeds, ref.seeds) <= TOL
+        assert not torch.allclose(out.seeds[0], runtime.model.adapters[key].mapping.seed0.detach())
+    # A randomized adapter really changes the output, so equality above is not the frozen path's.
+    if key != "base":
+        base = runtime.run(x, ["base"] * 3).embeddings
+        assert (base - ref.embeddings).abs().max().item() > 1e-3
+
+
+@pytest.mark.slow
+def test_mixed_batch_in_request_order(runtime, runner):
+    keys = ["tr-all@1", "base", "cp-head@1", "tr-all@1", "lora-pw@1", "base"]
+    x = _images(len(keys), seed=2)
+    ref, out = runtime.run(x, keys), runner.run(x, keys)
+    assert (out.embeddings - ref.embeddings.float()).abs().max().item() <= TOL
+    assert [lo.shape for lo in out.logits] == [lo.shape for lo in ref.logits]
+    assert _max_diff(out.logits, ref.logits) <= TOL
+
+
+@pytest.mark.slow
+def test_cache_reuse_and_reexport_on_reload(runtime, runner):
+    key = "cp-head@1"
+    path = runner.graph_path(key)
+    first = runner.prepare(key)
+    assert path.exists() and runner.prepare(key) is first
+    mtime = path.stat().st_mtime_ns
+    OrtRunner(runtime, cache_dir=runner.cache_dir).prepare(key)  # a restart reuses the cached graph
+    assert path.stat().st_mtime_ns == mtime
+    # A reload makes a new adapter object: the runner opens a new session for it.
+    runtime.unload(key)
+    with pytest.raises(KeyError):
+        runner.run(_images(1, seed=4), [key])
+    runtime.load(key)
+    assert runner.prepare(key) is not first
+    # The digest covers the weights, so a changed adapter never reuses a stale graph file.
+    bias = runtime.model.adapters[key].head.bias
+    saved = bias.detach().clone()
+    with torch.no_grad():
+        bias.add_(1.0)
+    try:
+        assert runner.graph_path(key) != path
+    finally:
+        with torch.no_grad():
+            bias.copy_(saved)
+    assert runner.graph_path(key) == path
+
+
+def test_unknown_key_is_refused(runner):
+    with pytest.raises(KeyError, match="not loaded"):
+        runner.run(torch.zeros(1, 3, 224, 224), ["nope@1"])
+
+
+@pytest.mark.slow
+def test_export_file_has_dynamic_batch(runtime, tmp_path):
+    path = export_onnx(runtime.backbone, runtime.model.adapters["tr-all@1"], tmp_path / "g.onnx")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in sess.get_outputs()] == ["embedding", "logits", "seed"]
+    assert isinstance(sess.get_inputs()[0].shape[0], str)  # symbolic batch axis
+    for n in (1, 5):
+        emb, lo, sd = sess.run(None, {"image": _images(n, seed=n).numpy()})
+        assert emb.shape == (n, 1280) and lo.shape == (n, 7) and sd.shape == (n, 3 * 2 * 2)
+
+
+def test_resolve_backend_rule():
+    assert resolve_backend("torch", "cpu") == "torch"
+    assert resolve_backend("onnx", "cuda") == "onnx"
+    assert resolve_backend("auto", "cpu") == AUTO_BACKEND["cpu"]
+    assert resolve_backend("auto", "cuda") == AUTO_BACKEND["cuda"]
+    with pytest.raises(ValueError):
+        resolve_backend("tensorrt", "cpu")
