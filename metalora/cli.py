@@ -68,7 +68,7 @@ def serve(
     host: Annotated[Optional[str], typer.Option(help="bind address [env METALORA_HOST; default 127.0.0.1]")] = None,
     port: Annotated[Optional[int], typer.Option(help="port [env METALORA_PORT; default 8000]")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto|cpu|cuda [env METALORA_DEVICE; default auto]")] = None,
-    backend: Annotated[Optional[str], typer.Option(help="torch|onnx [env METALORA_BACKEND; default torch]")] = None,
+    backend: Annotated[Optional[str], typer.Option(help="auto|torch|onnx [env METALORA_BACKEND; default auto: onnx on CPU, torch on CUDA]")] = None,
 ):
     """Run the HTTP service (every setting also reads METALORA_* env vars; see docs/api.md)."""
     from pydantic import ValidationError
@@ -172,6 +172,35 @@ def eval_cmd(
         for lab, d in res["per_class"].items():
             typer.echo(f"  {lab:>20}: k-NN {d['knn_top1']:.3f}  n={d['n']}")
 
+
+@app.command("export-onnx")
+def export_onnx_cmd(
+    adapter: Annotated[str, typer.Option(help="'base' (frozen backbone + ImageNet head) or name[@version] from the store")] = "base",
+    out: Annotated[Optional[Path], typer.Option(help="output .onnx file (default: ./<name>-<version>.onnx)")] = None,
+    store: Annotated[Optional[Path], typer.Option(help="model store (default: the repository's model_store/)")] = None,
+    check: Annotated[bool, typer.Option(help="compare against torch on a random batch and report the max abs diff")] = True,
+):
+    """Export the backbone (+ one adapter, its seed computed in the graph) as a static ONNX graph."""
+    from .onnx_backend import export_from_store
+
+    typer.echo(json.dumps(export_from_store(store, adapter, out, check=check), indent=2))
+
+
+@app.command("bench-onnx")
+def bench_onnx_cmd(
+    adapter: Annotated[list[str], typer.Option(help="key(s) mixed in the batch, repeatable; 'base' or name[@version]")] = ["base"],
+    batch: Annotated[int, typer.Option(min=1)] = 16,
+    rounds: Annotated[int, typer.Option(min=1, help="alternating torch/ORT timings; medians are reported")] = 9,
+    store: Annotated[Optional[Path], typer.Option(help="model store (default: the repository's model_store/)")] = None,
+    device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "cpu",
+):
+    """Images/s of the torch and ONNX Runtime backends on the same batch, side by side."""
+    from .onnx_backend import compare_throughput
+    from .runtime import Runtime
+
+    rt = Runtime(store, device=_device(device))
+    keys = [rt.load(a) for a in adapter]
+    typer.echo(json.dumps(compare_throughput(rt, keys, batch=batch, rounds=rounds), indent=2))
 
 def main() -> None:  # pragma: no cover
     app()

@@ -17,6 +17,7 @@ import copy
 import hashlib
 import os
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -121,7 +122,8 @@ def export_onnx(backbone: Backbone, adapter: Adapter | None, path: str | Path, i
     names = list(OUTPUTS if graph.has_seed else OUTPUTS[:2])
     x = torch.zeros(2, 3, size, size)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter announces its successor
         # The TorchScript-based exporter: the model is plain tensor code, so a trace is exact
         # and needs no onnxscript; the batch axis stays symbolic.
         torch.onnx.export(
@@ -279,3 +281,38 @@ def compare_throughput(runtime, keys: list[str], batch: int = 16, rounds: int = 
         "onnx_img_s": batch / med["onnx"],
         "onnx_over_torch": med["torch"] / med["onnx"],
     }
+
+
+def create_backend(runtime, settings=None) -> OrtRunner:
+    """The service engine's hook (`service.engine.make_backend`): an OrtRunner over the runtime.
+
+    Graphs are cached in `METALORA_ONNX_CACHE` (default ~/.cache/metalora/onnx); ORT uses as
+    many intra-op threads as torch does, the setting the throughput comparison was made with.
+    """
+    return OrtRunner(runtime, threads=torch.get_num_threads())
+
+
+def export_from_store(store, ref: str, out: str | Path | None = None, check: bool = True) -> dict:
+    """`metalora export-onnx`: export `base` or an adapter from the store; report the torch parity."""
+    from .runtime import Runtime
+
+    rt = Runtime(store, device="cpu")
+    key = rt.load(ref)
+    adapter = None if key == BASE else rt.model.adapters[key]
+    path = Path(out) if out else Path(f"{key.replace('@', '-')}.onnx")
+    export_onnx(rt.backbone, adapter, path, rt.preprocess_cfg.input_size)
+    res = {"adapter": key, "path": str(path), "bytes": path.stat().st_size, "outputs": list(OUTPUTS if adapter is not None and adapter.mapping is not None else OUTPUTS[:2])}
+    if check:
+        import onnxruntime as ort
+
+        size = rt.preprocess_cfg.input_size
+        x = torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1  # (4, 3, S, S)
+        ref_out = rt.run(x, [key] * 4)
+        got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})
+        res["max_abs_diff"] = {
+            "embedding": float(np.abs(got[0] - ref_out.embeddings.float().numpy()).max()),
+            "logits": float(np.abs(got[1] - torch.stack(ref_out.logits).float().numpy()).max()),
+        }
+        if len(got) > 2:
+            res["max_abs_diff"]["seed"] = float(np.abs(got[2] - torch.stack(ref_out.seeds).float().numpy()).max())
+    return res

@@ -34,7 +34,11 @@ class ItemResult:
 
 
 def make_backend(name: str, runtime, settings) -> Backend:
-    """The compute backend by name; `torch` is the runtime itself."""
+    """The compute backend by name; `torch` is the runtime itself, `auto` the faster one on the device."""
+    if name == "auto":
+        from metalora.onnx_backend import resolve_backend
+
+        name = resolve_backend(name, runtime.device)
     if name == "torch":
         return runtime
     if name == "onnx":

@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="bind address; use 0.0.0.0 in a container")
     port: int = Field(8000, ge=0, le=65535)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto = CUDA when present, else CPU")
-    backend: Literal["torch", "onnx"] = Field("torch", description="compute backend behind the engine")
+    backend: Literal["auto", "torch", "onnx"] = Field("auto", description="compute backend behind the engine; auto = the one measured faster on the device (metalora.onnx_backend.AUTO_BACKEND)")
     admin_token: SecretStr | None = Field(None, description="bearer token for admin and gallery-write routes; unset = refused")
 
     max_batch_size: int = Field(32, ge=1, le=1024, description="images per engine batch")
