@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.base import Backbone
@@ -188,16 +189,20 @@ class MetaLoRAModel(nn.Module):
         identity = bool((order == torch.arange(n)).all())
         hs = h if identity else h[order.to(h.device)]
         f = self.backbone.pool_prefix(hs)  # (N, F)
-        segments: list[Segment] = []
-        for start, end, ad in _runs([adapters[i] for i in order.tolist()]):
-            seeds = ad.seeds(f[start:end]) if ad is not None else {}
-            segments.append(Segment(ad, start, end, seeds))
+        runs = list(_runs([adapters[i] for i in order.tolist()]))
+        if self._ctx.gather:
+            run_seeds = _batched_seeds(runs, f)
+        else:
+            run_seeds = [ad.seeds(f[start:end]) if ad is not None else {} for start, end, ad in runs]
+        segments = [Segment(ad, start, end, sd) for (start, end, ad), sd in zip(runs, run_seeds)]
         with self._segments(segments):
             emb = self.backbone.tail(hs)  # (N, D)
+        if self._ctx.gather:
+            run_logits = _batched_heads(runs, emb, self.backbone.head)
+        else:
+            run_logits = [(ad.head if ad is not None else self.backbone.head)(emb[start:end]) for start, end, ad in runs]
         logits, seeds = [], []
-        for s in segments:
-            head = s.adapter.head if s.adapter is not None else self.backbone.head
-            lo = head(emb[s.start : s.end])  # (n_s, classes)
+        for s, lo in zip(segments, run_logits):  # lo: (n_s, classes)
             cat = torch.cat(list(s.seeds.values()), dim=1) if s.seeds else None  # (n_s, S)
             for i in range(s.end - s.start):
                 logits.append(lo[i])
@@ -226,6 +231,77 @@ class MetaLoRAModel(nn.Module):
             logits.append((ad.head if ad is not None else self.backbone.head)(e)[0])
             seeds.append(torch.cat(list(sd.values()), dim=1)[0] if sd else None)
         return Output(torch.cat(embs), logits, seeds)
+
+
+def _rows_and_index(runs: list[tuple[int, int, Adapter | None]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample rows covered by `runs` (R_g,) and, per row, which of the runs it belongs to (R_g,)."""
+    rows = torch.cat([torch.arange(s, e) for s, e, _ in runs]).to(device)
+    idx = torch.repeat_interleave(torch.arange(len(runs)), torch.tensor([e - s for s, e, _ in runs])).to(device)
+    return rows, idx
+
+
+def _batched_seeds(runs: list[tuple[int, int, Adapter | None]], f: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    """Every run's seeds; mapping nets of equal shape run as batched matmuls over per-sample
+    weights (MappingNet: `c = seed0 + Linear(GELU(Linear(LayerNorm(f))))`, the same ops)."""
+    out: list[dict[str, torch.Tensor]] = [{} for _ in runs]
+    groups: dict[tuple, list[int]] = {}
+    for j, (_, _, ad) in enumerate(runs):
+        if ad is None or ad.mapping is None:
+            continue
+        ln, l1, act, l2 = ad.mapping.net
+        key = (tuple(l1.weight.shape), tuple(l2.weight.shape), ln.eps, getattr(act, "approximate", None), l1.weight.dtype, l1.weight.device)
+        groups.setdefault(key, []).append(j)
+    for js in groups.values():
+        if len(js) == 1:
+            start, end, ad = runs[js[0]]
+            out[js[0]] = ad.seeds(f[start:end])
+            continue
+        sub = [runs[j] for j in js]
+        rows, idx = _rows_and_index(sub, f.device)
+        nets = [ad.mapping.net for _, _, ad in sub]
+
+        def stack(get):
+            return torch.stack([get(n) for n in nets])[idx]
+
+        ln, _, act, _ = nets[0]
+        z = F.layer_norm(f[rows], ln.normalized_shape, eps=ln.eps)  # (R_g, F)
+        z = z * stack(lambda n: n[0].weight) + stack(lambda n: n[0].bias)
+        z = torch.baddbmm(stack(lambda n: n[1].bias).unsqueeze(1), z.unsqueeze(1), stack(lambda n: n[1].weight).transpose(1, 2))  # (R_g, 1, H)
+        z = act(z)
+        c = torch.baddbmm(stack(lambda n: n[3].bias).unsqueeze(1), z, stack(lambda n: n[3].weight).transpose(1, 2)).squeeze(1)  # (R_g, S)
+        c = torch.stack([ad.mapping.seed0 for _, _, ad in sub])[idx] + c
+        pos = 0
+        for j, (start, end, ad) in zip(js, sub):
+            part = torch.split(c[pos : pos + end - start], list(ad.seed_dims.values()), dim=1)
+            out[j] = dict(zip(ad.seed_dims, part))
+            pos += end - start
+    return out
+
+
+def _batched_heads(runs: list[tuple[int, int, Adapter | None]], emb: torch.Tensor, base_head) -> list[torch.Tensor]:
+    """Every run's logits (n_s, classes); adapter heads of equal shape run as one batched matmul."""
+    out: list[torch.Tensor | None] = [None] * len(runs)
+    groups: dict[tuple, list[int]] = {}
+    for j, (start, end, ad) in enumerate(runs):
+        if ad is None or ad.head.bias is None:
+            out[j] = (ad.head if ad is not None else base_head)(emb[start:end])
+        else:
+            groups.setdefault((tuple(ad.head.weight.shape), ad.head.weight.dtype, ad.head.weight.device), []).append(j)
+    for js in groups.values():
+        sub = [runs[j] for j in js]
+        if len(js) == 1:
+            start, end, ad = sub[0]
+            out[js[0]] = ad.head(emb[start:end])
+            continue
+        rows, idx = _rows_and_index(sub, emb.device)
+        w = torch.stack([ad.head.weight for _, _, ad in sub])[idx]  # (R_g, C, D)
+        b = torch.stack([ad.head.bias for _, _, ad in sub])[idx]  # (R_g, C)
+        lo = torch.baddbmm(b.unsqueeze(1), emb[rows].unsqueeze(1), w.transpose(1, 2)).squeeze(1)  # (R_g, C)
+        pos = 0
+        for j, (start, end, _) in zip(js, sub):
+            out[j] = lo[pos : pos + end - start]
+            pos += end - start
+    return out
 
 
 def _group_order(adapters: list[Adapter | None]) -> torch.Tensor:
