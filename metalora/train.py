@@ -1,0 +1,301 @@
+"""Train one adapter bundle on cached frozen-prefix features (`metalora train`).
+
+Only the tail is adapted, so every step runs `forward_from_prefix` on cached fp16 prefix
+features: the expensive frozen part of the network runs once per image, ever. Runs are
+deterministic under a seed (init, data order, schedule) and resume from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import weakref
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .adapters import Adapter, AdapterConfig, MetaLoRAModel
+from .backbones.base import Backbone
+from .bundle import Gallery, save_bundle
+from .data import FeatureSet, load_features
+
+DEFAULT_TARGETS = ["blocks.6.0.conv_pw", "blocks.6.0.conv_pwl", "conv_head"]
+DEFAULT_RANKS = {"lora": (16,), "cp": (16,), "tr": (4, 4, 4)}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a run; recorded verbatim in the bundle manifest."""
+
+    data: list[str]
+    format: str = "cp"
+    ranks: tuple[int, ...] | None = None  # None: from `budget`, else DEFAULT_RANKS
+    budget: int | None = None  # trainable parameters (mapping net + branches, head excluded)
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    epochs: int = 4
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_frac: float = 0.1
+    batch_size: int = 64
+    seed: int = 0
+    alpha: float = 8.0
+    mapping_hidden: int = 64
+    gallery_per_class: int | None = None  # None: every training image goes into the gallery
+
+    def run_hash(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+
+def count_params(backbone: Backbone, fmt: str, ranks, targets, alpha: float = 8.0, mapping_hidden: int = 64) -> int:
+    """Trainable parameters of an adapter (head excluded), without keeping it."""
+    return Adapter(backbone, AdapterConfig(fmt, tuple(ranks), targets, ["x"], alpha, mapping_hidden)).num_trainable()
+
+
+def ranks_for_budget(backbone: Backbone, fmt: str, budget: int, targets, mapping_hidden: int = 64) -> tuple[tuple[int, ...], int]:
+    """Ranks whose trainable count (mapping net + branches) is closest to `budget`; (ranks, count).
+
+    lora/cp: one rank, counts are affine in it. tr: R1 = R3 (the seed core is square) and R2 free;
+    among the choices within 5 % of the budget the most balanced ring (largest min rank) wins.
+    """
+    if fmt in ("lora", "cp"):
+        c1 = count_params(backbone, fmt, (1,), targets, mapping_hidden=mapping_hidden)
+        c2 = count_params(backbone, fmt, (2,), targets, mapping_hidden=mapping_hidden)
+        per, fixed = c2 - c1, c1 - (c2 - c1)
+        r = max(1, round((budget - fixed) / per))
+        return (r,), fixed + per * r
+    if fmt != "tr":
+        raise ValueError(f"unknown format {fmt!r}")
+    cands = []
+    for r in range(1, 9):
+        base = count_params(backbone, fmt, (r, 1, r), targets, mapping_hidden=mapping_hidden)
+        per = count_params(backbone, fmt, (r, 2, r), targets, mapping_hidden=mapping_hidden) - base
+        r2 = max(1, round((budget - base) / per) + 1)
+        n = base + per * (r2 - 1)
+        cands.append(((r, r2, r), n))
+    near = [c for c in cands if abs(c[1] - budget) <= 0.05 * budget]
+    if near:
+        return max(near, key=lambda c: (min(c[0]), -abs(c[1] - budget)))
+    return min(cands, key=lambda c: abs(c[1] - budget))
+
+
+_MODELS: "weakref.WeakKeyDictionary[Backbone, MetaLoRAModel]" = weakref.WeakKeyDictionary()
+
+
+def model_for(backbone: Backbone) -> MetaLoRAModel:
+    """The one MetaLoRAModel wrapping `backbone` (wrapping its layers twice would nest them)."""
+    if backbone not in _MODELS:
+        _MODELS[backbone] = MetaLoRAModel(backbone)
+    return _MODELS[backbone]
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to zero; a pure function of the step so resumes match."""
+    warm = max(1, int(cfg.warmup_frac * total))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+@torch.no_grad()
+def embed_features(model: MetaLoRAModel, adapter: Adapter | None, fs: FeatureSet, batch_size: int = 256, device="cpu"):
+    """(L2-normalised embeddings (N, D) float32, head logits (N, C) or None, seeds (N, S) or None)."""
+    embs, logits, seeds = [], [], []
+    for s in range(0, len(fs), batch_size):
+        h = fs.h[s : s + batch_size].to(device, torch.float32)  # (B, C, H, W)
+        out = model.forward_from_prefix(h, [adapter] * h.shape[0])
+        embs.append(F.normalize(out.embeddings.float(), dim=-1).cpu())
+        if adapter is not None:
+            logits.append(torch.stack(out.logits).float().cpu())
+            if out.seeds[0] is not None:
+                seeds.append(torch.stack(out.seeds).float().cpu())
+    return torch.cat(embs), (torch.cat(logits) if logits else None), (torch.cat(seeds) if seeds else None)
+
+
+def _save_ckpt(ckpt: Path, adapter: Adapter, opt: torch.optim.Optimizer, state: dict) -> None:
+    ckpt.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in adapter.state_dict().items()}, str(ckpt / "adapter.tmp"))
+    opt_t = {}
+    for i, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            opt_t[f"{i}.{k}"] = torch.as_tensor(v).contiguous()
+    save_file(opt_t, str(ckpt / "optim.tmp"))
+    (ckpt / "state.tmp").write_text(json.dumps(state))
+    # Tensors first, the JSON that points at them last: a crash mid-save leaves the old checkpoint.
+    os.replace(ckpt / "adapter.tmp", ckpt / "adapter.safetensors")
+    os.replace(ckpt / "optim.tmp", ckpt / "optim.safetensors")
+    os.replace(ckpt / "state.tmp", ckpt / "state.json")
+
+
+def _load_ckpt(ckpt: Path, adapter: Adapter, opt: torch.optim.Optimizer, run_hash: str) -> dict | None:
+    f = ckpt / "state.json"
+    if not f.is_file():
+        return None
+    state = json.loads(f.read_text())
+    if state.get("run_hash") != run_hash:
+        return None  # a checkpoint of a different run: start over rather than mix them
+    adapter.load_state_dict(load_file(str(ckpt / "adapter.safetensors")), strict=True)
+    opt_t = load_file(str(ckpt / "optim.safetensors"))
+    sd = opt.state_dict()
+    for key, v in opt_t.items():
+        i, k = key.split(".", 1)
+        sd["state"].setdefault(int(i), {})[k] = v
+    opt.load_state_dict(sd)
+    return state
+
+
+def train(
+    cfg: TrainConfig,
+    backbone: Backbone,
+    out: str | Path | None = None,
+    name: str | None = None,
+    version: str = "1",
+    eval_data: list[str] | None = None,
+    ckpt_dir: str | Path | None = None,
+    resume: bool = True,
+    device: str = "auto",
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    stop_after_epoch: int | None = None,
+) -> dict:
+    """Train, evaluate (when `eval_data` is given) and write a bundle to `out`; returns a summary.
+
+    `stop_after_epoch` ends the run early after that many epochs (checkpoint written): how the
+    tests interrupt a run to check that resuming matches an uninterrupted one.
+    """
+    from tqdm.auto import tqdm
+
+    from .evaluate import evaluate_features
+
+    dev = pick_device(device)
+    torch.manual_seed(cfg.seed)
+    backbone = backbone.to(dev)
+    train_fs = load_features(cfg.data, backbone, cache_dir=cache_dir, device=dev, progress=progress)
+    labels = train_fs.classes
+    y = torch.tensor([labels.index(lab) for lab in train_fs.labels])  # (N,)
+
+    if cfg.ranks is None:
+        if cfg.budget is not None:
+            cfg.ranks, _ = ranks_for_budget(backbone, cfg.format, cfg.budget, cfg.targets, cfg.mapping_hidden)
+        else:
+            cfg.ranks = DEFAULT_RANKS[cfg.format]
+    cfg.ranks = tuple(cfg.ranks)
+    torch.manual_seed(cfg.seed)  # the adapter's init depends on the seed alone
+    adapter = Adapter(backbone, AdapterConfig(cfg.format, cfg.ranks, cfg.targets, labels, cfg.alpha, cfg.mapping_hidden)).to(dev)
+    model = model_for(backbone)
+    params = [p for p in adapter.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    steps_per_epoch = math.ceil(len(train_fs) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    run_hash = cfg.run_hash()
+    ckpt = Path(ckpt_dir) if ckpt_dir is not None else None
+    start_epoch, history = 0, []
+    if ckpt is not None and resume:
+        st = _load_ckpt(ckpt, adapter, opt, run_hash)
+        if st is not None:
+            start_epoch, history = st["epoch"], st["history"]
+
+    for epoch in range(start_epoch, cfg.epochs):
+        if stop_after_epoch is not None and epoch >= stop_after_epoch:
+            break
+        adapter.train()
+        order = epoch_order(len(train_fs), cfg.seed, epoch)
+        bar = tqdm(range(steps_per_epoch), desc=f"{cfg.format} epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+        seen = correct = 0
+        loss_sum = 0.0
+        for i in bar:
+            step = epoch * steps_per_epoch + i
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, total, cfg)
+            idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+            h = train_fs.h[idx].to(dev, torch.float32)  # (B, C, H, W)
+            yb = y[idx].to(dev)
+            fwd = model.forward_from_prefix(h, [adapter] * h.shape[0])
+            logits = torch.stack(fwd.logits)  # (B, classes)
+            loss = F.cross_entropy(logits, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            seen += len(idx)
+            correct += int((logits.argmax(1) == yb).sum())
+            loss_sum += float(loss.detach()) * len(idx)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        bar.close()
+        history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "train_acc": correct / seen})
+        if progress:
+            print(f"epoch {epoch + 1}/{cfg.epochs}: loss {loss_sum / seen:.4f}  train acc {correct / seen:.4f}", flush=True)
+        if ckpt is not None:
+            _save_ckpt(ckpt, adapter, opt, {"epoch": epoch + 1, "run_hash": run_hash, "history": history, "config": asdict(cfg)})
+
+    adapter.eval()
+    emb, _, _ = embed_features(model, adapter, train_fs, device=dev)
+    keep = _gallery_subset(train_fs, cfg.gallery_per_class)
+    gallery = Gallery(emb[keep], y[keep], [train_fs.ids[i] for i in keep])
+
+    metrics = {}
+    if eval_data:
+        test_fs = load_features(eval_data, backbone, cache_dir=cache_dir, device=dev, progress=progress)
+        res = evaluate_features(model, adapter, labels, test_fs, gallery, k=10, device=dev)
+        metrics = {
+            "knn_top1": res["knn_top1"],
+            "head_top1": res["head_top1"],
+            "n": res["n"],
+            "k": res["k"],
+            "vote": res["vote"],
+            "data": eval_data,
+            "gallery_items": len(gallery.ids),
+            "per_task": res.get("per_task"),
+        }
+    n_params = adapter.num_trainable()
+    training = {
+        **asdict(cfg),
+        "ranks": list(cfg.ranks),
+        "trainable_params": n_params,
+        "trainable_params_note": "mapping network + low-rank branches; the classification head is excluded",
+        "head_params": sum(p.numel() for p in adapter.head.parameters()),
+        "n_train": len(train_fs),
+        "gallery_items": len(gallery.ids),
+        "history": history,
+        "device": str(dev),
+        "objective": "cross-entropy on the adapter's head; k-NN on the L2-normalised pooled tail embedding",
+        "run_hash": run_hash,
+    }
+    summary = {"training": training, "metrics": metrics, "out": str(out) if out else None}
+    if out is not None:
+        out = Path(out)
+        name = name or out.parent.name
+        version = out.name if version is None else version
+        save_bundle(out, adapter.cpu(), backbone.cpu(), name=name, version=version, training=training, metrics=metrics, gallery=gallery)
+        adapter.to(dev)
+        backbone.to(dev)
+    summary["adapter"] = adapter
+    return summary
+
+
+def _gallery_subset(fs: FeatureSet, per_class: int | None) -> list[int]:
+    """The first `per_class` training images of each class (they are already a seeded sample)."""
+    if per_class is None:
+        return list(range(len(fs)))
+    counts: dict[str, int] = {}
+    keep = []
+    for i, lab in enumerate(fs.labels):
+        if counts.get(lab, 0) < per_class:
+            counts[lab] = counts.get(lab, 0) + 1
+            keep.append(i)
+    return keep

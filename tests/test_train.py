@@ -1,0 +1,142 @@
+"""Training: data specs, matched budgets, determinism, resume, bundles written and loadable."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from metalora.bundle import load_bundle, load_gallery, read_manifest
+from metalora.data import DataSpec, list_items, load_features
+from metalora.train import TrainConfig, count_params, ranks_for_budget, train
+
+TRAIN = "sklearn:digits?split=train,per_class=2"
+TEST = "sklearn:digits?split=test,per_class=1"
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    from metalora.backbones import create_backbone
+
+    return create_backbone("efficientnet_lite0")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, backbone):
+    d = tmp_path_factory.mktemp("cache")
+    load_features([TRAIN], backbone, cache_dir=d, progress=False)  # computed once for the module
+    load_features([TEST], backbone, cache_dir=d, progress=False)
+    return d
+
+
+def test_spec_parsing_and_errors():
+    s = DataSpec.parse("digits=sklearn:digits?split=train,per_class=5,split_seed=3")
+    assert (s.task, s.source, s.split, s.per_class, s.split_seed) == ("digits", "sklearn:digits", "train", 5, 3)
+    assert DataSpec.parse("../shared/data/cifar10/train.zip?per_class=10").name == "cifar10"
+    for bad in ("sklearn:digits", "sklearn:digits?split=val", "sklearn:iris?split=train", "x.zip?colour=red", "x.zip?split=train"):
+        with pytest.raises(ValueError):
+            DataSpec.parse(bad)
+
+
+def test_digits_split_is_disjoint_stratified_and_seeded():
+    tr = list_items(DataSpec.parse("sklearn:digits?split=train"))
+    te = list_items(DataSpec.parse("sklearn:digits?split=test"))
+    assert not {i.id for i in tr} & {i.id for i in te}
+    assert len(tr) + len(te) == 1797
+    for c in "0123456789":  # stratified: each class split about in half
+        a, b = sum(i.label == c for i in tr), sum(i.label == c for i in te)
+        assert abs(a - b) <= 1
+    again = list_items(DataSpec.parse("sklearn:digits?split=test"))
+    other = list_items(DataSpec.parse("sklearn:digits?split=test,split_seed=1"))
+    assert [i.id for i in again] == [i.id for i in te] and [i.id for i in other] != [i.id for i in te]
+    sub = list_items(DataSpec.parse("sklearn:digits?split=train,per_class=4"))
+    assert len(sub) == 40 and {i.id for i in sub} <= {i.id for i in tr}
+
+
+def test_joint_label_space_needs_task_prefixes(backbone, cache):
+    with pytest.raises(ValueError, match="task="):
+        load_features([TRAIN, TEST], backbone, cache_dir=cache, progress=False)
+    fs = load_features([f"a={TRAIN}", f"b={TEST}"], backbone, cache_dir=cache, progress=False)
+    assert fs.classes[:2] == ["a/0", "a/1"] and "b/9" in fs.classes and len(fs.classes) == 20
+    assert set(fs.tasks) == {"a", "b"} and fs.ids[0].startswith("a/digits/")
+
+
+@pytest.mark.parametrize("budget", [30_000, 70_000, 150_000])
+def test_budget_gives_matched_counts(backbone, budget):
+    targets = ["blocks.6.0.conv_pw", "blocks.6.0.conv_pwl", "conv_head"]
+    counts = {}
+    for fmt in ("lora", "cp", "tr"):
+        ranks, n = ranks_for_budget(backbone, fmt, budget, targets)
+        assert n == count_params(backbone, fmt, ranks, targets)  # the predicted count is the real one
+        counts[fmt] = n
+        assert abs(n - budget) <= 0.1 * budget, (fmt, ranks, n)
+    assert max(counts.values()) <= 1.1 * min(counts.values())
+
+
+def _weights(summary) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in summary["adapter"].state_dict().items()}
+
+
+@pytest.mark.parametrize("fmt", ["lora", "cp", "tr"])
+def test_train_writes_a_loadable_bundle(backbone, cache, tmp_path, fmt):
+    cfg = TrainConfig(data=[TRAIN], format=fmt, budget=30_000, epochs=1, batch_size=8, seed=0)
+    out = tmp_path / "digits" / "1"
+    res = train(cfg, backbone, out=out, eval_data=[TEST], cache_dir=cache, progress=False)
+    adapter, manifest = load_bundle(out, backbone)
+    assert manifest["adapter"]["format"] == fmt and manifest["trainable_params"] == res["training"]["trainable_params"]
+    assert abs(manifest["trainable_params"] - 30_000) <= 3_000
+    assert manifest["training"]["data"] == [TRAIN] and manifest["preprocess"]["input_size"] == 224
+    m = manifest["metrics"]
+    assert m["n"] == 10 and m["k"] == 10 and 0.0 <= m["knn_top1"] <= 1.0 and 0.0 <= m["head_top1"] <= 1.0
+    g = load_gallery(out, manifest)
+    assert g.embeddings.shape == (20, 1280) and g.ids[0].startswith("digits/") and len(set(g.labels.tolist())) == 10
+    # The bundle's adapter gives the training run's weights back exactly.
+    for k, v in _weights(res).items():
+        assert torch.equal(adapter.state_dict()[k], v), k
+    assert any(float(b.B.abs().sum()) > 0 for b in adapter.branches.values())  # it did learn
+
+
+def test_same_seed_same_weights_other_seed_differs(backbone, cache):
+    runs = [train(TrainConfig(data=[TRAIN], format="cp", budget=30_000, epochs=1, batch_size=8, seed=s), backbone,
+                  cache_dir=cache, progress=False) for s in (3, 3, 4)]
+    a, b, c = (_weights(r) for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_resume_equals_uninterrupted(backbone, cache, tmp_path):
+    cfg = lambda: TrainConfig(data=[TRAIN], format="tr", budget=30_000, epochs=2, batch_size=8, seed=1)  # noqa: E731
+    full = _weights(train(cfg(), backbone, cache_dir=cache, progress=False))
+    ck = tmp_path / "ckpt"
+    half = train(cfg(), backbone, ckpt_dir=ck, cache_dir=cache, progress=False, stop_after_epoch=1)
+    assert json.loads((ck / "state.json").read_text())["epoch"] == 1
+    assert len(half["training"]["history"]) == 1
+    resumed = train(cfg(), backbone, ckpt_dir=ck, cache_dir=cache, progress=False)
+    assert [h["epoch"] for h in resumed["training"]["history"]] == [1, 2]
+    r = _weights(resumed)
+    assert all(torch.equal(full[k], r[k]) for k in full)
+
+
+def test_cli_train_then_eval_json(backbone, cache, tmp_path):
+    from metalora.cli import app
+
+    out = tmp_path / "store" / "adapters" / "tiny" / "1"
+    runner = CliRunner()
+    r = runner.invoke(app, ["train", "--data", TRAIN, "--eval-data", TEST, "--format", "lora", "--rank", "4", "--epochs", "1",
+                            "--batch-size", "8", "--out", str(out), "--checkpoint", str(tmp_path / "ck"), "--cache-dir", str(cache), "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output[r.output.index("{"):])
+    assert summary["training"]["ranks"] == [4] and read_manifest(out)["name"] == "tiny"
+    r = runner.invoke(app, ["eval", "--adapter", "tiny", "--store", str(tmp_path / "store"), "--data", TEST,
+                            "--cache-dir", str(cache), "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    for key in ("adapter", "knn_top1", "head_top1", "n", "k", "vote", "per_class", "gallery_items"):
+        assert key in res
+    assert res["adapter"] == "tiny@1" and res["n"] == 10 and set(res["per_class"]) == set("0123456789")
+    # The same bundle through the CLI reproduces the figure the training run wrote into its manifest.
+    assert res["knn_top1"] == pytest.approx(summary["metrics"]["knn_top1"], abs=1e-9)
+    r = runner.invoke(app, ["train", "--data", "sklearn:digits", "--out", str(tmp_path / "x" / "1")])
+    assert r.exit_code != 0 and "split" in r.output
