@@ -245,6 +245,8 @@ async def parse_images_body(request: Request, model: type[ImagesRequest], svc: S
     if len(raws) > max_images:
         raise ServiceError(413, "too_many_images", f"{len(raws)} images in one request; the limit is {max_images}")
     request.state.adapter = req.adapters[0] if len(req.adapters) == 1 else "fanout"
+    for ref in req.adapters:  # a wrong name fails fast, before any image is decoded
+        svc.registry.resolve(ref)
     return req, raws
 
 
