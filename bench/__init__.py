@@ -1,0 +1,1 @@
+"""`metalora bench`: every figure a ratio of variants measured side by side in one run."""
