@@ -97,7 +97,7 @@ class Service:
     async def warm(self) -> None:
         """Load the default adapters (skipping refused bundles), run one batch through them, turn ready."""
         s = self.settings
-        names = s.adapters or self.runtime.store.adapter_names()[: s.lru_capacity]
+        names = list(dict.fromkeys([*s.pinned, *(s.adapters or self.runtime.store.adapter_names()[: s.lru_capacity])]))
         for ref in names:
             try:
                 await self.registry.load(ref, pin=ref in s.pinned)

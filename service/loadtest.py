@@ -1,0 +1,156 @@
+"""Throughput of a running `metalora serve` with 1 adapter and with 4 adapters mixed (closed loop).
+
+Starts the server in a subprocess on a free port, drives it with `clients.loadgen` at a fixed
+concurrency, and prints one JSON report per mix. With `--demo-store` (or when the store has
+fewer than 4 adapters) it first builds a throw-away store of randomized adapters of the shipped
+shapes, so the figures do not wait on training; the compute per image is the same.
+
+    .venv/bin/python -m service.loadtest --concurrency 32 --duration 30
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import typer
+
+from metalora.store import DEFAULT_STORE, ModelStore
+
+app = typer.Typer(add_completion=False)
+DEMO = {"demo-lora": ("lora", (8,)), "demo-cp": ("cp", (8,)), "demo-tr": ("tr", (4, 4, 4)), "demo-cp2": ("cp", (16,))}
+
+
+def demo_store(root: Path) -> Path:
+    """The shipped backbone manifest + four randomized adapters (10 classes each) in `root`."""
+    import torch
+
+    from metalora.adapters import Adapter, AdapterConfig
+    from metalora.backbones import create_backbone
+    from metalora.bundle import save_bundle
+
+    shutil.copytree(DEFAULT_STORE / "backbones", root / "backbones", dirs_exist_ok=True)
+    bb = create_backbone("efficientnet_lite0", split=6)
+    torch.manual_seed(0)
+    for name, (fmt, ranks) in DEMO.items():
+        ad = Adapter(bb, AdapterConfig(fmt, ranks, ["*"], labels=[f"c{i}" for i in range(10)]))
+        with torch.no_grad():
+            for br in ad.branches.values():
+                br.B.normal_(0, 0.02)
+        save_bundle(root / "adapters" / name / "1", ad, bb, name=name, version="1")
+    return root
+
+
+def photos() -> list[bytes]:
+    """Eight scikit-image photos as JPEG files, 256 px on the long side (what a client of a 224 model sends)."""
+    import skimage.data as sd
+    from PIL import Image
+
+    out = []
+    for f in (sd.chelsea, sd.astronaut, sd.coffee, sd.rocket, sd.cat, sd.hubble_deep_field, sd.immunohistochemistry, sd.logo):
+        buf = io.BytesIO()
+        img = Image.fromarray(f()).convert("RGB")
+        img.thumbnail((256, 256))
+        img.save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def start_server(store: Path, env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cli = Path(sys.executable).parent / "metalora"
+    proc = subprocess.Popen(
+        [str(cli), "serve", "--store", str(store), "--port", str(port)], env={**os.environ, **env}, stdout=open(log, "wb"), stderr=subprocess.STDOUT
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited:\n{log.read_text()[-2000:]}")
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.terminate()
+    raise RuntimeError("server not ready after 300 s")
+
+
+def batch_stats(url: str) -> dict:
+    """Mean batch size and mean distinct adapters per batch, from the server's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    vals = {s.name: s.value for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text) for s in fam.samples if not s.labels}
+    n = vals.get("metalora_batch_size_count", 0) or 1
+    return {"batches": int(vals.get("metalora_batch_size_count", 0)), "mean_batch_size": vals.get("metalora_batch_size_sum", 0) / n, "mean_adapters_per_batch": vals.get("metalora_batch_adapters_sum", 0) / n}
+
+
+@app.command()
+def main(
+    store: Path = typer.Option(DEFAULT_STORE, help="model store; needs 4 adapters unless --demo-store"),
+    demo: bool = typer.Option(False, "--demo-store", help="use randomized adapters in a temp store"),
+    concurrency: int = typer.Option(32, help="requests in flight"),
+    duration: float = typer.Option(30.0, help="seconds per mix"),
+    max_batch_size: int = typer.Option(32),
+    max_delay_ms: float = typer.Option(10.0),
+    device: str = typer.Option("auto"),
+    out: Path = typer.Option(None, help="also write the reports here (JSON)"),
+):
+    """Measure images/s with 1 adapter and with 4 mixed, against a real server."""
+    from clients.loadgen import LoadSpec, run_load_sync
+
+    tmp = Path(tempfile.mkdtemp(prefix="metalora-load-"))
+    try:
+        names = ModelStore(store).adapter_names()
+        if demo or len(names) < 4:
+            typer.echo(f"store {store} has {len(names)} adapters; building a demo store with 4 randomized ones", err=True)
+            store, names = demo_store(tmp / "store"), list(DEMO)
+        four = names[:4]
+        env = {"METALORA_DEVICE": device, "METALORA_MAX_BATCH_SIZE": str(max_batch_size), "METALORA_MAX_DELAY_MS": str(max_delay_ms), "METALORA_ADAPTERS": ",".join(four), "METALORA_GALLERY_DIR": str(tmp / "g")}
+        proc, url = start_server(store, env, tmp / "server.log")
+        reports = []
+        try:
+            imgs = photos()
+            for mix in ([four[0]], four):
+                before = batch_stats(url)
+                spec = LoadSpec(url=url, images=imgs, adapters={a: 1.0 for a in mix}, concurrency=concurrency, duration_s=duration, warmup_requests=concurrency)
+                rep = run_load_sync(spec)
+                after = batch_stats(url)
+                nb = after["batches"] - before["batches"]
+                rep["server"] = {
+                    "batches": nb,
+                    "mean_batch_size": (after["mean_batch_size"] * after["batches"] - before["mean_batch_size"] * before["batches"]) / max(nb, 1),
+                    "mean_adapters_per_batch": (after["mean_adapters_per_batch"] * after["batches"] - before["mean_adapters_per_batch"] * before["batches"]) / max(nb, 1),
+                    "device": httpx.get(url + "/readyz").json()["device"],
+                    "max_batch_size": max_batch_size,
+                    "max_delay_ms": max_delay_ms,
+                }
+                reports.append(rep)
+                typer.echo(
+                    f"{len(mix)} adapter(s): {rep['images_per_s']:.1f} images/s, p50 {rep['latency_s']['p50']:.3f} s, p99 {rep['latency_s']['p99']:.3f} s, "
+                    f"errors {rep['errors']}, mean batch {rep['server']['mean_batch_size']:.1f} images / {rep['server']['mean_adapters_per_batch']:.2f} adapters",
+                    err=True,
+                )
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        typer.echo(json.dumps(reports, indent=2))
+        if out:
+            out.write_text(json.dumps(reports, indent=2) + "\n")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    app()
