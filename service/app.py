@@ -82,7 +82,12 @@ class Service:
         device = pick_device(s.device)
         self.runtime = await asyncio.to_thread(Runtime, s.store, device)
         self.device = str(device)
-        backend = make_backend(s.backend, self.runtime, s)
+        self.backend_name = s.backend
+        if s.backend == "auto":
+            from metalora.onnx_backend import resolve_backend
+
+            self.backend_name = resolve_backend("auto", device)
+        backend = make_backend(self.backend_name, self.runtime, s)
         self.engine = Engine(backend, self.metrics, self.device)
         self.galleries = GalleryStore(self.runtime.store, s.galleries, self.runtime.backbone.embed_dim, s.knn_exact_max)
         self.registry = AdapterRegistry(self.runtime, self.metrics, s.lru_capacity, on_evict=self.galleries.drop)
@@ -349,7 +354,7 @@ async def list_adapters(svc: ReadyDep) -> AdapterList:
         mine = [k.split("@", 1)[1] for k in loaded if k.split("@", 1)[0] == name]
         rows.append(AdapterSummary(name=name, versions=versions, latest=versions[-1] if versions else None, loaded=mine, pinned=[v for v in mine if loaded[f"{name}@{v}"].pinned]))
     bb = svc.runtime.backbone
-    return AdapterList(backbone={**bb.identity.to_dict(), "embed_dim": bb.embed_dim, "device": svc.device, "backend": svc.settings.backend}, capacity=svc.registry.capacity, adapters=rows)
+    return AdapterList(backbone={**bb.identity.to_dict(), "embed_dim": bb.embed_dim, "device": svc.device, "backend": svc.backend_name}, capacity=svc.registry.capacity, adapters=rows)
 
 
 @adapters.get("/{name}", response_model=AdapterInfo)
@@ -465,7 +470,7 @@ async def healthz() -> Health:
 async def readyz(svc: ServiceDep):
     """Readiness: 200 once the default adapters are loaded and one batch has run through them."""
     reg = getattr(svc, "registry", None)
-    body = Ready(status="ready" if svc.ready else "loading", device=getattr(svc, "device", ""), backend=svc.settings.backend, loaded=reg.loaded() if reg else [], failed=svc.failed)
+    body = Ready(status="ready" if svc.ready else "loading", device=getattr(svc, "device", ""), backend=getattr(svc, "backend_name", svc.settings.backend), loaded=reg.loaded() if reg else [], failed=svc.failed)
     return JSONResponse(body.model_dump(), status_code=200 if svc.ready else 503)
 
 

@@ -105,6 +105,7 @@ def main(
     max_batch_size: int = typer.Option(32),
     max_delay_ms: float = typer.Option(10.0),
     device: str = typer.Option("auto"),
+    backend: str = typer.Option("auto", help="auto|torch|onnx (the server's METALORA_BACKEND)"),
     out: Path = typer.Option(None, help="also write the reports here (JSON)"),
 ):
     """Measure images/s with 1 adapter and with 4 mixed, against a real server."""
@@ -117,7 +118,7 @@ def main(
             typer.echo(f"store {store} has {len(names)} adapters; building a demo store with 4 randomized ones", err=True)
             store, names = demo_store(tmp / "store"), list(DEMO)
         four = names[:4]
-        env = {"METALORA_DEVICE": device, "METALORA_MAX_BATCH_SIZE": str(max_batch_size), "METALORA_MAX_DELAY_MS": str(max_delay_ms), "METALORA_ADAPTERS": ",".join(four), "METALORA_GALLERY_DIR": str(tmp / "g")}
+        env = {"METALORA_DEVICE": device, "METALORA_BACKEND": backend, "METALORA_MAX_BATCH_SIZE": str(max_batch_size), "METALORA_MAX_DELAY_MS": str(max_delay_ms), "METALORA_ADAPTERS": ",".join(four), "METALORA_GALLERY_DIR": str(tmp / "g")}
         proc, url = start_server(store, env, tmp / "server.log")
         reports = []
         try:
@@ -133,12 +134,13 @@ def main(
                     "mean_batch_size": (after["mean_batch_size"] * after["batches"] - before["mean_batch_size"] * before["batches"]) / max(nb, 1),
                     "mean_adapters_per_batch": (after["mean_adapters_per_batch"] * after["batches"] - before["mean_adapters_per_batch"] * before["batches"]) / max(nb, 1),
                     "device": httpx.get(url + "/readyz").json()["device"],
+                    "backend": httpx.get(url + "/readyz").json()["backend"],
                     "max_batch_size": max_batch_size,
                     "max_delay_ms": max_delay_ms,
                 }
                 reports.append(rep)
                 typer.echo(
-                    f"{len(mix)} adapter(s): {rep['images_per_s']:.1f} images/s, p50 {rep['latency_s']['p50']:.3f} s, p99 {rep['latency_s']['p99']:.3f} s, "
+                    f"[{rep['server']['backend']}] {len(mix)} adapter(s): {rep['images_per_s']:.1f} images/s, p50 {rep['latency_s']['p50']:.3f} s, p99 {rep['latency_s']['p99']:.3f} s, "
                     f"errors {rep['errors']}, mean batch {rep['server']['mean_batch_size']:.1f} images / {rep['server']['mean_adapters_per_batch']:.2f} adapters",
                     err=True,
                 )

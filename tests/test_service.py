@@ -100,7 +100,7 @@ class Server:
 
     def __init__(self, store: Path, log: Path, **env):
         self.store, self.log_path = store, log
-        self.env = {**os.environ, "METALORA_STORE": str(store), "METALORA_HOST": "127.0.0.1", **{f"METALORA_{k.upper()}": str(v) for k, v in env.items()}}
+        self.env = {**os.environ, "METALORA_STORE": str(store), "METALORA_HOST": "127.0.0.1", "METALORA_BACKEND": "torch", **{f"METALORA_{k.upper()}": str(v) for k, v in env.items()}}
         self.env.pop("METALORA_ADMIN_TOKEN", None) if "admin_token" not in env else None
         self.proc = None
 
@@ -163,7 +163,7 @@ def test_health_ready_and_listing(server):
     with server.client() as c:
         assert c.get("/healthz").json() == {"status": "ok"}
         ready = c.get("/readyz").json()
-        assert ready["status"] == "ready" and set(ready["loaded"]) == {"alpha@1", "beta@1", "gamma@1"}
+        assert ready["status"] == "ready" and ready["backend"] == "torch" and set(ready["loaded"]) == {"alpha@1", "beta@1", "gamma@1"}
         listing = c.get("/v1/adapters").json()
         names = {a["name"]: a for a in listing["adapters"]}
         assert set(names) == {"alpha", "beta", "gamma", "broken"} and names["beta"]["versions"] == ["1", "2"]
