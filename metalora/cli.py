@@ -92,9 +92,9 @@ def train(
     rank: Annotated[Optional[list[int]], typer.Option(help="rank(s): one for lora/cp, three (R1 R2 R3) for tr; repeat the option")] = None,
     budget: Annotated[Optional[int], typer.Option(help="pick ranks for this many trainable parameters (mapping net + branches, head excluded)")] = None,
     targets: Annotated[Optional[list[str]], typer.Option(help="target layer patterns (default: blocks.6.0.conv_pw, blocks.6.0.conv_pwl, conv_head)")] = None,
-    epochs: Annotated[int, typer.Option(min=1)] = 4,
-    lr: Annotated[float, typer.Option(help="peak AdamW learning rate (warm-up, cosine decay)")] = 2e-3,
-    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    epochs: Annotated[int, typer.Option(min=1)] = 2,
+    lr: Annotated[float, typer.Option(help="peak AdamW learning rate (warm-up, cosine decay)")] = 3e-3,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
     seed: Annotated[int, typer.Option()] = 0,
     eval_data: Annotated[Optional[list[str]], typer.Option(help="test data spec(s): k-NN/head accuracy goes into the manifest")] = None,
     gallery_per_class: Annotated[Optional[int], typer.Option(help="gallery items per class (default: every training image)")] = None,
@@ -102,6 +102,7 @@ def train(
     version: Annotated[Optional[str], typer.Option(help="bundle version (default: the last part of --out)")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="checkpoint directory (default: runs/ckpt/<name>-<version>)")] = None,
     resume: Annotated[bool, typer.Option(help="resume from a matching checkpoint")] = True,
+    baseline: Annotated[bool, typer.Option(help="with --eval-data, also measure the frozen backbone's k-NN on the same gallery/test images")] = True,
     cache_dir: Annotated[Optional[Path], typer.Option(help="prefix-feature cache (default: $METALORA_CACHE or ~/.cache/metalora)")] = None,
     backbone: Annotated[str, typer.Option(help="registered backbone")] = "efficientnet_lite0",
     device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
@@ -122,7 +123,7 @@ def train(
     ckpt = checkpoint or Path("runs") / "ckpt" / f"{name}-{version}"
     try:
         res = run_train(cfg, create_backbone(backbone), out=out, name=name, version=version, eval_data=eval_data,
-                        ckpt_dir=ckpt, resume=resume, device=_device(device), cache_dir=cache_dir)
+                        ckpt_dir=ckpt, resume=resume, device=_device(device), cache_dir=cache_dir, baseline=baseline)
     except (ValueError, FileNotFoundError) as e:
         raise typer.BadParameter(str(e)) from None
     res.pop("adapter")
@@ -133,7 +134,8 @@ def train(
         typer.echo(f"{out}: {t['format']} ranks {t['ranks']}, {t['trainable_params']} trainable params, {t['n_train']} images")
         if m:
             head = f", head top-1 {m['head_top1']:.4f}" if m.get("head_top1") is not None else ""
-            typer.echo(f"k-NN top-1 (k={m['k']}) {m['knn_top1']:.4f}{head} on n={m['n']}")
+            base = f", frozen backbone k-NN {m['baseline_knn_top1']:.4f}" if "baseline_knn_top1" in m else ""
+            typer.echo(f"k-NN top-1 (k={m['k']}) {m['knn_top1']:.4f}{head}{base} on n={m['n']}")
 
 
 @app.command("eval")

@@ -37,11 +37,11 @@ class TrainConfig:
     ranks: tuple[int, ...] | None = None  # None: from `budget`, else DEFAULT_RANKS
     budget: int | None = None  # trainable parameters (mapping net + branches, head excluded)
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    epochs: int = 4
-    lr: float = 2e-3
+    epochs: int = 2
+    lr: float = 3e-3
     weight_decay: float = 1e-4
     warmup_frac: float = 0.1
-    batch_size: int = 64
+    batch_size: int = 32
     seed: int = 0
     alpha: float = 8.0
     mapping_hidden: int = 64
@@ -172,10 +172,12 @@ def train(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     stop_after_epoch: int | None = None,
+    baseline: bool = False,
 ) -> dict:
     """Train, evaluate (when `eval_data` is given) and write a bundle to `out`; returns a summary.
 
-    `stop_after_epoch` ends the run early after that many epochs (checkpoint written): how the
+    `baseline` also measures the frozen backbone's k-NN accuracy with a gallery of the same
+    training images, so the manifest shows what the adapter adds. `stop_after_epoch` ends the run early after that many epochs (checkpoint written): how the
     tests interrupt a run to check that resuming matches an uninterrupted one.
     """
     from tqdm.auto import tqdm
@@ -262,6 +264,11 @@ def train(
             "gallery_items": len(gallery.ids),
             "per_task": res.get("per_task"),
         }
+        if baseline:
+            b_emb, _, _ = embed_features(model, None, train_fs, device=dev)
+            b_res = evaluate_features(model, None, labels, test_fs, Gallery(b_emb[keep], y[keep], gallery.ids), k=10, device=dev)
+            metrics["baseline_knn_top1"] = b_res["knn_top1"]
+            metrics["baseline"] = "frozen backbone (base), same gallery images and test set"
     n_params = adapter.num_trainable()
     training = {
         **asdict(cfg),
