@@ -1,0 +1,132 @@
+"""`metalora bench`: run sections (a)–(e), check the targets, write JSON, PNG plots and docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from .common import check, machine
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGETS = {
+    "adapter_overhead": ("<=", 1.15),
+    "hetero_ratio_16": (">=", 0.85),
+    "vs_peft_ratio_16": (">", 1.0),
+    "serving_efficiency_c32": (">=", 0.75),
+}
+
+
+@dataclass
+class BenchConfig:
+    """Sizes per section; `quick()` fits in under 5 minutes on 2 CPU cores."""
+
+    quick: bool = False
+    device: str = "cpu"
+    sections: str = "abcde"
+    overhead_batch: int = 16
+    overhead_repeats: int = 10
+    hetero_batch: int = 64
+    hetero_repeats: int = 7
+    hetero_mixes: tuple[int, ...] = (1, 4, 16, 64)
+    hetero_from_images: bool = True
+    concurrencies: tuple[int, ...] = (1, 4, 8, 16, 32, 64)
+    serving_window_s: float = 8.0
+    serving_rounds: int = 5
+    serving_batch: int = 32
+    knn_sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000)
+    knn_queries: int = 200
+    many_counts: tuple[int, ...] = (10, 100, 1000)
+    many_rounds: int = 8
+    many_batch: int = 16
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def quick_config(cls, **kw) -> "BenchConfig":
+        base = dict(
+            quick=True,
+            overhead_batch=8,
+            overhead_repeats=6,
+            hetero_repeats=4,
+            hetero_from_images=False,
+            concurrencies=(1, 4, 16, 32, 64),
+            serving_window_s=3.0,
+            serving_rounds=3,
+            knn_sizes=(10_000, 30_000),
+            knn_queries=48,
+            many_counts=(10, 100),
+            many_rounds=4,
+        )
+        base.update(kw)
+        return cls(**base)
+
+
+def _section(name: str, fn, log) -> tuple[dict | None, str | None]:
+    t = time.perf_counter()
+    log(f"[bench] ({name}) ...")
+    try:
+        res = fn()
+        res["elapsed_s"] = round(time.perf_counter() - t, 1)
+        log(f"[bench] ({name}) done in {res['elapsed_s']} s")
+        return res, None
+    except Exception as e:  # a failed section is reported, never silently dropped
+        log(f"[bench] ({name}) FAILED: {e}")
+        return None, f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=4)}"
+
+
+def run_bench(cfg: BenchConfig, json_path: Path, plots_dir: Path | None = None, doc_path: Path | None = None, log=print) -> dict:
+    from . import kernels, knn, many, serving
+
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    out: dict = {k: None for k in TARGETS}
+    out["machine"] = machine()
+    out["config"] = asdict(cfg)
+    out["started"] = started
+    errors: dict[str, str] = {}
+
+    def run(key, letter, fn):
+        if letter not in cfg.sections:
+            return None
+        res, err = _section(letter, fn, log)
+        if err:
+            errors[key] = err
+        out[key] = res
+        return res
+
+    a = run("overhead", "a", lambda: kernels.adapter_overhead(cfg.overhead_batch, cfg.overhead_repeats, cfg.device))
+    if a:
+        out["adapter_overhead"] = max(a["ratio"].values())
+    b = run("hetero", "b", lambda: kernels.hetero(cfg.hetero_batch, cfg.hetero_repeats, cfg.hetero_mixes, cfg.device, with_images=cfg.hetero_from_images))
+    if b:
+        out["hetero_ratio_16"] = b["hetero_ratio_cp"].get(16)
+        out["vs_peft_ratio_16"] = b["vs_peft_lora"].get(16)
+    c = run("serving", "c", lambda: serving.serving(cfg.concurrencies, cfg.serving_window_s, cfg.serving_rounds, batch=cfg.serving_batch, device=cfg.device))
+    if c:
+        out["serving_efficiency_c32"] = c["serving_efficiency_c32"]
+    run("knn", "d", lambda: knn.knn_bench(cfg.knn_sizes, cfg.knn_queries))
+    run("many_adapters", "e", lambda: many.many_adapters(cfg.many_counts, batch=cfg.many_batch, rounds=cfg.many_rounds, device=cfg.device))
+
+    out["targets"] = {
+        k: check(out[k], op, target) if out[k] is not None else {"value": None, "target": f"{op} {target}", "pass": None, "note": "not measured in this run"}
+        for k, (op, target) in TARGETS.items()
+    }
+    out["all_targets_met"] = all(v["pass"] for v in out["targets"].values())
+    out["errors"] = errors
+    out["elapsed_s"] = round(time.perf_counter() - t0, 1)
+    json_path = Path(json_path)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(out, indent=2, default=float) + "\n")
+    if plots_dir is not None:
+        from .report import plot_all, write_doc
+
+        figs = plot_all(out, Path(plots_dir))
+        if doc_path is not None:
+            write_doc(out, figs, Path(doc_path), json_path)
+    return out
