@@ -91,9 +91,11 @@ def batch_stats(url: str) -> dict:
     """Mean batch size and mean distinct adapters per batch, from the server's /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    vals = {s.name: s.value for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text) for s in fam.samples if not s.labels}
-    n = vals.get("metalora_batch_size_count", 0) or 1
-    return {"batches": int(vals.get("metalora_batch_size_count", 0)), "mean_batch_size": vals.get("metalora_batch_size_sum", 0) / n, "mean_adapters_per_batch": vals.get("metalora_batch_adapters_sum", 0) / n}
+    samples = [s for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text) for s in fam.samples]
+    vals = {s.name: s.value for s in samples if not s.labels}
+    stages = {f"{s.name}:{s.labels['stage']}": s.value for s in samples if s.name.startswith("metalora_inference_seconds_") and "le" not in s.labels}
+    return {"batches": int(vals.get("metalora_batch_size_count", 0)), "images": vals.get("metalora_batch_size_sum", 0), "adapter_slots": vals.get("metalora_batch_adapters_sum", 0),
+            "queue_wait_s": vals.get("metalora_queue_wait_seconds_sum", 0), **stages}
 
 
 @app.command()
@@ -128,11 +130,15 @@ def main(
                 spec = LoadSpec(url=url, images=imgs, adapters={a: 1.0 for a in mix}, concurrency=concurrency, duration_s=duration, warmup_requests=concurrency)
                 rep = run_load_sync(spec)
                 after = batch_stats(url)
-                nb = after["batches"] - before["batches"]
+                d = {k: after[k] - before.get(k, 0) for k in after}
+                nb = max(d["batches"], 1)
                 rep["server"] = {
-                    "batches": nb,
-                    "mean_batch_size": (after["mean_batch_size"] * after["batches"] - before["mean_batch_size"] * before["batches"]) / max(nb, 1),
-                    "mean_adapters_per_batch": (after["mean_adapters_per_batch"] * after["batches"] - before["mean_adapters_per_batch"] * before["batches"]) / max(nb, 1),
+                    "batches": d["batches"],
+                    "mean_batch_size": d["images"] / nb,
+                    "mean_adapters_per_batch": d["adapter_slots"] / nb,
+                    "mean_queue_wait_s": d["queue_wait_s"] / max(d["images"], 1),
+                    "mean_forward_s_per_batch": d.get("metalora_inference_seconds_sum:forward", 0) / nb,
+                    "mean_decode_s_per_request": d.get("metalora_inference_seconds_sum:decode", 0) / max(d.get("metalora_inference_seconds_count:decode", 0), 1),
                     "device": httpx.get(url + "/readyz").json()["device"],
                     "backend": httpx.get(url + "/readyz").json()["backend"],
                     "max_batch_size": max_batch_size,
@@ -141,7 +147,8 @@ def main(
                 reports.append(rep)
                 typer.echo(
                     f"[{rep['server']['backend']}] {len(mix)} adapter(s): {rep['images_per_s']:.1f} images/s, p50 {rep['latency_s']['p50']:.3f} s, p99 {rep['latency_s']['p99']:.3f} s, "
-                    f"errors {rep['errors']}, mean batch {rep['server']['mean_batch_size']:.1f} images / {rep['server']['mean_adapters_per_batch']:.2f} adapters",
+                    f"errors {rep['errors']}, mean batch {rep['server']['mean_batch_size']:.1f} images / {rep['server']['mean_adapters_per_batch']:.2f} adapters, "
+                    f"forward {rep['server']['mean_forward_s_per_batch']:.3f} s/batch, decode {rep['server']['mean_decode_s_per_request']:.3f} s/request, queue wait {rep['server']['mean_queue_wait_s']:.3f} s",
                     err=True,
                 )
         finally:
