@@ -191,18 +191,21 @@ def export_onnx_cmd(
 @app.command("bench-onnx")
 def bench_onnx_cmd(
     adapter: Annotated[list[str], typer.Option(help="key(s) mixed in the batch, repeatable; 'base' or name[@version]")] = ["base"],
+    synthetic: Annotated[int, typer.Option(min=0, help="instead of --adapter: this many randomized TR adapters mixed in the batch")] = 0,
     batch: Annotated[int, typer.Option(min=1)] = 16,
     rounds: Annotated[int, typer.Option(min=1, help="alternating torch/ORT timings; medians are reported")] = 9,
     store: Annotated[Optional[Path], typer.Option(help="model store (default: the repository's model_store/)")] = None,
     device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "cpu",
+    threads: Annotated[Optional[int], typer.Option(min=1, help="intra-op threads for both (default: torch's)")] = None,
 ):
     """Images/s of the torch and ONNX Runtime backends on the same batch, side by side."""
-    from .onnx_backend import compare_throughput
+    from .onnx_backend import add_synthetic_adapters, compare_throughput
     from .runtime import Runtime
 
     rt = Runtime(store, device=_device(device))
-    keys = [rt.load(a) for a in adapter]
-    typer.echo(json.dumps(compare_throughput(rt, keys, batch=batch, rounds=rounds), indent=2))
+    keys = add_synthetic_adapters(rt, synthetic) if synthetic else [rt.load(a) for a in adapter]
+    typer.echo(json.dumps(compare_throughput(rt, keys, batch=batch, rounds=rounds, threads=threads), indent=2))
+
 
 @app.command("bench")
 def bench_cmd(

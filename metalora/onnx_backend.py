@@ -175,6 +175,9 @@ class OrtRunner:
         if threads:
             self.options.intra_op_num_threads = threads
         self.options.log_severity_level = 3  # warnings from graph fusions are noise here
+        # Idle ORT threads otherwise spin for a while after each run, taking the cores that the
+        # decode threads (and, in a side-by-side measurement, torch) need next.
+        self.options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._sessions: dict[str, tuple[object, object]] = {}  # key -> (adapter object, session)
         self._lock = threading.Lock()
 
@@ -241,6 +244,29 @@ class OrtRunner:
                 logits[i] = lo[j]
                 seeds[i] = sd[j] if sd is not None else None
         return Output(embeddings=torch.from_numpy(emb), logits=logits, seeds=seeds)
+
+
+def add_synthetic_adapters(runtime, n: int, fmt: str = "tr", seed: int = 0) -> list[str]:
+    """Register `n` randomized adapters (all targets, 10 classes) in memory, for measurements
+    where the store has no trained bundles; their B factors and mapping nets are moved off zero
+    so they do real low-rank work."""
+    from .adapters import AdapterConfig
+
+    ranks = {"lora": (8,), "cp": (8,), "tr": (2, 4, 2)}[fmt]
+    gen = torch.Generator().manual_seed(seed)
+    keys = []
+    for i in range(n):
+        ad = Adapter(runtime.backbone, AdapterConfig(fmt, ranks, ["*"], [f"c{j}" for j in range(10)])).to(runtime.device).eval()
+        with torch.no_grad():
+            for br in ad.branches.values():
+                br.B.copy_(torch.randn(br.B.shape, generator=gen) * 0.05)
+            if ad.mapping is not None:
+                last = ad.mapping.net[-1]
+                last.weight.copy_(torch.randn(last.weight.shape, generator=gen) * 0.05)
+        key = f"synthetic-{fmt}-{i}@0"
+        runtime.model.add_adapter(key, ad)
+        keys.append(key)
+    return keys
 
 
 def compare_throughput(runtime, keys: list[str], batch: int = 16, rounds: int = 7, threads: int | None = None, progress: bool = True) -> dict:
