@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from metalora.bundle import BundleError, read_manifest
 from metalora.images import ImageError, decode_image
@@ -227,7 +228,10 @@ async def parse_images_body(request: Request, model: type[ImagesRequest], svc: S
     ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     max_images = svc.settings.max_images
     if ctype == "multipart/form-data":
-        form = await request.form(max_files=max_images + 1, max_fields=64)
+        try:
+            form = await request.form(max_files=max_images, max_fields=64)
+        except StarletteHTTPException as e:  # the multipart parser's own limits and syntax errors
+            raise ServiceError(422, "invalid_multipart", f"multipart body refused: {e.detail}") from None
         files = [f for f in form.getlist("images") if isinstance(f, UploadFile)]
         fields: dict = {}
         for key in {k for k in form.keys() if k != "images"}:

@@ -29,7 +29,7 @@ class ImagesRequest(_Strict):
 
     @property
     def adapters(self) -> list[str]:
-        return list(dict.fromkeys(_adapters(self.adapter)))
+        return list(_adapters(self.adapter))
 
 
 class PredictRequest(ImagesRequest):

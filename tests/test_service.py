@@ -318,6 +318,24 @@ def test_bad_input_gets_its_status_and_code(server, method, path, kw, status, co
     assert body["error"]["code"] == code and body["error"]["message"]
 
 
+def test_streamed_body_over_the_limit_is_413(server):
+    def chunks():  # no Content-Length: the limit must hold on the streamed size
+        yield b'{"adapter": "base", "images": ["'
+        for _ in range(MAX_BODY // 65536 + 2):
+            yield b"A" * 65536
+        yield b'"]}'
+
+    with server.client() as c:
+        r = c.post("/v1/predict", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+
+
+def test_multipart_with_too_many_files_is_refused(server, images):
+    with server.client() as c:
+        r = c.post("/v1/predict", files=[("images", (f"{i}.png", images[0])) for i in range(9)], data={"adapter": "base"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_multipart"
+
+
 def test_server_stays_healthy_after_bad_inputs(server, images):
     with server.client() as c:
         assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200
@@ -348,16 +366,56 @@ def test_gallery_add_remove_persists_across_restart(server, images):
 
 @pytest.fixture(scope="module")
 def tight_server(store, tmp_path_factory):
-    """No admin token, a 4-image queue and a 1.5 s batching delay: overload and deadlines on demand."""
-    srv = Server(store, store.parent / "tight.log", max_queue=4, max_delay_ms=1500, max_batch_size=64, adapters="alpha", gallery_dir=tmp_path_factory.mktemp("g2")).start()
+    """A 4-image queue and a 1.5 s batching delay: overload, deadlines and deferred unloads on demand."""
+    srv = Server(store, store.parent / "tight.log", admin_token=TOKEN, max_queue=4, max_delay_ms=1500, max_batch_size=64, adapters="alpha", gallery_dir=tmp_path_factory.mktemp("g2")).start()
     yield srv
     srv.stop()
 
 
-def test_admin_routes_refused_without_configured_token(tight_server):
-    with tight_server.client() as c:
-        r = c.post("/v1/adapters/alpha/load", headers={"Authorization": "Bearer anything-at-all-here"})
+def test_admin_routes_refused_without_configured_token(tmp_path):
+    """A server with no token (uvicorn in a thread, a store with no adapters) refuses admin routes with 403."""
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    shutil.copytree(ROOT / "model_store" / "backbones", tmp_path / "backbones")
+    port = _free_port()
+    settings = Settings(store=tmp_path, port=port, device="cpu", backend="torch", admin_token=None, warmup=False, gallery_dir=tmp_path / "g")
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        r = httpx.post(url + "/v1/adapters/alpha/load", headers={"Authorization": "Bearer anything-at-all-here"})
         assert r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled"
+        r = httpx.request("DELETE", url + "/v1/adapters/alpha/gallery/x")
+        assert r.status_code == 403
+        assert httpx.get(url + "/readyz").json()["loaded"] == []  # zero adapters: base only
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_unload_of_a_busy_adapter_is_deferred_and_the_request_succeeds(tight_server, images):
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with tight_server.client(headers=auth) as c:
+        assert c.post("/v1/adapters/alpha/load").status_code == 200
+        with ThreadPoolExecutor(1) as pool:
+            fut = pool.submit(c.post, "/v1/predict", json={"adapter": "alpha", "images": [_b64(images[1])]})
+            time.sleep(0.5)  # the request now waits in the batcher (1.5 s delay)
+            r = c.post("/v1/adapters/alpha/unload")
+            assert r.status_code == 200 and r.json()["deferred"] is True
+            res = fut.result()
+        assert res.status_code == 200 and res.json()["results"][0]["adapter"] == "alpha"
+        assert "alpha@1" not in c.get("/readyz").json()["loaded"]  # gone once the request was done
 
 
 def test_deadline_expired_is_504_and_never_computed(tight_server, images):
