@@ -81,6 +81,8 @@ class Service:
     async def start(self) -> None:
         s = self.settings
         device = pick_device(s.device)
+        if s.torch_threads:
+            torch.set_num_threads(s.torch_threads)
         self.runtime = await asyncio.to_thread(Runtime, s.store, device)
         self.device = str(device)
         self.backend_name = s.backend

@@ -94,7 +94,10 @@ def batch_stats(url: str) -> dict:
     samples = [s for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text) for s in fam.samples]
     vals = {s.name: s.value for s in samples if not s.labels}
     stages = {f"{s.name}:{s.labels['stage']}": s.value for s in samples if s.name.startswith("metalora_inference_seconds_") and "le" not in s.labels}
-    return {"batches": int(vals.get("metalora_batch_size_count", 0)), "images": vals.get("metalora_batch_size_sum", 0), "adapter_slots": vals.get("metalora_batch_adapters_sum", 0),
+    req = [s for s in samples if s.name.startswith("metalora_request_duration_seconds_") and s.labels.get("endpoint") == "/v1/predict" and "le" not in s.labels]
+    vals["request_s_sum"] = sum(s.value for s in req if s.name.endswith("_sum"))
+    vals["request_s_count"] = sum(s.value for s in req if s.name.endswith("_count"))
+    return {"request_s_sum": vals["request_s_sum"], "request_s_count": vals["request_s_count"], "batches": int(vals.get("metalora_batch_size_count", 0)), "images": vals.get("metalora_batch_size_sum", 0), "adapter_slots": vals.get("metalora_batch_adapters_sum", 0),
             "queue_wait_s": vals.get("metalora_queue_wait_seconds_sum", 0), **stages}
 
 
@@ -103,7 +106,8 @@ def main(
     store: Path = typer.Option(DEFAULT_STORE, help="model store; needs 4 adapters unless --demo-store"),
     demo: bool = typer.Option(False, "--demo-store", help="use randomized adapters in a temp store"),
     concurrency: int = typer.Option(32, help="requests in flight"),
-    duration: float = typer.Option(30.0, help="seconds per mix"),
+    duration: float = typer.Option(30.0, help="seconds per mix and round"),
+    rounds: int = typer.Option(2, min=1, help="alternate the mixes this many times (1, 4, 1, 4, ...): the machine's load drifts, side by side it cancels"),
     max_batch_size: int = typer.Option(32),
     max_delay_ms: float = typer.Option(10.0),
     device: str = typer.Option("auto"),
@@ -125,7 +129,7 @@ def main(
         reports = []
         try:
             imgs = photos()
-            for mix in ([four[0]], four):
+            for mix in [m for _ in range(rounds) for m in ([four[0]], four)]:
                 before = batch_stats(url)
                 spec = LoadSpec(url=url, images=imgs, adapters={a: 1.0 for a in mix}, concurrency=concurrency, duration_s=duration, warmup_requests=concurrency)
                 rep = run_load_sync(spec)
@@ -137,6 +141,7 @@ def main(
                     "mean_batch_size": d["images"] / nb,
                     "mean_adapters_per_batch": d["adapter_slots"] / nb,
                     "mean_queue_wait_s": d["queue_wait_s"] / max(d["images"], 1),
+                    "mean_request_s": d["request_s_sum"] / max(d["request_s_count"], 1),
                     "mean_forward_s_per_batch": d.get("metalora_inference_seconds_sum:forward", 0) / nb,
                     "mean_decode_s_per_request": d.get("metalora_inference_seconds_sum:decode", 0) / max(d.get("metalora_inference_seconds_count:decode", 0), 1),
                     "device": httpx.get(url + "/readyz").json()["device"],
@@ -148,15 +153,20 @@ def main(
                 typer.echo(
                     f"[{rep['server']['backend']}] {len(mix)} adapter(s): {rep['images_per_s']:.1f} images/s, p50 {rep['latency_s']['p50']:.3f} s, p99 {rep['latency_s']['p99']:.3f} s, "
                     f"errors {rep['errors']}, mean batch {rep['server']['mean_batch_size']:.1f} images / {rep['server']['mean_adapters_per_batch']:.2f} adapters, "
-                    f"forward {rep['server']['mean_forward_s_per_batch']:.3f} s/batch, decode {rep['server']['mean_decode_s_per_request']:.3f} s/request, queue wait {rep['server']['mean_queue_wait_s']:.3f} s",
+                    f"forward {rep['server']['mean_forward_s_per_batch']:.3f} s/batch, decode {rep['server']['mean_decode_s_per_request']:.3f} s/request, queue wait {rep['server']['mean_queue_wait_s']:.3f} s, in server {rep['server']['mean_request_s']:.3f} s",
                     err=True,
                 )
         finally:
             proc.terminate()
             proc.wait(30)
-        typer.echo(json.dumps(reports, indent=2))
+        summary = {}
+        for n in (1, 4):
+            ips = sorted(r["images_per_s"] for r in reports if len(r["adapters"]) == n)
+            summary[f"{n}_adapter{'s' if n > 1 else ''}_images_per_s"] = {"median": ips[len(ips) // 2] if len(ips) % 2 else sum(ips[len(ips) // 2 - 1 : len(ips) // 2 + 1]) / 2, "rounds": ips}
+        result = {"summary": {"concurrency": concurrency, "backend": reports[0]["server"]["backend"], "device": reports[0]["server"]["device"], "cpu_count": os.cpu_count(), "load_average_after": os.getloadavg(), **summary}, "runs": reports}
+        typer.echo(json.dumps(result["summary"], indent=2))
         if out:
-            out.write_text(json.dumps(reports, indent=2) + "\n")
+            out.write_text(json.dumps(result, indent=2) + "\n")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

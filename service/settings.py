@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     max_top_k: int = Field(100, ge=1)
     max_k: int = Field(100, ge=1, description="neighbours per k-NN query")
     decode_workers: int = Field(2, ge=1, le=64, description="threads decoding and preprocessing images")
+    torch_threads: int = Field(0, ge=0, le=256, description="torch intra-op threads; 0 = torch's default (one per core); set it to the container's CPU limit")
 
     adapters: NameList = Field(default_factory=list, description="adapters loaded and warmed before /readyz (empty = every adapter in the store, up to lru_capacity)")
     pinned: NameList = Field(default_factory=list, description="adapters never evicted from the device")
