@@ -39,7 +39,8 @@ for d in deps:
         print(d)
 EOF
   )
-  pip_install "setuptools>=68" wheel "${reqs[@]}" "$ORT_PACKAGE"
+  # setuptools >= 70.1 builds wheels itself (the app step installs without build isolation).
+  pip_install "setuptools>=70.1" "${reqs[@]}" "$ORT_PACKAGE"
 }
 
 app() {
