@@ -85,6 +85,7 @@ class AdapterRegistry:
         entry.inflight += n
         entry.unload_pending = False  # wanted again: a pending unload is called off
         self._touch(entry)
+        self._evict()
         return entry
 
     def release(self, entry: Entry, n: int = 1) -> None:
@@ -130,9 +131,8 @@ class AdapterRegistry:
             entry = Entry(key, load_seconds=dt, labels=list(self.runtime.labels(key)))
             self.entries[key] = entry
             log.info("loaded %s in %.3f s", key, dt)
-            self._evict()
             self._gauge()
-            return entry
+            return entry  # the caller touches it and then evicts, so the new entry is never the victim
 
     def unload(self, ref: str) -> tuple[Entry, bool]:
         """Unload now, or when its images in flight are done; returns (entry, deferred)."""
@@ -163,7 +163,7 @@ class AdapterRegistry:
         over = len(self.entries) - self.capacity
         if over <= 0:
             return
-        for entry in list(self.entries.values()):
+        for entry in list(self.entries.values())[:-1]:  # never the one just used
             if over <= 0:
                 break
             if entry.pinned:

@@ -159,6 +159,9 @@ class Service:
         try:
             for ref in refs:
                 entries.append(await self.registry.acquire(ref, len(xs)))
+            n = len(xs) * len(entries)
+            if n > self.batcher.max_queue:
+                raise ServiceError(413, "too_many_images", f"{len(xs)} images × {len(entries)} adapters = {n} items, more than the queue holds ({self.batcher.max_queue})")
             deadline = time.monotonic() + timeout_s
             items = [WorkItem(x, e.key, deadline, partial(self.registry.release, e)) for x in xs for e in entries]
             futures = self.batcher.submit(items)
@@ -177,9 +180,11 @@ class Service:
 
     async def gallery_index(self, key: str):
         try:
-            return await asyncio.to_thread(self.galleries.get, key)
+            index = await asyncio.to_thread(self.galleries.get, key)
         except BundleError as e:
             raise ServiceError.from_bundle(e) from None
+        self.metrics.gallery_items.labels(self.metrics.label(key)).set(len(index))
+        return index
 
 
 # -------------------------------------------------------------------- dependencies

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +129,7 @@ class GalleryStore:
     def __init__(self, store: ModelStore, root: Path, dim: int, exact_max: int):
         self.store, self.root, self.dim, self.exact_max = store, Path(root), dim, exact_max
         self.indexes: dict[str, KnnIndex] = {}
+        self._lock = threading.Lock()  # get/persist run on worker threads
 
     def edited_path(self, key: str) -> Path:
         name, version = key.split("@", 1)
@@ -135,9 +137,10 @@ class GalleryStore:
 
     def get(self, key: str) -> KnnIndex:
         """The index for a loaded-or-not adapter version (blocking: call off the event loop)."""
-        if key not in self.indexes:
-            self.indexes[key] = self._open(key)
-        return self.indexes[key]
+        with self._lock:
+            if key not in self.indexes:
+                self.indexes[key] = self._open(key)
+            return self.indexes[key]
 
     def _open(self, key: str) -> KnnIndex:
         name, version, path = self.store.resolve(key)
@@ -164,11 +167,12 @@ class GalleryStore:
             save_file(index.gallery().to_tensors(), tmp, metadata={"adapter": index.key, "schema": "metalora-gallery/1"})
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
-            os.replace(tmp, dest)
+            with self._lock:
+                os.replace(tmp, dest)
+                self.indexes[index.key] = index
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        self.indexes[index.key] = index
 
     def drop(self, key: str) -> None:
         self.indexes.pop(key, None)

@@ -443,3 +443,30 @@ def test_full_queue_answers_503_with_retry_after(tight_server, images):
     assert all(r.headers.get("retry-after") == "1" and r.json()["error"]["code"] == "overloaded" for r in full)
     with tight_server.client() as c:  # and it recovers
         assert c.post("/v1/predict", json={"adapter": "alpha", "images": [_b64(images[0])]}).status_code == 200
+
+
+def test_lru_evicts_least_recently_used_never_pinned_or_busy(store):
+    """The registry over a real Runtime: capacity 2, one pinned; eviction order, deferral and revival."""
+    import asyncio
+
+    from service.adapters import AdapterRegistry
+    from service.metrics import Metrics
+
+    async def scenario():
+        reg = AdapterRegistry(Runtime(store, "cpu"), Metrics(), capacity=2)
+        await reg.load("alpha", pin=True)
+        beta = await reg.acquire("beta@1", 1)  # busy: one image in flight
+        assert reg.loaded() == ["alpha@1", "beta@1"]
+        await reg.acquire("gamma", 1)  # over capacity: alpha is pinned, beta busy -> beta goes when done
+        assert set(reg.loaded()) == {"alpha@1", "beta@1", "gamma@1"} and beta.unload_pending
+        assert "beta@1" in reg.runtime.model.adapters
+        reg.release(beta)
+        assert set(reg.loaded()) == {"alpha@1", "gamma@1"} and "beta@1" not in reg.runtime.model.adapters
+        await reg.acquire("beta@2", 1)  # gamma (busy) is the only unpinned candidate: deferred
+        assert reg.entries["gamma@1"].unload_pending
+        await reg.acquire("gamma", 1)  # used again before it went: the eviction is called off
+        assert not reg.entries["gamma@1"].unload_pending
+        entry, deferred = reg.unload("alpha")
+        assert not deferred and "alpha@1" not in reg.loaded()
+
+    asyncio.run(scenario())
