@@ -240,20 +240,23 @@ def gathered_update(branches: list[Branch], counts: list[int], x: torch.Tensor, 
     """
     n = x.shape[0]
     ref = branches[0]
-    idx = torch.repeat_interleave(
-        torch.arange(len(branches), device=x.device), torch.tensor(counts, device=x.device)
-    )  # (N,) adapter index of each sample
-    a = torch.stack([b.A.reshape(b.A.shape[0], -1) for b in branches])[idx]  # (N, Ra, I)
-    bw = torch.stack([b.B * b.scale for b in branches])[idx]  # (N, O, Rb), scale folded in
     if ref.is_linear:
         lead = x.shape[1:-1]
         t = x.reshape(n, -1, ref.in_dim)  # (N, T, I)
     else:
         _, _, h, w = x.shape
         t = x.permute(0, 2, 3, 1).reshape(n, h * w, ref.in_dim)  # (N, H·W, I); a view when channels_last
-    u = torch.bmm(t, a.transpose(1, 2))  # (N, T, Ra)
-    v = ref.mix(u, seed)  # (N, T, Rb)
-    d = torch.bmm(v, bw.transpose(1, 2))  # (N, T, O)
+    if len(branches) == 1:  # one adapter: plain matmuls on the tokens, no per-sample copies
+        u = t @ ref.A.reshape(ref.A.shape[0], -1).t()  # (N, T, Ra)
+        d = ref.mix(u, seed) @ (ref.B * ref.scale).t()  # (N, T, O)
+    else:
+        idx = torch.repeat_interleave(
+            torch.arange(len(branches), device=x.device), torch.tensor(counts, device=x.device)
+        )  # (N,) adapter index of each sample
+        a = torch.stack([b.A.reshape(b.A.shape[0], -1) for b in branches])[idx]  # (N, Ra, I)
+        bw = torch.stack([b.B * b.scale for b in branches])[idx]  # (N, O, Rb), scale folded in
+        u = torch.bmm(t, a.transpose(1, 2))  # (N, T, Ra)
+        d = torch.bmm(ref.mix(u, seed), bw.transpose(1, 2))  # (N, T, O)
     if ref.is_linear:
         return d.reshape(n, *lead, ref.out_dim)
     return d.reshape(n, h, w, ref.out_dim).permute(0, 3, 1, 2)  # (N, O, H, W), channels_last strides

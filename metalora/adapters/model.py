@@ -74,8 +74,9 @@ class AdaptedLayer(nn.Module):
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _gathered(self, x, y, segs):
-        """Segments whose branches share a per-token signature run as one batched matmul (S-LoRA/Punica);
-        a lone segment or a spatial (k x k) branch runs as its own call."""
+        """Per-token branches (1x1 convs, Linear) run as matmuls on the tokens, and segments whose
+        branches share a signature as one batched matmul (S-LoRA/Punica); a spatial (k x k) branch
+        runs as its own conv per segment."""
         groups: dict[tuple, list[tuple[Segment, object]]] = {}
         for s in segs:
             br = s.adapter.branch(self.name) if s.adapter is not None else None
@@ -91,7 +92,7 @@ class AdaptedLayer(nn.Module):
             contiguous = all(a[0].end == b[0].start for a, b in zip(members, members[1:]))
             start, end = members[0][0].start, members[-1][0].end
             xs = x[start:end] if contiguous else x[rows.to(x.device)]
-            if len(members) == 1:
+            if len(members) == 1 and not members[0][1].per_token:
                 s, br = members[0]
                 d = br(xs, s.seeds.get(self.name))
             else:
