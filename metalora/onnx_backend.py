@@ -275,13 +275,21 @@ def compare_throughput(runtime, keys: list[str], batch: int = 16, rounds: int = 
     Each round times one torch run and one ORT run back to back (order swapped every round), so
     both see the same machine load; the medians and their ratio are reported.
     """
+    before = torch.get_num_threads()
+    threads = threads or before
+    torch.set_num_threads(threads)
+    try:
+        return _compare(runtime, keys, batch, rounds, threads, progress)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _compare(runtime, keys, batch, rounds, threads, progress) -> dict:
     import statistics
     import time
 
     from tqdm import tqdm
 
-    threads = threads or torch.get_num_threads()
-    torch.set_num_threads(threads)
     runner = OrtRunner(runtime, threads=threads)
     ks = [keys[i % len(keys)] for i in range(batch)]
     x = torch.rand(batch, 3, runner.input_size, runner.input_size) * 2 - 1  # (B, 3, S, S)

@@ -138,3 +138,39 @@ def test_resolve_backend_rule():
     assert resolve_backend("auto", "cuda") == AUTO_BACKEND["cuda"]
     with pytest.raises(ValueError):
         resolve_backend("tensorrt", "cpu")
+
+
+@pytest.mark.slow
+def test_export_onnx_command(tmp_path):
+    """`metalora export-onnx` on the shipped store writes a graph and reports its torch parity."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from metalora.cli import app
+
+    out = tmp_path / "base.onnx"
+    r = CliRunner().invoke(app, ["export-onnx", "--adapter", "base", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    assert out.is_file() and res["bytes"] == out.stat().st_size and res["outputs"] == ["embedding", "logits"]
+    assert max(res["max_abs_diff"].values()) <= TOL
+
+
+@pytest.mark.slow
+def test_bench_onnx_command_reports_both_backends(monkeypatch, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from metalora.cli import app
+
+    monkeypatch.setenv("METALORA_ONNX_CACHE", str(tmp_path))
+    threads = torch.get_num_threads()
+    r = CliRunner().invoke(app, ["bench-onnx", "--synthetic", "2", "--batch", "2", "--rounds", "1", "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output[r.output.index("{"):])
+    assert res["keys"] == ["synthetic-tr-0@0", "synthetic-tr-1@0"] and res["threads"] == 1
+    assert res["torch_img_s"] > 0 and res["onnx_img_s"] > 0
+    assert res["onnx_over_torch"] == pytest.approx(res["onnx_img_s"] / res["torch_img_s"])
+    assert torch.get_num_threads() == threads  # the measurement's thread count does not leak
