@@ -259,7 +259,11 @@ def test_k8s_manifests_validate(overlay, tmp_path):
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz" and c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert c["ports"][0]["containerPort"] == int(next(e["value"] for e in c["env"] if e["name"] == "METALORA_PORT"))
     gpu = c["resources"]["limits"].get("nvidia.com/gpu")
-    device = next(e["value"] for e in c["env"] if e["name"] == "METALORA_DEVICE")
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert len(env) == len(c["env"]), "an env variable is set twice"
+    device = env["METALORA_DEVICE"]
+    # torch would otherwise start one thread per node core, far more than the pod may use.
+    assert int(env["METALORA_TORCH_THREADS"]) == int(c["resources"]["requests"]["cpu"])
     if overlay.endswith("cpu"):
         assert gpu is None and device == "cpu" and c["image"].endswith(":cpu")
     else:
