@@ -11,7 +11,6 @@ and each N's throughput is compared with N=smallest (everything fits the cache: 
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import statistics
 import tempfile
@@ -22,11 +21,6 @@ import torch
 
 from .common import sample_images
 from .server import build_store
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def many_adapters(counts=(10, 100), batch: int = 16, rounds: int = 4, capacity: int = 16, device: str = "cpu", workdir: Path | None = None, progress=None) -> dict:
@@ -41,16 +35,14 @@ def many_adapters(counts=(10, 100), batch: int = 16, rounds: int = 4, capacity: 
     store = build_store(work / "store", {n: ("cp", (8,), 10) for n in names}, seed=900, progress=progress)
     write_s = (time.perf_counter() - t) / nmax
 
-    # memory and cold load: load K adapters into one runtime, measure each load and the RSS growth
+    # cold load: load K adapters into one runtime, timing each (bundles just written: page cache warm)
     rt = Runtime(store, device)
     k = min(nmax, 100)
-    rss0 = _rss_bytes()
     loads = []
     for n in names[:k]:
         t = time.perf_counter()
         rt.load(n)
         loads.append(time.perf_counter() - t)
-    rss_per = (_rss_bytes() - rss0) / k
     one = rt.model.adapters[f"{names[0]}@1"]
     param_bytes = sum(p.numel() * p.element_size() for p in one.parameters())
     file_bytes = (store / "adapters" / names[0] / "1" / "weights.safetensors").stat().st_size
@@ -109,7 +101,6 @@ def many_adapters(counts=(10, 100), batch: int = 16, rounds: int = 4, capacity: 
         "registered": list(counts),
         "adapter_param_bytes": param_bytes,
         "adapter_file_bytes": file_bytes,
-        "rss_bytes_per_loaded_adapter": rss_per,
         "cold_load_ms_p50": 1e3 * statistics.median(loads),
         "cold_load_ms_p90": 1e3 * sorted(loads)[int(0.9 * (len(loads) - 1))],
         "bundle_write_ms": 1e3 * write_s,

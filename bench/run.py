@@ -35,6 +35,7 @@ class BenchConfig:
     hetero_repeats: int = 7
     hetero_mixes: tuple[int, ...] = (1, 4, 16, 64)
     hetero_from_images: bool = True
+    hetero_loop_mixes: tuple[int, ...] = (4, 16, 64)  # where the plain segment loop is also timed
     concurrencies: tuple[int, ...] = (1, 4, 8, 16, 32, 64)
     serving_window_s: float = 8.0
     serving_rounds: int = 5
@@ -53,14 +54,16 @@ class BenchConfig:
             overhead_batch=8,
             overhead_repeats=6,
             hetero_repeats=4,
+            hetero_loop_mixes=(16,),
             hetero_from_images=False,
             concurrencies=(1, 4, 16, 32, 64),
             serving_window_s=3.0,
             serving_rounds=3,
-            knn_sizes=(10_000, 30_000),
+            knn_sizes=(5_000, 20_000),
             knn_queries=48,
             many_counts=(10, 100),
-            many_rounds=4,
+            many_rounds=3,
+            many_batch=8,
         )
         base.update(kw)
         return cls(**base)
@@ -103,7 +106,7 @@ def run_bench(cfg: BenchConfig, json_path: Path, plots_dir: Path | None = None, 
     a = run("overhead", "a", lambda: kernels.adapter_overhead(cfg.overhead_batch, cfg.overhead_repeats, cfg.device))
     if a:
         out["adapter_overhead"] = max(a["ratio"].values())
-    b = run("hetero", "b", lambda: kernels.hetero(cfg.hetero_batch, cfg.hetero_repeats, cfg.hetero_mixes, cfg.device, with_images=cfg.hetero_from_images))
+    b = run("hetero", "b", lambda: kernels.hetero(cfg.hetero_batch, cfg.hetero_repeats, cfg.hetero_mixes, cfg.device, with_images=cfg.hetero_from_images, loop_mixes=cfg.hetero_loop_mixes))
     if b:
         out["hetero_ratio_16"] = b["hetero_ratio_cp"].get(16)
         out["vs_peft_ratio_16"] = b["vs_peft_lora"].get(16)

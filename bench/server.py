@@ -65,11 +65,18 @@ class ServerProcess:
         self.url = ""
 
     def start(self, timeout_s: float = 300) -> "ServerProcess":
+        return self.launch().wait_ready(timeout_s)
+
+    def launch(self) -> "ServerProcess":
+        """Start the process without waiting (start several, then `wait_ready` on each)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cli = Path(sys.executable).parent / "metalora"
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([str(cli), "serve", "--port", str(self.port)], env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+        return self
+
+    def wait_ready(self, timeout_s: float = 300) -> "ServerProcess":
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -82,6 +89,13 @@ class ServerProcess:
             time.sleep(0.3)
         self.stop()
         raise RuntimeError(f"server not ready after {timeout_s:.0f} s:\n{self.log()[-3000:]}")
+
+    def metric_sum(self, name: str) -> float:
+        """Sum of every sample of one Prometheus metric (e.g. `metalora_batch_size_sum`)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name)
 
     def log(self) -> str:
         try:
