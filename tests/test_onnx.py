@@ -174,3 +174,77 @@ def test_bench_onnx_command_reports_both_backends(monkeypatch, tmp_path):
     assert res["torch_img_s"] > 0 and res["onnx_img_s"] > 0
     assert res["onnx_over_torch"] == pytest.approx(res["onnx_img_s"] / res["torch_img_s"])
     assert torch.get_num_threads() == threads  # the measurement's thread count does not leak
+
+
+@pytest.mark.slow
+def test_serve_backend_onnx_matches_torch(runtime, tmp_path):
+    """`metalora serve --backend onnx` on a real uvicorn: a fan-out over base and two adapters in
+    one request answers what the in-process torch model computes (scores and embeddings)."""
+    import base64
+    import io
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import httpx
+    import torch.nn.functional as F
+    from PIL import Image
+    from skimage import data
+
+    photos = [data.chelsea(), data.coffee()]
+    blobs = []
+    for arr in photos:
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, "JPEG")
+        blobs.append(buf.getvalue())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "METALORA_STORE": str(runtime.store.root), "METALORA_ADAPTERS": "tr-all,cp-head", "METALORA_ONNX_CACHE": str(tmp_path / "onnx")}
+    env.pop("METALORA_ADMIN_TOKEN", None)
+    log = tmp_path / "serve.log"
+    cli = Path(sys.executable).parent / "metalora"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(cli), "serve", "--port", str(port), "--device", "cpu", "--backend", "onnx"], env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "not ready in time:\n" + log.read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        assert httpx.get(f"{url}/readyz").json()["backend"] == "onnx"
+        assert len(list((tmp_path / "onnx").glob("*.onnx"))) == 3  # base + two adapters, exported at warm-up
+        images = [base64.b64encode(b).decode() for b in blobs]
+        refs = ["tr-all", "cp-head", "base"]
+        r = httpx.post(f"{url}/v1/predict", json={"adapter": refs, "images": images, "top_k": 3}, timeout=120)
+        assert r.status_code == 200, r.text
+        results = r.json()["results"]
+        assert len(results) == len(images) * len(refs)
+        for i, blob in enumerate(blobs):
+            for j, ref in enumerate(refs):
+                got = results[i * len(refs) + j]
+                want = runtime.predict([blob], ref, top_k=3)[0]
+                assert got["adapter"] == ref
+                assert [p["index"] for p in got["predictions"]] == [p["index"] for p in want["predictions"]]
+                assert max(abs(a["score"] - b["score"]) for a, b in zip(got["predictions"], want["predictions"])) <= TOL
+        r = httpx.post(f"{url}/v1/embed", json={"adapter": "tr-all", "images": images}, timeout=120)
+        assert r.status_code == 200, r.text
+        want = F.normalize(runtime.run(runtime.preprocess(blobs), ["tr-all@1"] * 2).embeddings.float(), dim=-1)
+        got = torch.tensor([e["embedding"] for e in r.json()["results"]])
+        assert (got - want).abs().max().item() <= TOL
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
