@@ -341,7 +341,10 @@ def test_server_stays_healthy_after_bad_inputs(server, images):
         assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200
         r = c.post("/v1/predict", json={"adapter": ["alpha", "gamma"], "images": [_b64(images[0])]})
         assert r.status_code == 200 and len(r.json()["results"]) == 2
-    assert not [k for k, v in server.metrics().items() if k[0] == "metalora_requests_total" and dict(k[1])["code"] == "500" and v]
+    metrics = server.metrics()
+    assert not [k for k, v in metrics.items() if k[0] == "metalora_requests_total" and dict(k[1])["code"] == "500" and v]
+    labels = {dict(k[1]).get("adapter") for k in metrics if k[0] == "metalora_requests_total"}
+    assert "nope" not in labels and "other" in labels and {"alpha", "base"} <= labels  # unknown names never get a series
 
 
 def test_gallery_add_remove_persists_across_restart(server, images):
