@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from metalora.adapters import Output
+from metalora.runtime import Runtime
 
 from .batcher import WorkItem
 from .metrics import Metrics
@@ -58,6 +59,7 @@ class Engine:
     def __init__(self, backend: Backend, metrics: Metrics, device: str):
         self.backend = backend
         self.metrics = metrics
+        self._stages = isinstance(backend, Runtime)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{device}")
 
     async def run(self, items: list[WorkItem]) -> list[ItemResult]:
@@ -69,11 +71,14 @@ class Engine:
         self.metrics.batch_adapters.observe(len(set(keys)))
         t0 = time.perf_counter()
         x = torch.stack([it.x for it in items])  # (N, 3, S, S)
+        stages: dict[str, float] = {}
         with torch.inference_mode():
-            out = self.backend.run(x, keys)
+            out = self.backend.run(x, keys, stages=stages) if self._stages else self.backend.run(x, keys)
             emb = F.normalize(out.embeddings.float(), dim=-1).cpu()  # (N, D)
             logits = [lo.float().cpu() for lo in out.logits]
         self.metrics.inference.labels("forward").observe(time.perf_counter() - t0)
+        for stage, seconds in stages.items():  # torch on CPU: the frozen prefix vs the adapted rest
+            self.metrics.inference.labels(stage).observe(seconds)
         return [ItemResult(lo, e) for lo, e in zip(logits, emb)]
 
     def call(self, fn, *args):

@@ -228,6 +228,8 @@ def test_concurrent_requests_fuse_adapters_in_one_batch(server, images):
     single = after["1.0"] - before["1.0"]
     assert batches < 24, "requests were never batched together"
     assert batches - single >= 1, "no batch held more than one adapter"
+    m = server.metrics()  # the frozen prefix ran once per batch, timed apart from the adapted rest
+    assert m[("metalora_inference_seconds_count", (("stage", "prefix"),))] == m[("metalora_inference_seconds_count", (("stage", "forward"),))]
 
 
 def test_load_unload_under_traffic_loses_no_request(server, images):
