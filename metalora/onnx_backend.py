@@ -1,14 +1,15 @@
-"""ONNX Runtime backend: the frozen backbone, and each adapter with it, as one static graph.
+"""ONNX Runtime backend: the frozen backbone, and each adapter with it, as static graphs.
 
-A graph maps `image (N, 3, S, S)` to `embedding (N, D)` and `logits (N, C)`, plus `seed (N, S_c)`
-for adapters with a mapping network: the seed `c(x)` is computed inside the graph from the
-pooled prefix features, exactly as the torch path does. The batch axis is dynamic, the image
-size is fixed to the backbone's input size.
+`export_onnx(part="full")` (what `metalora export-onnx` writes) maps `image (N, 3, S, S)` to
+`embedding (N, D)` and `logits (N, C)`, plus `seed (N, S_c)` for adapters with a mapping network:
+the seed `c(x)` is computed inside the graph from the pooled prefix features, exactly as the
+torch path does. The batch axis is dynamic, the image size fixed to the backbone's input size.
 
-Mixed-adapter batches run one graph per adapter segment (the frozen prefix therefore runs once
-per *segment*, not once per batch as in torch): ONNX has no way to pick a branch per sample
-without exporting every adapter into one graph. `OrtRunner.run(x, keys)` has the call shape and
-the result type of `Runtime.run`, so the service engine can use either.
+Serving splits that graph in two, as the torch path does: one shared `prefix` graph
+(image -> frozen prefix features) runs once per batch, then one `tail` graph per adapter
+(features -> embedding, logits, seed) runs per adapter segment, since ONNX cannot pick a branch
+per sample inside one graph. `OrtRunner.run(x, keys)` has the call shape and result type of
+`Runtime.run`, so the service engine can use either.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .backbones.base import Backbone
 
 BASE = "base"
 OPSET = 17
+PARTS = ("full", "prefix", "tail")
 OUTPUTS = ("embedding", "logits", "seed")
 
 # Which backend `auto` picks per device kind, from the side-by-side measurement in
@@ -65,10 +67,15 @@ class _FusedLayer(nn.Module):
 
 
 class ExportGraph(nn.Module):
-    """image -> (embedding, logits[, seed]) for the bare backbone or one adapter; what gets exported."""
+    """What gets exported, for the bare backbone or one adapter:
+    `full`: image -> (embedding, logits[, seed]); `prefix`: image -> features;
+    `tail`: features -> (embedding, logits[, seed])."""
 
-    def __init__(self, backbone: Backbone, adapter: Adapter | None = None):
+    def __init__(self, backbone: Backbone, adapter: Adapter | None = None, part: str = "full"):
         super().__init__()
+        if part not in PARTS:
+            raise ValueError(f"part must be one of {PARTS}, got {part!r}")
+        self.part = part
         # A private copy: the live backbone is shared with the torch path (and may be wrapped by
         # MetaLoRAModel); its wrapped layers behave as the frozen layer when no segment is set.
         self.backbone = copy.deepcopy(backbone).eval()
@@ -87,7 +94,9 @@ class ExportGraph(nn.Module):
 
     def forward(self, x: torch.Tensor):
         bb = self.backbone
-        h = bb.prefix(x)  # (N, C_p, H_p, W_p)
+        if self.part == "prefix":
+            return bb.prefix(x)  # (N, C_p, H_p, W_p)
+        h = x if self.part == "tail" else bb.prefix(x)  # (N, C_p, H_p, W_p)
         self._seeds.clear()
         seeds = self.adapter.seeds(bb.pool_prefix(h)) if self.adapter is not None else {}  # {layer: (N, s_l)}
         self._seeds.update(seeds)
@@ -98,9 +107,9 @@ class ExportGraph(nn.Module):
         return emb, logits
 
 
-def graph_digest(backbone: Backbone, adapter: Adapter | None, input_size: int) -> str:
-    """Content hash naming a cached graph: backbone weights, adapter tensors and config, input size."""
-    h = hashlib.sha256(f"{backbone.identity.name}|{backbone.identity.weights_sha256}|{input_size}|{OPSET}|{torch.__version__}".encode())
+def graph_digest(backbone: Backbone, adapter: Adapter | None, input_size: int, part: str = "full") -> str:
+    """Content hash naming a cached graph: backbone weights, adapter tensors and config, input size, part."""
+    h = hashlib.sha256(f"{backbone.identity.name}|{backbone.identity.weights_sha256}|{input_size}|{OPSET}|{torch.__version__}|{part}".encode())
     if backbone.identity.weights_sha256 is None:  # random-init backbones (tests): hash the weights
         for k, v in backbone.state_dict().items():
             h.update(k.encode())
@@ -113,14 +122,21 @@ def graph_digest(backbone: Backbone, adapter: Adapter | None, input_size: int) -
     return h.hexdigest()[:24]
 
 
-def export_onnx(backbone: Backbone, adapter: Adapter | None, path: str | Path, input_size: int | None = None) -> Path:
-    """Export the bare backbone (adapter=None) or backbone + adapter to `path` (fp32, dynamic batch)."""
+def export_onnx(backbone: Backbone, adapter: Adapter | None, path: str | Path, input_size: int | None = None, part: str = "full") -> Path:
+    """Export the bare backbone (adapter=None) or backbone + adapter to `path` (fp32, dynamic batch).
+
+    `part` = full (image in), prefix (image -> features) or tail (features in); see ExportGraph.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     size = input_size or backbone.preprocess.input_size
-    graph = ExportGraph(backbone, adapter).float().cpu()
-    names = list(OUTPUTS if graph.has_seed else OUTPUTS[:2])
-    x = torch.zeros(2, 3, size, size)
+    graph = ExportGraph(backbone, None if part == "prefix" else adapter, part).float().cpu()
+    names = ["features"] if part == "prefix" else list(OUTPUTS if graph.has_seed else OUTPUTS[:2])
+    x = torch.zeros(2, 3, size, size)  # (2, 3, S, S)
+    if part == "tail":
+        with torch.no_grad():
+            x = graph.backbone.prefix(x).contiguous()  # (2, C_p, H_p, W_p)
+    inp = "features" if part == "tail" else "image"
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter announces its successor
@@ -130,9 +146,9 @@ def export_onnx(backbone: Backbone, adapter: Adapter | None, path: str | Path, i
             graph,
             (x,),
             str(tmp),
-            input_names=["image"],
+            input_names=[inp],
             output_names=names,
-            dynamic_axes={n: {0: "batch"} for n in ["image", *names]},
+            dynamic_axes={n: {0: "batch"} for n in [inp, *names]},
             opset_version=OPSET,
             dynamo=False,
         )
@@ -157,7 +173,8 @@ def providers_for(device: str | torch.device) -> list[str]:
 
 
 class OrtRunner:
-    """Runs a `Runtime`'s loaded keys with onnxruntime: one exported graph and session per key.
+    """Runs a `Runtime`'s loaded keys with onnxruntime: the shared prefix graph once per batch,
+    then one tail graph (and session) per key for its segment.
 
     Graphs are exported on first use (or `prepare(key)`) and cached on disk by content hash, so
     a restart reuses them. An adapter reloaded under the same key is re-exported.
@@ -178,7 +195,8 @@ class OrtRunner:
         # Idle ORT threads otherwise spin for a while after each run, taking the cores that the
         # decode threads (and, in a side-by-side measurement, torch) need next.
         self.options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self._sessions: dict[str, tuple[object, object]] = {}  # key -> (adapter object, session)
+        self._sessions: dict[str, tuple[object, object]] = {}  # key -> (adapter object, tail session)
+        self._prefix = None  # the shared prefix session, opened on first use
         self._lock = threading.Lock()
 
     @property
@@ -194,21 +212,36 @@ class OrtRunner:
             raise KeyError(f"adapter {key!r} is not loaded; loaded: {sorted(self.runtime.model.adapters)}") from None
 
     def graph_path(self, key: str) -> Path:
+        """The cached tail graph of a loaded key."""
         adapter = self._adapter(key)
-        digest = graph_digest(self.runtime.backbone, adapter, self.input_size)
-        return self.cache_dir / f"{key.replace('@', '-')}-{digest}.onnx"
+        digest = graph_digest(self.runtime.backbone, adapter, self.input_size, "tail")
+        return self.cache_dir / f"{key.replace('@', '-')}-tail-{digest}.onnx"
+
+    def prefix_path(self) -> Path:
+        digest = graph_digest(self.runtime.backbone, None, self.input_size, "prefix")
+        return self.cache_dir / f"{self.runtime.backbone.identity.name}-prefix-{digest}.onnx"
+
+    def _open(self, path: Path, adapter: Adapter | None, part: str):
+        if not path.exists():
+            export_onnx(self.runtime.backbone, adapter, path, self.input_size, part=part)
+        return self.ort.InferenceSession(str(path), self.options, providers=self.providers)
+
+    def prefix(self):
+        """The shared prefix session (image -> frozen features)."""
+        with self._lock:
+            if self._prefix is None:
+                self._prefix = self._open(self.prefix_path(), None, "prefix")
+            return self._prefix
 
     def prepare(self, key: str):
-        """The session for a loaded key, exporting its graph when not cached."""
+        """The tail session for a loaded key, exporting its graph when not cached."""
+        self.prefix()
         adapter = self._adapter(key)
         with self._lock:
             hit = self._sessions.get(key)
             if hit is not None and hit[0] is adapter:
                 return hit[1]
-            path = self.graph_path(key)
-            if not path.exists():
-                export_onnx(self.runtime.backbone, adapter, path, self.input_size)
-            sess = self.ort.InferenceSession(str(path), self.options, providers=self.providers)
+            sess = self._open(self.graph_path(key), adapter, "tail")
             self._sessions[key] = (adapter, sess)
             # Drop sessions of keys the runtime has unloaded since.
             for k in [k for k in self._sessions if k != BASE and k not in self.runtime.model.adapters]:
@@ -225,6 +258,8 @@ class OrtRunner:
         if len(keys) != n:
             raise ValueError(f"{n} samples but {len(keys)} keys")
         xn = x.detach().float().cpu().contiguous().numpy()  # (N, 3, S, S)
+        sessions = {k: self.prepare(k) for k in dict.fromkeys(keys)}  # fails before any compute on an unknown key
+        feats = self.prefix().run(None, {"image": xn})[0]  # (N, C_p, H_p, W_p): once for the whole batch
         groups: dict[str, list[int]] = {}
         for i, k in enumerate(keys):
             groups.setdefault(k, []).append(i)
@@ -232,9 +267,8 @@ class OrtRunner:
         logits: list[torch.Tensor | None] = [None] * n
         seeds: list[torch.Tensor | None] = [None] * n
         for key, idx in groups.items():
-            sess = self.prepare(key)
-            xs = xn if len(idx) == n else xn[idx]  # (n_k, 3, S, S)
-            out = sess.run(None, {"image": xs})
+            hs = feats if len(idx) == n else feats[idx]  # (n_k, C_p, H_p, W_p)
+            out = sessions[key].run(None, {"features": hs})
             if emb.shape[1] == 0:
                 emb = np.empty((n, out[0].shape[1]), np.float32)
             emb[idx] = out[0]
