@@ -188,19 +188,22 @@ class Service:
 
 
 # -------------------------------------------------------------------- dependencies
-def get_service(request: Request) -> Service:
+async def get_service(request: Request) -> Service:
     return request.app.state.service
 
 
-def get_ready_service(request: Request) -> Service:
+async def get_ready_service(request: Request) -> Service:
     svc: Service = request.app.state.service
     if not svc.ready:
         raise ServiceError(503, "not_ready", "the server is still loading and warming its adapters", {"Retry-After": "2"})
     return svc
 
 
-def require_admin(request: Request) -> None:
-    """Bearer token check: no token configured -> 403 for everyone; a wrong or missing token -> 401."""
+async def require_admin(request: Request) -> None:
+    """Bearer token check: no token configured -> 403 for everyone; a wrong or missing token -> 401.
+
+    Dependencies are `async def` so FastAPI runs them on the loop, not via a thread hand-off.
+    """
     token = request.app.state.service.settings.admin_token
     if token is None:
         raise ServiceError(403, "admin_disabled", "admin routes are disabled: set METALORA_ADMIN_TOKEN to enable them")
