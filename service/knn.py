@@ -179,12 +179,13 @@ class GalleryStore:
 
 
 def vote(hits: list[Hit]) -> tuple[str | None, dict[str, int]]:
-    """Majority label of the hits; a tie goes to the label with the larger summed similarity."""
+    """(label, counts): the similarity-weighted vote, the same rule as `metalora.evaluate`, so the
+    served label is the one the bundle's reported k-NN accuracy was measured with."""
     votes = Counter(h.label for h in hits)
     if not votes:
         return None, {}
-    sims = Counter()
+    sims: dict[str, float] = {}
     for h in hits:
-        sims[h.label] += h.score
-    best = max(votes, key=lambda lab: (votes[lab], sims[lab]))
+        sims[h.label] = sims.get(h.label, 0.0) + h.score
+    best = max(sims, key=lambda lab: (sims[lab], votes[lab]))
     return best, dict(votes.most_common())

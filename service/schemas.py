@@ -102,8 +102,8 @@ class KnnResult(BaseModel):
     adapter: str
     version: str
     neighbors: list[Neighbor]
-    label: str | None = Field(description="majority vote of the neighbours (ties: larger summed similarity)")
-    votes: dict[str, int]
+    label: str | None = Field(description="similarity-weighted vote of the neighbours (as in metalora.evaluate)")
+    votes: dict[str, int] = Field(description="neighbours per label")
 
 
 class KnnResponse(BaseModel):

@@ -475,3 +475,12 @@ def test_lru_evicts_least_recently_used_never_pinned_or_busy(store):
         assert not deferred and "alpha@1" not in reg.loaded()
 
     asyncio.run(scenario())
+
+
+def test_knn_vote_is_similarity_weighted():
+    from service.knn import Hit, vote
+
+    hits = [Hit("a", "cat", 0.9), Hit("b", "dog", 0.3), Hit("c", "dog", 0.3), Hit("d", "cat", 0.2)]
+    assert vote(hits) == ("cat", {"cat": 2, "dog": 2})
+    assert vote([Hit("a", "cat", 0.5), Hit("b", "dog", 0.3), Hit("c", "dog", 0.3)])[0] == "dog"
+    assert vote([]) == (None, {})
