@@ -95,8 +95,13 @@ def sample_images(n: int, size: int = 320) -> list[bytes]:
     """`n` JPEG photos from scikit-image's bundled sample data (no download), cycled and cropped."""
     import numpy as np
     from PIL import Image
-    from skimage import data
 
+    try:
+        from skimage import data
+    except ImportError:  # scikit-image is a dev extra: fall back to synthetic photos-sized JPEGs
+        from clients.cli import synthetic_images
+
+        return synthetic_images(n, size)
     photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.immunohistochemistry()]
     out = []
     for i in range(n):

@@ -163,12 +163,12 @@ def hetero(batch: int, repeats: int, mixes=(1, 4, 16, 64), device="cpu", with_im
         return a
 
     assigns = {k: assignment(k) for k in mixes}
-    fns = {}
+    fns, peft_fns = {}, {}
     for k in mixes:
         a = assigns[k]
         fns[f"cp_k{k}"] = lambda a=a: model.forward_from_prefix(h, [cp[i] for i in a])
         fns[f"lora_k{k}"] = lambda a=a: model.forward_from_prefix(h, [lora[i] for i in a])
-        fns[f"peft_k{k}"] = lambda a=a: peft_grouped(pm, pbb, pheads, h, a)
+        peft_fns[f"peft_k{k}"] = lambda a=a: peft_grouped(pm, pbb, pheads, h, a)
 
     def loop(fn):
         def run():
@@ -189,8 +189,13 @@ def hetero(batch: int, repeats: int, mixes=(1, 4, 16, 64), device="cpu", with_im
         ours = model.forward_from_prefix(h, [lora[i] for i in a]).embeddings
         theirs, _ = peft_grouped(pm, pbb, pheads, h, a)
         peft_max_abs_diff = float((ours - theirs).abs().max())
-        t = interleaved(fns, repeats, device=device, progress=progress)
+        # Two paired groups: ours against ours (cheap, so twice the rounds), and ours against peft
+        # (peft's many small forwards are slow); each ratio pairs variants of the same round.
+        t = interleaved(fns, 2 * repeats, device=device, progress=progress)
+        vs = {k: fns[k] for k in fns if not k.startswith("cp_loop")} | peft_fns
+        tp = interleaved(vs, repeats, device=device, progress=progress)
     per_s = {k: batch / t.median(k) for k in fns}
+    per_s_vs = {k: batch / tp.median(k) for k in vs}
     out = {
         "what": "from cached prefix features (the tail: every adapted layer, seeds, heads); batch of mixed requests, adapters assigned round-robin then shuffled",
         "batch": batch,
@@ -198,10 +203,12 @@ def hetero(batch: int, repeats: int, mixes=(1, 4, 16, 64), device="cpu", with_im
         "mixes": list(mixes),
         "hetero_ratio_cp": {k: t.speedup(f"cp_k{k}", "cp_k1") for k in mixes},
         "hetero_ratio_lora": {k: t.speedup(f"lora_k{k}", "lora_k1") for k in mixes},
-        "vs_peft_lora": {k: t.speedup(f"lora_k{k}", f"peft_k{k}") for k in mixes},
-        "vs_peft_cp": {k: t.speedup(f"cp_k{k}", f"peft_k{k}") for k in mixes},
+        "vs_peft_lora": {k: tp.speedup(f"lora_k{k}", f"peft_k{k}") for k in mixes},
+        "vs_peft_cp": {k: tp.speedup(f"cp_k{k}", f"peft_k{k}") for k in mixes},
         "gather_vs_loop_cp": {k: t.speedup(f"cp_k{k}", f"cp_loop_k{k}") for k in mixes if f"cp_loop_k{k}" in fns},
         "samples_per_s": per_s,
+        "samples_per_s_vs_peft_rounds": per_s_vs,
+        "repeats_ours": 2 * repeats,
         "peft_equivalence_max_abs_diff": peft_max_abs_diff,
         "peft_version": __import__("peft").__version__,
     }

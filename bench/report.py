@@ -48,7 +48,8 @@ def plot_all(res: dict, out: Path) -> dict[str, Path]:
         lk = [k for k in ks if f"cp_loop_k{k}" in sps]
         if lk:
             ax.plot(lk, [sps[f"cp_loop_k{k}"] / ref for k in lk], "^:", label="ours, CP, plain segment loop")
-        ax.plot(ks, [sps[f"peft_k{k}"] / ref for k in ks], "x--", label="HF peft LoRA, set_adapter per group")
+        vs = b["samples_per_s_vs_peft_rounds"]  # peft was timed in its own paired rounds: normalise there
+        ax.plot(ks, [vs[f"peft_k{k}"] / vs["lora_k1"] for k in ks], "x--", label="HF peft LoRA, set_adapter per group")
         ax.set_xscale("log", base=2)
         ax.set_xticks(ks, [str(k) for k in ks])
         ax.set_xlabel("distinct adapters in a batch of %d" % b["batch"])
@@ -139,7 +140,8 @@ def write_doc(res: dict, figs: dict[str, Path], path: Path, json_path: Path) -> 
     add("metalora-client load --url http://127.0.0.1:8000 -a cifar10:3 -a mnist --concurrency 32 --duration 30")
     add("```")
     add("")
-    add(f"**This run:** `{cmd}` started {res['started']}, took {res['elapsed_s']:.0f} s.")
+    cpu = f" ({res['cpu_s']:.0f} CPU-seconds in the bench and its server processes)" if res.get("cpu_s") is not None else ""
+    add(f"**This run:** `{cmd}` started {res['started']}, took {res['elapsed_s']:.0f} s{cpu}.")
     add(f"Machine: {m['cpu']}, {m['cpu_count']} CPU cores, torch {m['torch']} with {m['torch_threads']} threads, {m['platform']}.")
     if "loadavg_at_start" in m:
         add(f"Load average at start: {m['loadavg_at_start']} — the machine was **shared with other jobs** (other engineers'")
@@ -193,6 +195,8 @@ def write_doc(res: dict, figs: dict[str, Path], path: Path, json_path: Path) -> 
         add("of a second copy of the backbone, holding the very same LoRA factors (max |Δ| between the two outputs:")
         add(f"{b['peft_equivalence_max_abs_diff']:.1e}), grouped per adapter, `set_adapter` + one forward per group, plus the")
         add("adapter's head — what a user does today.")
+        add(f"Two paired groups: ours vs ours ({b['repeats_ours']} rounds) and ours vs peft ({b['repeats']} rounds; peft's many small")
+        add("forwards make its rounds slow).")
         add("")
         add("| distinct adapters k | CP: k vs 1 | LoRA: k vs 1 | ours LoRA vs peft | ours CP vs peft | CP batched vs loop |")
         add("|---|---|---|---|---|---|")
@@ -217,6 +221,8 @@ def write_doc(res: dict, figs: dict[str, Path], path: Path, json_path: Path) -> 
         add(f"micro-batching on (`max_batch_size={c['batch']}`, `max_delay_ms=10`) and off (`max_batch_size=1`). Each round")
         add(f"alternates the in-process model, HTTP at concurrency 32 with batching on, and with batching off ({c['rounds']} rounds,")
         add(f"{c['window_s']:.0f} s windows). The load generator (`clients/loadgen.py`) runs in the bench process on the same CPU.")
+        add("The backend is pinned to `torch` (`MetaLoRAModel`, the path that fuses mixed adapters) on both sides; the")
+        add("service's CPU default `backend=auto` picks ONNX Runtime instead (see docs/deploy.md, `metalora bench-onnx`).")
         add("")
         add(f"- `serving_efficiency_c32` (HTTP images/s at concurrency 32 / in-process images/s at batch 32): **{_f(c['serving_efficiency_c32'], 3)}** (rounds: {', '.join(_f(x) for x in c['serving_efficiency_c32_rounds'])})")
         add(f"- micro-batching on vs `max_batch_size=1`, concurrency 32: **{_f(c['microbatch_speedup_c32'])}×** (rounds: {', '.join(_f(x) for x in c['microbatch_speedup_c32_rounds'])})")
