@@ -36,7 +36,7 @@ from .batcher import Batcher, WorkItem
 from .engine import Engine, ItemResult, make_backend
 from .errors import ServiceError
 from .knn import GalleryStore, vote
-from .metrics import CONTENT_TYPE, Metrics
+from .metrics import CONTENT_TYPE, FANOUT, Metrics
 from .schemas import (
     AdapterInfo,
     AdapterList,
@@ -263,7 +263,7 @@ async def parse_images_body(request: Request, model: type[ImagesRequest], svc: S
         raws = list(req.images or [])
     if len(raws) > max_images:
         raise ServiceError(413, "too_many_images", f"{len(raws)} images in one request; the limit is {max_images}")
-    request.state.adapter = req.adapters[0] if len(req.adapters) == 1 else "fanout"
+    request.state.adapter = req.adapters[0] if len(req.adapters) == 1 else FANOUT
     for ref in req.adapters:  # a wrong name fails fast, before any image is decoded
         svc.registry.resolve(ref)
     return req, raws

@@ -17,6 +17,7 @@ BATCH_ADAPTER_BUCKETS = (1, 2, 3, 4, 6, 8, 16, 32)
 LOAD_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 OTHER = "other"
+FANOUT = "fanout"  # the label of a request that names several adapters
 disable_created_metrics()  # `_created` series double the scrape and no dashboard here reads them
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -28,7 +29,7 @@ class Metrics:
         self.registry = r = CollectorRegistry()
         self.max_adapters = max_adapters
         self._allowed: set[str] = set()
-        for name in ["base", *(allow or [])]:
+        for name in ["base", FANOUT, *(allow or [])]:
             self.admit(name)
         self.requests = Counter("metalora_requests", "HTTP requests answered", ["endpoint", "adapter", "code"], registry=r)
         self.request_duration = Histogram(
@@ -46,7 +47,7 @@ class Metrics:
 
     def admit(self, name: str) -> None:
         """Give `name` its own label value while there is room (only names that resolved in the store)."""
-        if len(self._allowed) < self.max_adapters + 1:  # +1: 'base' is always there
+        if len(self._allowed) < self.max_adapters + 2:  # +2: 'base' and 'fanout' are always there
             self._allowed.add(name)
 
     def label(self, name: str | None) -> str:
