@@ -484,3 +484,20 @@ def test_knn_vote_is_similarity_weighted():
     assert vote(hits) == ("cat", {"cat": 2, "dog": 2})
     assert vote([Hit("a", "cat", 0.5), Hit("b", "dog", 0.3), Hit("c", "dog", 0.3)])[0] == "dog"
     assert vote([]) == (None, {})
+
+
+@pytest.mark.parametrize("exact_max,kind", [(1000, "flat"), (10, "hnsw")])
+def test_knn_index_exact_then_approximate_above_the_threshold(exact_max, kind):
+    from service.knn import KnnIndex
+
+    rng = np.random.default_rng(0)
+    vecs = rng.standard_normal((200, 32)).astype(np.float32)
+    g = Gallery(torch.from_numpy(vecs), torch.from_numpy(rng.integers(0, 3, 200)), [f"i{j}" for j in range(200)])
+    index = KnnIndex("toy@1", ["a", "b", "c"], g, 32, exact_max, "bundle")
+    assert index.kind == kind
+    hits = index.search(vecs[[5, 17]] * 3.0, 4)  # any norm: queries are normalised
+    assert [h[0].id for h in hits] == ["i5", "i17"] and all(abs(h[0].score - 1) < 1e-5 for h in hits)
+    assert all(h[i].score >= h[i + 1].score for h in hits for i in range(3))
+    grown, created = index.with_item("new", 2, vecs[0] + 0.01)
+    assert created and len(grown) == 201 and grown.kind == kind and len(index) == 200
+    assert grown.without_item("i5").search(vecs[5:6], 1)[0][0].id != "i5"
