@@ -15,9 +15,9 @@ D=../shared/data   # relative on purpose: the manifests record these exact specs
 [ -d "$D" ] || { echo "needs $D (cifar10/, mnist/ zips) next to the repository" >&2; exit 2; }
 
 # Formats chosen from the table (docs/results.md); the settings are results/run_table.py's.
-FMT_CIFAR10=${FMT_CIFAR10:-cp}
+FMT_CIFAR10=${FMT_CIFAR10:-tr}
 FMT_MNIST=${FMT_MNIST:-cp}
-FMT_DIGITS=${FMT_DIGITS:-cp}
+FMT_DIGITS=${FMT_DIGITS:-tr}
 FMT_MIXED=${FMT_MIXED:-cp}
 COMMON=(--budget 70000 --epochs 2 --lr 0.003 --batch-size 32 --seed 0)
 
