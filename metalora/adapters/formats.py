@@ -235,7 +235,7 @@ def gathered_update(branches: list[Branch], counts: list[int], x: torch.Tensor, 
     """Low-rank updates of several same-signature per-token branches over one batch (Punica's BGMV).
 
     Samples come grouped: the first `counts[0]` rows use `branches[0]`, and so on. Each sample's
-    factors are gathered, then the update is two batched matmuls: per sample
+    factors are stacked (one copy op per factor), then the update is two batched matmuls: per sample
     `Δy = scale·B·mix(A·x, c)` on every token. Equal to calling each branch on its rows.
     """
     n = x.shape[0]
@@ -246,16 +246,21 @@ def gathered_update(branches: list[Branch], counts: list[int], x: torch.Tensor, 
     else:
         _, _, h, w = x.shape
         t = x.permute(0, 2, 3, 1).reshape(n, h * w, ref.in_dim)  # (N, H·W, I); a view when channels_last
+    # mix is linear in u, so the scale goes on the small (N, T, Ra) tensor. Few, large ops on
+    # purpose: on a busy CPU every extra op costs a thread hand-off, whatever its size.
     if len(branches) == 1:  # one adapter: plain matmuls on the tokens, no per-sample copies
-        u = t @ ref.A.reshape(ref.A.shape[0], -1).t()  # (N, T, Ra)
-        d = ref.mix(u, seed) @ (ref.B * ref.scale).t()  # (N, T, O)
+        u = (t @ ref.A.reshape(ref.A.shape[0], -1).t()) * ref.scale  # (N, T, Ra)
+        d = ref.mix(u, seed) @ ref.B.t()  # (N, T, O)
     else:
-        idx = torch.repeat_interleave(
-            torch.arange(len(branches), device=x.device), torch.tensor(counts, device=x.device)
-        )  # (N,) adapter index of each sample
-        a = torch.stack([b.A.reshape(b.A.shape[0], -1) for b in branches])[idx]  # (N, Ra, I)
-        bw = torch.stack([b.B * b.scale for b in branches])[idx]  # (N, O, Rb), scale folded in
+        per = [b for b, c in zip(branches, counts) for _ in range(c)]  # branch of each sample
+        a = torch.stack([b.A.reshape(b.A.shape[0], -1) for b in per])  # (N, Ra, I)
+        bw = torch.stack([b.B for b in per])  # (N, O, Rb)
         u = torch.bmm(t, a.transpose(1, 2))  # (N, T, Ra)
+        scales = {b.scale for b in branches}
+        if len(scales) == 1:
+            u = u * scales.pop()
+        else:
+            u = u * torch.tensor([b.scale for b in per], dtype=u.dtype, device=u.device)[:, None, None]
         d = torch.bmm(ref.mix(u, seed), bw.transpose(1, 2))  # (N, T, O)
     if ref.is_linear:
         return d.reshape(n, *lead, ref.out_dim)

@@ -87,11 +87,10 @@ class AdaptedLayer(nn.Module):
             return y
         n = x.shape[0]
         for members in groups.values():
-            rows = [torch.arange(s.start, s.end) for s, _ in members]
-            rows = rows[0] if len(rows) == 1 else torch.cat(rows)  # (N_g,) sample rows of this group
             contiguous = all(a[0].end == b[0].start for a, b in zip(members, members[1:]))
             start, end = members[0][0].start, members[-1][0].end
-            xs = x[start:end] if contiguous else x[rows.to(x.device)]
+            rows = None if contiguous else torch.cat([torch.arange(s.start, s.end) for s, _ in members]).to(x.device)  # (N_g,)
+            xs = x[start:end] if contiguous else x[rows]
             if len(members) == 1 and not members[0][1].per_token:
                 s, br = members[0]
                 d = br(xs, s.seeds.get(self.name))
@@ -106,7 +105,7 @@ class AdaptedLayer(nn.Module):
             elif contiguous:
                 y = torch.cat([y[:start], y[start:end] + d, y[end:]])
             else:
-                y = y.index_add(0, rows.to(y.device), d)
+                y = y.index_add(0, rows, d)
         return y
 
     def _reference(self, x, segs):
@@ -234,11 +233,16 @@ class MetaLoRAModel(nn.Module):
         return Output(torch.cat(embs), logits, seeds)
 
 
-def _rows_and_index(runs: list[tuple[int, int, Adapter | None]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample rows covered by `runs` (R_g,) and, per row, which of the runs it belongs to (R_g,)."""
-    rows = torch.cat([torch.arange(s, e) for s, e, _ in runs]).to(device)
-    idx = torch.repeat_interleave(torch.arange(len(runs)), torch.tensor([e - s for s, e, _ in runs])).to(device)
-    return rows, idx
+def _take_rows(t: torch.Tensor, runs: list[tuple[int, int, Adapter | None]]) -> torch.Tensor:
+    """The rows of `t` covered by `runs`: a slice when they are contiguous, else one gather."""
+    if all(a[1] == b[0] for a, b in zip(runs, runs[1:])):
+        return t[runs[0][0] : runs[-1][1]]
+    return t[torch.cat([torch.arange(s, e) for s, e, _ in runs]).to(t.device)]
+
+
+def _per_sample(runs: list[tuple[int, int, Adapter | None]], get) -> torch.Tensor:
+    """`get(adapter)` stacked once per sample of `runs` (R_g, ...): one copy op, no index ops."""
+    return torch.stack([get(ad) for s, e, ad in runs for _ in range(e - s)])
 
 
 def _batched_seeds(runs: list[tuple[int, int, Adapter | None]], f: torch.Tensor) -> list[dict[str, torch.Tensor]]:
@@ -258,19 +262,17 @@ def _batched_seeds(runs: list[tuple[int, int, Adapter | None]], f: torch.Tensor)
             out[js[0]] = ad.seeds(f[start:end])
             continue
         sub = [runs[j] for j in js]
-        rows, idx = _rows_and_index(sub, f.device)
-        nets = [ad.mapping.net for _, _, ad in sub]
 
         def stack(get):
-            return torch.stack([get(n) for n in nets])[idx]
+            return _per_sample(sub, lambda ad: get(ad.mapping.net))
 
-        ln, _, act, _ = nets[0]
-        z = F.layer_norm(f[rows], ln.normalized_shape, eps=ln.eps)  # (R_g, F)
-        z = z * stack(lambda n: n[0].weight) + stack(lambda n: n[0].bias)
+        ln, _, act, _ = sub[0][2].mapping.net
+        z = F.layer_norm(_take_rows(f, sub), ln.normalized_shape, eps=ln.eps)  # (R_g, F)
+        z = torch.addcmul(stack(lambda n: n[0].bias), z, stack(lambda n: n[0].weight))
         z = torch.baddbmm(stack(lambda n: n[1].bias).unsqueeze(1), z.unsqueeze(1), stack(lambda n: n[1].weight).transpose(1, 2))  # (R_g, 1, H)
         z = act(z)
         c = torch.baddbmm(stack(lambda n: n[3].bias).unsqueeze(1), z, stack(lambda n: n[3].weight).transpose(1, 2)).squeeze(1)  # (R_g, S)
-        c = torch.stack([ad.mapping.seed0 for _, _, ad in sub])[idx] + c
+        c = _per_sample(sub, lambda ad: ad.mapping.seed0) + c
         pos = 0
         for j, (start, end, ad) in zip(js, sub):
             part = torch.split(c[pos : pos + end - start], list(ad.seed_dims.values()), dim=1)
@@ -294,10 +296,9 @@ def _batched_heads(runs: list[tuple[int, int, Adapter | None]], emb: torch.Tenso
             start, end, ad = sub[0]
             out[js[0]] = ad.head(emb[start:end])
             continue
-        rows, idx = _rows_and_index(sub, emb.device)
-        w = torch.stack([ad.head.weight for _, _, ad in sub])[idx]  # (R_g, C, D)
-        b = torch.stack([ad.head.bias for _, _, ad in sub])[idx]  # (R_g, C)
-        lo = torch.baddbmm(b.unsqueeze(1), emb[rows].unsqueeze(1), w.transpose(1, 2)).squeeze(1)  # (R_g, C)
+        w = _per_sample(sub, lambda ad: ad.head.weight)  # (R_g, C, D)
+        b = _per_sample(sub, lambda ad: ad.head.bias)  # (R_g, C)
+        lo = torch.baddbmm(b.unsqueeze(1), _take_rows(emb, sub).unsqueeze(1), w.transpose(1, 2)).squeeze(1)  # (R_g, C)
         pos = 0
         for j, (start, end, _) in zip(js, sub):
             out[j] = lo[pos : pos + end - start]
