@@ -105,6 +105,7 @@ def batch_stats(url: str) -> dict:
 def main(
     store: Path = typer.Option(DEFAULT_STORE, help="model store; needs 4 adapters unless --demo-store"),
     demo: bool = typer.Option(False, "--demo-store", help="use randomized adapters in a temp store"),
+    adapters: str = typer.Option("", help="comma-separated mix for the 4-adapter runs (first one alone for the 1-adapter runs); may include base"),
     concurrency: int = typer.Option(32, help="requests in flight"),
     duration: float = typer.Option(30.0, help="seconds per mix and round"),
     rounds: int = typer.Option(2, min=1, help="alternate the mixes this many times (1, 4, 1, 4, ...): the machine's load drifts, side by side it cancels"),
@@ -119,12 +120,12 @@ def main(
 
     tmp = Path(tempfile.mkdtemp(prefix="metalora-load-"))
     try:
-        names = ModelStore(store).adapter_names()
+        names = [a.strip() for a in adapters.split(",") if a.strip()] or ModelStore(store).adapter_names()
         if demo or len(names) < 4:
             typer.echo(f"store {store} has {len(names)} adapters; building a demo store with 4 randomized ones", err=True)
             store, names = demo_store(tmp / "store"), list(DEMO)
         four = names[:4]
-        env = {"METALORA_DEVICE": device, "METALORA_BACKEND": backend, "METALORA_MAX_BATCH_SIZE": str(max_batch_size), "METALORA_MAX_DELAY_MS": str(max_delay_ms), "METALORA_ADAPTERS": ",".join(four), "METALORA_GALLERY_DIR": str(tmp / "g")}
+        env = {"METALORA_DEVICE": device, "METALORA_BACKEND": backend, "METALORA_MAX_BATCH_SIZE": str(max_batch_size), "METALORA_MAX_DELAY_MS": str(max_delay_ms), "METALORA_ADAPTERS": ",".join(a for a in four if a != "base"), "METALORA_GALLERY_DIR": str(tmp / "g")}
         proc, url = start_server(store, env, tmp / "server.log")
         reports = []
         try:
