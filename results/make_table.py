@@ -135,7 +135,7 @@ def markdown(table: dict) -> str:
 
 
 def bar_chart(table: dict, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(9, 4.2))
+    fig, ax = plt.subplots(figsize=(10, 4.8))
     w = 0.16
     x = np.arange(len(TASKS))
     for i, (key, label) in enumerate(ROWS):
@@ -147,7 +147,7 @@ def bar_chart(table: dict, path: Path) -> None:
     ax.set_xticks(x, ["CIFAR-10", "MNIST", "digits", "mixture (30 classes)"])
     ax.set_ylabel("k-NN top-1 (%), K=10")
     ax.set_title("efficientnet_lite0 tail adapters at matched budget (mean ± std, 3 seeds)")
-    ax.legend(fontsize=8, ncol=3, loc="lower right")
+    ax.legend(fontsize=8, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.09), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -18,7 +18,7 @@ D=../shared/data   # relative on purpose: the manifests record these exact specs
 FMT_CIFAR10=${FMT_CIFAR10:-tr}
 FMT_MNIST=${FMT_MNIST:-cp}
 FMT_DIGITS=${FMT_DIGITS:-tr}
-FMT_MIXED=${FMT_MIXED:-cp}
+FMT_MIXED=${FMT_MIXED:-lora}
 COMMON=(--budget 70000 --epochs 2 --lr 0.003 --batch-size 32 --seed 0)
 
 CIFAR_TR="$D/cifar10/train.zip?per_class=100";   CIFAR_TE="$D/cifar10/test.zip?per_class=50"
