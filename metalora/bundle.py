@@ -86,6 +86,12 @@ def _atomic_dir_write(dest: Path, write) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
         write(tmp)
+        # mkdtemp makes a private 0700 dir; a bundle must stay readable by a service running as another user.
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
+        for f in tmp.iterdir():
+            f.chmod(0o666 & ~umask)
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}-{time.time_ns()}")
             dest.rename(old)
