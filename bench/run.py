@@ -52,8 +52,8 @@ class BenchConfig:
     def quick_config(cls, **kw) -> "BenchConfig":
         base = dict(
             quick=True,
-            overhead_batch=8,
-            overhead_repeats=6,
+            overhead_batch=4,
+            overhead_repeats=12,  # more, smaller rounds: a steadier median on a busy machine
             hetero_repeats=3,
             hetero_loop_mixes=(16,),
             hetero_from_images=False,
