@@ -5,12 +5,14 @@ For each store size N, a serving step is one micro-batch of `batch` single-image
 for an adapter drawn uniformly from the N registered ones: acquire them from the registry (a miss
 loads the bundle from disk, verifying its checksums, and evicts the least recently used beyond
 the LRU capacity), run the mixed batch from images, release. Steps for the different N alternate,
-and each N's throughput is compared with N=smallest (everything fits the cache: all hits).
+and each N's throughput is compared with N=smallest (everything fits the cache: all hits). Only the first N bundles of one store are drawn from, so
+every N shares the same store (and the same store-scan cost).
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import random
 import statistics
 import tempfile
@@ -25,15 +27,22 @@ from .server import build_store
 
 def many_adapters(counts=(10, 100), batch: int = 16, rounds: int = 4, capacity: int = 16, device: str = "cpu", workdir: Path | None = None, progress=None) -> dict:
     from metalora.runtime import Runtime
+    from metalora.store import ModelStore
     from service.adapters import AdapterRegistry
     from service.metrics import Metrics
 
-    work = Path(workdir or tempfile.mkdtemp(prefix="metalora-bench-"))
+    tmp = None if workdir else tempfile.TemporaryDirectory(prefix="metalora-bench-")
+    work = Path(workdir or tmp.name)
     nmax = max(counts)
     names = [f"task{i:04d}" for i in range(nmax)]
     t = time.perf_counter()
     store = build_store(work / "store", {n: ("cp", (8,), 10) for n in names}, seed=900, progress=progress)
     write_s = (time.perf_counter() - t) / nmax
+
+    # the registry's bookkeeping rescans the store on loads and evictions: time one scan
+    t = time.perf_counter()
+    rt_store_names = len(ModelStore(store).adapter_names())
+    scan_ms = 1e3 * (time.perf_counter() - t)
 
     # cold load: load K adapters into one runtime, timing each (bundles just written: page cache warm)
     rt = Runtime(store, device)
@@ -96,6 +105,9 @@ def many_adapters(counts=(10, 100), batch: int = 16, rounds: int = 4, capacity: 
             "throughput_vs_all_hits": statistics.median(b / a for a, b in zip(times[n], times[base])),
             "hit_rate": h / max(1, h + m),
         }
+    setups.clear()
+    if tmp is not None:
+        tmp.cleanup()
     return {
         "what": f"CP rank-8 adapters (3 tail layers, 10 classes); LRU capacity {capacity}; steps of {batch} single-image requests with uniformly random adapters, mixed batch from images",
         "registered": list(counts),
@@ -104,6 +116,10 @@ def many_adapters(counts=(10, 100), batch: int = 16, rounds: int = 4, capacity: 
         "cold_load_ms_p50": 1e3 * statistics.median(loads),
         "cold_load_ms_p90": 1e3 * sorted(loads)[int(0.9 * (len(loads) - 1))],
         "bundle_write_ms": 1e3 * write_s,
+        "store_scan_ms": scan_ms,  # ModelStore.adapter_names() over all registered bundles
+        "store_adapters": rt_store_names,
+        # whether the registry's gauge update (run on every load and eviction) scans the store
+        "registry_rescans_store": "adapter_names" in inspect.getsource(AdapterRegistry._gauge),
         "capacity": capacity,
         "batch": batch,
         "rounds": rounds,

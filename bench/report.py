@@ -277,6 +277,12 @@ def write_doc(res: dict, figs: dict[str, Path], path: Path, json_path: Path) -> 
         add("")
         add(f"- memory per adapter: {e['adapter_param_bytes'] / 1024:.0f} KiB of parameters (fp32, mapping net + branches + head), {e['adapter_file_bytes'] / 1024:.0f} KiB on disk")
         add(f"- cold load (read + sha256 verify + build, page cache warm): p50 {_f(e['cold_load_ms_p50'], 1)} ms, p90 {_f(e['cold_load_ms_p90'], 1)} ms; writing a bundle: {_f(e['bundle_write_ms'], 1)} ms")
+        if "store_scan_ms" in e:
+            add(f"- one scan of the store (`ModelStore.adapter_names()`, {e['store_adapters']:,} bundles): {_f(e['store_scan_ms'], 0)} ms.")
+            if e.get("registry_rescans_store"):
+                add("  The service's `AdapterRegistry` rescans the store (for its `store` gauge) on every load and every")
+                add("  eviction, so with a large store each cache miss also pays two scans: that, more than the bundle")
+                add("  load itself, is what the drop below shows.")
         add("")
         add("| adapters registered | LRU hit rate | throughput vs all hits | images/s |")
         add("|---|---|---|---|")

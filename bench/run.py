@@ -60,9 +60,9 @@ class BenchConfig:
             concurrencies=(1, 4, 16, 32, 64),
             serving_window_s=3.0,
             serving_rounds=3,
-            knn_sizes=(5_000, 20_000),
+            knn_sizes=(10_000, 100_000),
             knn_queries=48,
-            many_counts=(10, 100),
+            many_counts=(10, 100, 1000),
             many_rounds=3,
             many_batch=8,
         )

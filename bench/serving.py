@@ -40,7 +40,8 @@ def _inproc_images_per_s(runtime, x: torch.Tensor, keys: list[str], calls: int, 
 def serving(concurrencies=(1, 4, 16, 32, 64), window_s: float = 4.0, rounds: int = 3, batch: int = 32, device: str = "cpu", workdir: Path | None = None, progress=None) -> dict:
     from metalora.runtime import Runtime
 
-    work = Path(workdir or tempfile.mkdtemp(prefix="metalora-bench-"))
+    tmp = None if workdir else tempfile.TemporaryDirectory(prefix="metalora-bench-")
+    work = Path(workdir or tmp.name)
     store = build_store(work / "store", ADAPTERS, seed=500)
     imgs = sample_images(16)
     mix = {a: 1.0 for a in ADAPTERS}
@@ -129,4 +130,6 @@ def serving(concurrencies=(1, 4, 16, 32, 64), window_s: float = 4.0, rounds: int
     finally:
         on.stop()
         off.stop()
+        if tmp is not None:
+            tmp.cleanup()
     return out
