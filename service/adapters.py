@@ -58,6 +58,7 @@ class AdapterRegistry:
         self.base = Entry(BASE, pinned=True)
         self._locks: dict[str, asyncio.Lock] = {}
         self.failed: dict[str, str] = {}  # key -> why its bundle was refused (last attempt)
+        self._store_count: tuple[float, int] | None = None  # (when counted, adapters in the store)
 
     # ---------------------------------------------------------------- lookups
     def resolve(self, ref: str) -> str:
@@ -177,4 +178,12 @@ class AdapterRegistry:
     def _gauge(self) -> None:
         self.metrics.adapters_loaded.labels("device").set(len(self.entries))
         self.metrics.adapters_loaded.labels("pinned").set(sum(e.pinned for e in self.entries.values()))
-        self.metrics.adapters_loaded.labels("store").set(len(self.runtime.store.adapter_names()))
+        self.metrics.adapters_loaded.labels("store").set(self._count_store())
+
+    def _count_store(self, max_age_s: float = 10.0) -> int:
+        """Adapters in the store, recounted at most every `max_age_s`: a scan of a large store costs
+        hundreds of ms, which must not land on every cache miss."""
+        now = time.monotonic()
+        if self._store_count is None or now - self._store_count[0] > max_age_s:
+            self._store_count = (now, len(self.runtime.store.adapter_names()))
+        return self._store_count[1]

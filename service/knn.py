@@ -48,12 +48,18 @@ class KnnIndex:
             gallery = Gallery(torch.zeros(0, dim), torch.zeros(0, dtype=torch.long), [])
         if gallery.embeddings.shape[0] and gallery.embeddings.shape[1] != dim:
             raise ServiceError(409, "bad_gallery", f"{key}: gallery vectors have dim {gallery.embeddings.shape[1]}, the adapter embeds to {dim}")
-        self.vectors = _normalise(gallery.embeddings.float().numpy())  # (N, D)
         self.label_idx = gallery.labels.numpy().astype(np.int64)  # (N,)
         self.ids = list(gallery.ids)
-        self._build()
+        self._build(_normalise(gallery.embeddings.float().numpy()))  # (N, D)
 
-    def _build(self) -> None:
+    @property
+    def vectors(self) -> np.ndarray:
+        """(N, D) normalised vectors, read back from FAISS's own storage: no second copy is kept,
+        which would double the memory of a large gallery."""
+        n = len(self.ids)
+        return self.index.reconstruct_n(0, n) if n else np.zeros((0, self.dim), dtype=np.float32)
+
+    def _build(self, vectors: np.ndarray) -> None:
         n = len(self.ids)
         if n > self.exact_max:
             index = faiss.IndexHNSWFlat(self.dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
@@ -63,14 +69,14 @@ class KnnIndex:
             index = faiss.IndexFlatIP(self.dim)
             self.kind = "flat"
         if n:
-            index.add(self.vectors)
+            index.add(vectors)
         self.index = index
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def gallery(self) -> Gallery:
-        return Gallery(torch.from_numpy(self.vectors.copy()), torch.from_numpy(self.label_idx.copy()), list(self.ids))
+        return Gallery(torch.from_numpy(self.vectors), torch.from_numpy(self.label_idx.copy()), list(self.ids))
 
     def label_index(self, label: str) -> int:
         try:
@@ -92,7 +98,7 @@ class KnnIndex:
     def with_item(self, item_id: str, label: int, vector: np.ndarray) -> tuple["KnnIndex", bool]:
         """A copy with the item added (or replaced when the id exists); returns (index, created)."""
         vec = _normalise(vector.reshape(1, -1).astype(np.float32))
-        ids, vecs, labs = list(self.ids), self.vectors.copy(), self.label_idx.copy()
+        ids, vecs, labs = list(self.ids), self.vectors, self.label_idx.copy()  # vectors: already a fresh copy
         created = item_id not in ids
         if created:
             ids.append(item_id)
