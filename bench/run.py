@@ -1,4 +1,4 @@
-"""`metalora bench`: run sections (a)–(e), check the targets, write JSON, PNG plots and docs/benchmarks.md."""
+"""`metalora bench`: run sections (a)–(f), check the targets, write JSON, PNG plots and docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ class BenchConfig:
 
     quick: bool = False
     device: str = "cpu"
-    sections: str = "abcde"
+    sections: str = "abcdef"
     overhead_batch: int = 16
     overhead_repeats: int = 10
     hetero_batch: int = 64
@@ -46,6 +46,8 @@ class BenchConfig:
     many_counts: tuple[int, ...] = (10, 100, 1000)
     many_rounds: int = 8
     many_batch: int = 16
+    onnx_batch: int = 16
+    onnx_rounds: int = 9
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -65,6 +67,7 @@ class BenchConfig:
             many_counts=(10, 100, 1000),
             many_rounds=3,
             many_batch=8,
+            onnx_rounds=5,
         )
         base.update(kw)
         return cls(**base)
@@ -84,7 +87,7 @@ def _section(name: str, fn, log) -> tuple[dict | None, str | None]:
 
 
 def run_bench(cfg: BenchConfig, json_path: Path, plots_dir: Path | None = None, doc_path: Path | None = None, log=print) -> dict:
-    from . import kernels, knn, many, serving
+    from . import kernels, knn, many, onnx, serving
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -118,6 +121,7 @@ def run_bench(cfg: BenchConfig, json_path: Path, plots_dir: Path | None = None, 
         out["serving_efficiency_c32"] = c["serving_efficiency_c32"]
     run("knn", "d", lambda: knn.knn_bench(cfg.knn_sizes, cfg.knn_queries))
     run("many_adapters", "e", lambda: many.many_adapters(cfg.many_counts, batch=cfg.many_batch, rounds=cfg.many_rounds, device=cfg.device))
+    run("onnx_vs_torch", "f", lambda: onnx.onnx_vs_torch(cfg.onnx_batch, cfg.onnx_rounds, device=cfg.device))
 
     out["targets"] = {
         k: check(out[k], op, target) if out[k] is not None else {"value": None, "target": f"{op} {target}", "pass": None, "note": "not measured in this run"}

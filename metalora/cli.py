@@ -211,7 +211,7 @@ def bench_onnx_cmd(
 def bench_cmd(
     json_path: Annotated[Path, typer.Option("--json", help="write the results here (JSON)")],
     quick: Annotated[bool, typer.Option("--quick", help="small sizes: under 5 minutes on 2 CPU cores")] = False,
-    sections: Annotated[str, typer.Option(help="which of a b c d e to run (a overhead, b mixed batches, c HTTP, d k-NN, e many adapters)")] = "abcde",
+    sections: Annotated[str, typer.Option(help="which of a b c d e f to run (a overhead, b mixed batches, c HTTP, d k-NN, e many adapters, f ONNX Runtime vs torch)")] = "abcdef",
     device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "cpu",
     rounds: Annotated[Optional[int], typer.Option(min=2, help="rounds per paired comparison (longer, steadier runs)")] = None,
     knn_sizes: Annotated[Optional[str], typer.Option(help="gallery sizes, comma-separated (full run: 10000,100000,1000000)")] = None,
