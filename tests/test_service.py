@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import shutil
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +26,7 @@ from metalora.adapters import Adapter, AdapterConfig
 from metalora.backbones import create_backbone
 from metalora.bundle import Gallery, save_bundle
 from metalora.runtime import Runtime
+from service.launch import ServerProcess, free_port
 
 from .conftest import ROOT, randomize
 
@@ -89,50 +86,11 @@ def store(tmp_path_factory) -> Path:
     return root
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Server(ServerProcess):
+    """The shared launcher (`service.launch`) pinned to CPU and the torch backend, plus helpers."""
 
-
-class Server:
-    """`metalora serve` in a subprocess on a free loopback port, configured through METALORA_* env vars."""
-
-    def __init__(self, store: Path, log: Path, **env):
-        self.store, self.log_path = store, log
-        self.env = {**os.environ, "METALORA_STORE": str(store), "METALORA_HOST": "127.0.0.1", "METALORA_BACKEND": "torch", **{f"METALORA_{k.upper()}": str(v) for k, v in env.items()}}
-        self.env.pop("METALORA_ADMIN_TOKEN", None) if "admin_token" not in env else None
-        self.proc = None
-
-    def start(self) -> "Server":
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cli = Path(sys.executable).parent / "metalora"
-        self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([str(cli), "serve", "--port", str(self.port), "--device", "cpu"], env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"server not ready in time:\n{self.log_path.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc:
-            self.log.close()
+    def __init__(self, store: Path, log: Path, **settings):
+        super().__init__(store, log, device="cpu", backend="torch", **settings)
 
     def client(self, **kw) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 120), **kw)
@@ -385,7 +343,7 @@ def test_admin_routes_refused_without_configured_token(tmp_path):
     from service.settings import Settings
 
     shutil.copytree(ROOT / "model_store" / "backbones", tmp_path / "backbones")
-    port = _free_port()
+    port = free_port()
     settings = Settings(store=tmp_path, port=port, device="cpu", backend="torch", admin_token=None, warmup=False, gallery_dir=tmp_path / "g")
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
