@@ -14,17 +14,14 @@ import io
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 import typer
 
 from metalora.store import DEFAULT_STORE, ModelStore
+from service.launch import ServerProcess
 
 app = typer.Typer(add_completion=False)
 DEMO = {"demo-lora": ("lora", (8,)), "demo-cp": ("cp", (8,)), "demo-tr": ("tr", (4, 4, 4)), "demo-cp2": ("cp", (16,))}
@@ -65,28 +62,6 @@ def photos() -> list[bytes]:
     return out
 
 
-def start_server(store: Path, env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cli = Path(sys.executable).parent / "metalora"
-    proc = subprocess.Popen(
-        [str(cli), "serve", "--store", str(store), "--port", str(port)], env={**os.environ, **env}, stdout=open(log, "wb"), stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited:\n{log.read_text()[-2000:]}")
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.terminate()
-    raise RuntimeError("server not ready after 300 s")
-
-
 def batch_stats(url: str) -> dict:
     """Mean batch size and mean distinct adapters per batch, from the server's /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -125,8 +100,11 @@ def main(
             typer.echo(f"store {store} has {len(names)} adapters; building a demo store with 4 randomized ones", err=True)
             store, names = demo_store(tmp / "store"), list(DEMO)
         four = names[:4]
-        env = {"METALORA_DEVICE": device, "METALORA_BACKEND": backend, "METALORA_MAX_BATCH_SIZE": str(max_batch_size), "METALORA_MAX_DELAY_MS": str(max_delay_ms), "METALORA_ADAPTERS": ",".join(a for a in four if a != "base"), "METALORA_GALLERY_DIR": str(tmp / "g")}
-        proc, url = start_server(store, env, tmp / "server.log")
+        server = ServerProcess(
+            store, tmp / "server.log", device=device, backend=backend, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms,
+            adapters=",".join(a for a in four if a != "base"), gallery_dir=tmp / "g",
+        ).start()
+        url = server.url
         reports = []
         try:
             imgs = photos()
@@ -158,8 +136,7 @@ def main(
                     err=True,
                 )
         finally:
-            proc.terminate()
-            proc.wait(30)
+            server.stop()
         summary = {}
         for n in (1, 4):
             ips = sorted(r["images_per_s"] for r in reports if len(r["adapters"]) == n)
