@@ -26,14 +26,7 @@ def randomized_adapter(bb, fmt: str, n_classes: int = 10, seed: int = 0, ranks=N
     """An adapter moved off its zero start (B and the mapping net's last layer random), as after training."""
     g = torch.Generator().manual_seed(seed)
     ad = Adapter(bb, AdapterConfig(fmt, ranks or RANKS[fmt], TARGETS, labels=[f"c{i}" for i in range(n_classes)], alpha=alpha))
-    with torch.no_grad():
-        for br in ad.branches.values():
-            br.B.copy_(torch.randn(br.B.shape, generator=g) * 0.05)
-        if ad.mapping is not None:
-            last = ad.mapping.net[-1]
-            last.weight.copy_(torch.randn(last.weight.shape, generator=g) * 0.05)
-            last.bias.copy_(torch.randn(last.bias.shape, generator=g) * 0.05)
-    return ad.eval()
+    return ad.perturb_(0.05, g).eval()
 
 
 def _images(n: int, bb, device) -> torch.Tensor:

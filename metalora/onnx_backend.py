@@ -290,13 +290,8 @@ def add_synthetic_adapters(runtime, n: int, fmt: str = "tr", seed: int = 0) -> l
     gen = torch.Generator().manual_seed(seed)
     keys = []
     for i in range(n):
-        ad = Adapter(runtime.backbone, AdapterConfig(fmt, ranks, ["*"], [f"c{j}" for j in range(10)])).to(runtime.device).eval()
-        with torch.no_grad():
-            for br in ad.branches.values():
-                br.B.copy_(torch.randn(br.B.shape, generator=gen) * 0.05)
-            if ad.mapping is not None:
-                last = ad.mapping.net[-1]
-                last.weight.copy_(torch.randn(last.weight.shape, generator=gen) * 0.05)
+        ad = Adapter(runtime.backbone, AdapterConfig(fmt, ranks, ["*"], [f"c{j}" for j in range(10)])).perturb_(0.05, gen)
+        ad = ad.to(runtime.device).eval()
         key = f"synthetic-{fmt}-{i}@0"
         runtime.model.add_adapter(key, ad)
         keys.append(key)

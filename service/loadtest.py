@@ -39,10 +39,7 @@ def demo_store(root: Path) -> Path:
     bb = create_backbone("efficientnet_lite0", split=6)
     torch.manual_seed(0)
     for name, (fmt, ranks) in DEMO.items():
-        ad = Adapter(bb, AdapterConfig(fmt, ranks, ["*"], labels=[f"c{i}" for i in range(10)]))
-        with torch.no_grad():
-            for br in ad.branches.values():
-                br.B.normal_(0, 0.02)
+        ad = Adapter(bb, AdapterConfig(fmt, ranks, ["*"], labels=[f"c{i}" for i in range(10)])).perturb_(0.02)
         save_bundle(root / "adapters" / name / "1", ad, bb, name=name, version="1")
     return root
 

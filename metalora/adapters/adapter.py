@@ -115,6 +115,21 @@ class Adapter(nn.Module):
         parts = torch.split(c, list(self.seed_dims.values()), dim=1)
         return dict(zip(self.seed_dims, parts))
 
+    @torch.no_grad()
+    def perturb_(self, std: float = 0.05, generator: torch.Generator | None = None) -> "Adapter":
+        """Move the adapter off its zero start (random B factors and mapping-net output layer), as
+        training would: tests, benchmarks and demo stores need adapters that do real low-rank work."""
+
+        def fill(t: torch.Tensor) -> None:
+            t.copy_(torch.randn(t.shape, generator=generator, dtype=t.dtype) * std)
+
+        for br in self.branches.values():
+            fill(br.B)
+        if self.mapping is not None:
+            fill(self.mapping.net[-1].weight)
+            fill(self.mapping.net[-1].bias)
+        return self
+
     def num_trainable(self, include_head: bool = False) -> int:
         n = sum(p.numel() for name, p in self.named_parameters() if not name.startswith("head."))
         return n + (sum(p.numel() for p in self.head.parameters()) if include_head else 0)
