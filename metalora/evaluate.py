@@ -16,6 +16,7 @@ from .adapters import Adapter, MetaLoRAModel
 from .backbones.base import Backbone
 from .bundle import Gallery, load_bundle, load_gallery
 from .data import FeatureSet, load_features
+from .features import embed_features, model_for
 
 VOTE = "similarity-weighted"
 
@@ -59,8 +60,6 @@ def evaluate_features(
     device="cpu",
 ) -> dict:
     """k-NN top-1 (and the head's top-1 for an adapter) on cached test features."""
-    from .train import embed_features
-
     unknown = sorted(set(test.labels) - set(gallery_labels))
     if unknown:
         raise ValueError(f"test labels {unknown[:5]} are not in the adapter's/gallery's labels {gallery_labels[:5]}…")
@@ -103,7 +102,6 @@ def evaluate(
     embedding those (training) images with the same adapter. `base` always needs `gallery_data`.
     """
     from .store import DEFAULT_STORE, ModelStore
-    from .train import embed_features, model_for
 
     backbone = backbone.to(device)
     model = model_for(backbone)

@@ -11,7 +11,6 @@ import hashlib
 import json
 import math
 import os
-import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,10 +18,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .adapters import Adapter, AdapterConfig, MetaLoRAModel
+from .adapters import Adapter, AdapterConfig
 from .backbones.base import Backbone
 from .bundle import Gallery, save_bundle
 from .data import FeatureSet, load_features
+from .evaluate import evaluate_features
+from .features import embed_features, model_for
 
 DEFAULT_TARGETS = ["blocks.6.0.conv_pw", "blocks.6.0.conv_pwl", "conv_head"]
 DEFAULT_RANKS = {"lora": (16,), "cp": (16,), "tr": (4, 4, 4)}
@@ -83,16 +84,6 @@ def ranks_for_budget(backbone: Backbone, fmt: str, budget: int, targets, mapping
     return min(cands, key=lambda c: abs(c[1] - budget))
 
 
-_MODELS: "weakref.WeakKeyDictionary[Backbone, MetaLoRAModel]" = weakref.WeakKeyDictionary()
-
-
-def model_for(backbone: Backbone) -> MetaLoRAModel:
-    """The one MetaLoRAModel wrapping `backbone` (wrapping its layers twice would nest them)."""
-    if backbone not in _MODELS:
-        _MODELS[backbone] = MetaLoRAModel(backbone)
-    return _MODELS[backbone]
-
-
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -110,21 +101,6 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.randperm(n, generator=g)
-
-
-@torch.no_grad()
-def embed_features(model: MetaLoRAModel, adapter: Adapter | None, fs: FeatureSet, batch_size: int = 256, device="cpu"):
-    """(L2-normalised embeddings (N, D) float32, head logits (N, C) or None, seeds (N, S) or None)."""
-    embs, logits, seeds = [], [], []
-    for s in range(0, len(fs), batch_size):
-        h = fs.h[s : s + batch_size].to(device, torch.float32)  # (B, C, H, W)
-        out = model.forward_from_prefix(h, [adapter] * h.shape[0])
-        embs.append(F.normalize(out.embeddings.float(), dim=-1).cpu())
-        if adapter is not None:
-            logits.append(torch.stack(out.logits).float().cpu())
-            if out.seeds[0] is not None:
-                seeds.append(torch.stack(out.seeds).float().cpu())
-    return torch.cat(embs), (torch.cat(logits) if logits else None), (torch.cat(seeds) if seeds else None)
 
 
 def _save_ckpt(ckpt: Path, adapter: Adapter, opt: torch.optim.Optimizer, state: dict) -> None:
@@ -182,7 +158,6 @@ def train(
     """
     from tqdm.auto import tqdm
 
-    from .evaluate import evaluate_features
 
     dev = pick_device(device)
     torch.manual_seed(cfg.seed)
