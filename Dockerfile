@@ -36,6 +36,7 @@ COPY metalora/ metalora/
 COPY service/ service/
 COPY clients/ clients/
 COPY bench/ bench/
+COPY metalora_serve/ metalora_serve/
 RUN bash scripts/docker-install.sh app \
  && groupadd --gid 10001 metalora \
  && useradd --create-home --uid 10001 --gid 10001 --shell /usr/sbin/nologin metalora

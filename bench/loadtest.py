@@ -5,7 +5,7 @@ concurrency, and prints one JSON report per mix. With `--demo-store` (or when th
 fewer than 4 adapters) it first builds a throw-away store of randomized adapters of the shipped
 shapes, so the figures do not wait on training; the compute per image is the same.
 
-    .venv/bin/python -m service.loadtest --concurrency 32 --duration 30
+    .venv/bin/python -m bench.loadtest --concurrency 32 --duration 30
 """
 
 from __future__ import annotations

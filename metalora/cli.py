@@ -1,4 +1,8 @@
-"""`metalora` command line: predict, ImageNet check, and (from their own modules) train/eval/serve/bench."""
+"""The model library's commands: predict, ImageNet check, train, eval, ONNX export and comparison.
+
+`metalora_serve.cli` puts them beside the service's (`serve`) and the benchmarks' (`bench`) under
+one `metalora` command; this module imports nothing above the library.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,11 @@ from typing import Annotated, Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="MetaLoRA Serve: one frozen backbone, many input-conditioned adapters.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="MetaLoRA model library: predict, train, evaluate, export.")
 
 
-def _device(device: str) -> str:
+def resolve_device(device: str) -> str:
+    """`auto` -> `cuda` when torch sees a GPU, else `cpu`; any other name as given."""
     import torch
 
     if device == "auto":
@@ -33,7 +38,7 @@ def predict(
 
     from .runtime import Runtime
 
-    rt = Runtime(store, device=_device(device))
+    rt = Runtime(store, device=resolve_device(device))
     with torch.inference_mode():
         results = rt.predict([p.read_bytes() for p in images], adapter, top_k=top_k)
     if as_json:
@@ -57,31 +62,9 @@ def eval_imagenet(
     from .backbones import create_backbone
     from .imagenet import evaluate_imagenet_sample
 
-    bb = create_backbone(backbone).to(_device(device)).to(memory_format=torch.channels_last)
+    bb = create_backbone(backbone).to(resolve_device(device)).to(memory_format=torch.channels_last)
     res = evaluate_imagenet_sample(bb, data, classes)
     typer.echo(json.dumps({"backbone": backbone, **res}))
-
-
-@app.command()
-def serve(
-    store: Annotated[Optional[Path], typer.Option(help="model store [env METALORA_STORE; default: the repository's model_store/]")] = None,
-    host: Annotated[Optional[str], typer.Option(help="bind address [env METALORA_HOST; default 127.0.0.1]")] = None,
-    port: Annotated[Optional[int], typer.Option(help="port [env METALORA_PORT; default 8000]")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto|cpu|cuda [env METALORA_DEVICE; default auto]")] = None,
-    backend: Annotated[Optional[str], typer.Option(help="auto|torch|onnx [env METALORA_BACKEND; default auto: onnx on CPU, torch on CUDA]")] = None,
-):
-    """Run the HTTP service (every setting also reads METALORA_* env vars; see docs/api.md)."""
-    from pydantic import ValidationError
-
-    from service.app import serve as run_service
-    from service.settings import Settings
-
-    given = {k: v for k, v in dict(store=store, host=host, port=port, device=device, backend=backend).items() if v is not None}
-    try:
-        settings = Settings(**given)
-    except ValidationError as e:
-        raise typer.BadParameter(str(e)) from None
-    run_service(settings)
 
 
 @app.command()
@@ -123,7 +106,7 @@ def train(
     ckpt = checkpoint or Path("runs") / "ckpt" / f"{name}-{version}"
     try:
         res = run_train(cfg, create_backbone(backbone), out=out, name=name, version=version, eval_data=eval_data,
-                        ckpt_dir=ckpt, resume=resume, device=_device(device), cache_dir=cache_dir, baseline=baseline)
+                        ckpt_dir=ckpt, resume=resume, device=resolve_device(device), cache_dir=cache_dir, baseline=baseline)
     except (ValueError, FileNotFoundError) as e:
         raise typer.BadParameter(str(e)) from None
     res.pop("adapter")
@@ -159,7 +142,7 @@ def eval_cmd(
 
     try:
         res = evaluate(adapter, data, create_backbone(backbone), k=k, gallery_data=gallery_data, store=store,
-                       device=_device(device), cache_dir=cache_dir, progress=not as_json)
+                       device=resolve_device(device), cache_dir=cache_dir, progress=not as_json)
     except (ValueError, FileNotFoundError, BundleError) as e:
         raise typer.BadParameter(str(e)) from None
     if out is not None:
@@ -202,43 +185,6 @@ def bench_onnx_cmd(
     from .onnx_backend import add_synthetic_adapters, compare_throughput
     from .runtime import Runtime
 
-    rt = Runtime(store, device=_device(device))
+    rt = Runtime(store, device=resolve_device(device))
     keys = add_synthetic_adapters(rt, synthetic) if synthetic else [rt.load(a) for a in adapter]
     typer.echo(json.dumps(compare_throughput(rt, keys, batch=batch, rounds=rounds, threads=threads), indent=2))
-
-
-@app.command("bench")
-def bench_cmd(
-    json_path: Annotated[Path, typer.Option("--json", help="write the results here (JSON)")],
-    quick: Annotated[bool, typer.Option("--quick", help="small sizes: under 5 minutes on 2 CPU cores")] = False,
-    sections: Annotated[str, typer.Option(help="which of a b c d e f to run (a overhead, b mixed batches, c HTTP, d k-NN, e many adapters, f ONNX Runtime vs torch)")] = "abcdef",
-    device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "cpu",
-    rounds: Annotated[Optional[int], typer.Option(min=2, help="rounds per paired comparison (longer, steadier runs)")] = None,
-    knn_sizes: Annotated[Optional[str], typer.Option(help="gallery sizes, comma-separated (full run: 10000,100000,1000000)")] = None,
-    many_counts: Annotated[Optional[str], typer.Option(help="registered adapter counts, comma-separated (full run: 10,100,1000)")] = None,
-    plots: Annotated[Optional[Path], typer.Option(help="PNG directory (default: the repository's docs/benchmarks/)")] = None,
-    doc: Annotated[Optional[Path], typer.Option(help="markdown report (default: the repository's docs/benchmarks.md)")] = None,
-    write_doc: Annotated[bool, typer.Option("--doc-write/--no-doc", help="write the markdown report and plots")] = True,
-):
-    """Benchmarks measured side by side (ratios): adapter overhead, mixed batches vs peft, HTTP, k-NN, many adapters."""
-    from bench.run import ROOT, BenchConfig, run_bench
-
-    plots = plots or ROOT / "docs" / "benchmarks"
-    doc = doc or ROOT / "docs" / "benchmarks.md"
-    kw: dict = {"device": _device(device), "sections": sections}
-    if rounds:
-        kw.update(overhead_repeats=rounds, hetero_repeats=rounds, serving_rounds=rounds, many_rounds=rounds)
-    if knn_sizes:
-        kw["knn_sizes"] = tuple(int(v) for v in knn_sizes.split(","))
-    if many_counts:
-        kw["many_counts"] = tuple(int(v) for v in many_counts.split(","))
-    cfg = BenchConfig.quick_config(**kw) if quick else BenchConfig(**kw)
-    res = run_bench(cfg, json_path, plots if write_doc else None, doc if write_doc else None, log=lambda m: typer.echo(m, err=True))
-    for k, t in res["targets"].items():
-        verdict = "not measured" if t["pass"] is None else ("pass" if t["pass"] else "FAIL")
-        typer.echo(f"{k:24s} {t['value']!s:>8} (target {t['target']}): {verdict}")
-    typer.echo(f"results: {json_path}" + (f", report: {doc}" if write_doc else ""))
-
-
-def main() -> None:  # pragma: no cover
-    app()

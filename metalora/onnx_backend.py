@@ -18,6 +18,7 @@ import copy
 import hashlib
 import os
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -259,7 +260,9 @@ class OrtRunner:
             raise ValueError(f"{n} samples but {len(keys)} keys")
         xn = x.detach().float().cpu().contiguous().numpy()  # (N, 3, S, S)
         sessions = {k: self.prepare(k) for k in dict.fromkeys(keys)}  # fails before any compute on an unknown key
+        t0 = time.perf_counter()
         feats = self.prefix().run(None, {"image": xn})[0]  # (N, C_p, H_p, W_p): once for the whole batch
+        t1 = time.perf_counter()
         groups: dict[str, list[int]] = {}
         for i, k in enumerate(keys):
             groups.setdefault(k, []).append(i)
@@ -277,7 +280,8 @@ class OrtRunner:
             for j, i in enumerate(idx):
                 logits[i] = lo[j]
                 seeds[i] = sd[j] if sd is not None else None
-        return Output(embeddings=torch.from_numpy(emb), logits=logits, seeds=seeds)
+        stages = {"prefix": t1 - t0, "adapters": time.perf_counter() - t1}
+        return Output(embeddings=torch.from_numpy(emb), logits=logits, seeds=seeds, stages=stages)
 
 
 def add_synthetic_adapters(runtime, n: int, fmt: str = "tr", seed: int = 0) -> list[str]:

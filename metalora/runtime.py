@@ -84,24 +84,22 @@ class Runtime:
         return torch.stack([self.preprocessor(decode_image(b, max_pixels)) for b in images])  # (N, 3, S, S)
 
     @torch.inference_mode()
-    def run(self, x: torch.Tensor, keys: list[str], stages: dict[str, float] | None = None) -> Output:
-        """A mixed batch: one loaded key per sample (`base` = the bare backbone).
+    def run(self, x: torch.Tensor, keys: list[str]) -> Output:
+        """A mixed batch (N, 3, S, S), one loaded key per sample (`base` = the bare backbone).
 
-        With `stages`, adds the seconds of the shared frozen prefix and of the adapted rest under
-        'prefix' and 'adapters' (CPU only: on CUDA the kernels are asynchronous and the split
+        On CPU, `Output.stages` holds the seconds of the shared frozen prefix ('prefix') and of the
+        adapted rest ('adapters'); on CUDA it is empty (the kernels are asynchronous, and the split
         would need a synchronisation that costs more than it tells).
         """
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        names = [None if k == BASE else k for k in keys]
-        if stages is None or self.device.type != "cpu":
-            return self.model(x, names)
-        adapters = self.model._resolve(names)
+        adapters = self.model._resolve([None if k == BASE else k for k in keys])
+        if self.device.type != "cpu":
+            return self.model.forward_from_prefix(self.model.forward_prefix(x), adapters)
         t0 = time.perf_counter()
         h = self.model.forward_prefix(x)  # (N, C, H, W): once for the whole batch, whatever the adapters
         t1 = time.perf_counter()
         out = self.model.forward_from_prefix(h, adapters)
-        stages["prefix"] = stages.get("prefix", 0.0) + t1 - t0
-        stages["adapters"] = stages.get("adapters", 0.0) + time.perf_counter() - t1
+        out.stages.update(prefix=t1 - t0, adapters=time.perf_counter() - t1)
         return out
 
     def format_predictions(self, key: str, logits: torch.Tensor, top_k: int) -> dict:

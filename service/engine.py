@@ -1,9 +1,10 @@
 """The engine: one worker thread per device that runs batches through the compute backend.
 
 The event loop never calls torch: it hands a batch to `Engine.run`, which runs it on the
-engine's single thread. A backend is anything with `run(x, keys) -> Output` (embeddings (N, D)
-and one logits vector per sample), plus `load(ref)`/`unload(key)`; `metalora.runtime.Runtime`
-is the torch backend, and `--backend onnx` plugs in `metalora.onnx_backend` (`OrtRunner`).
+engine's single thread. A backend is anything with `run(x, keys) -> Output` (embeddings (N, D),
+one logits vector per sample, and the seconds of each stage it measured in `Output.stages`);
+`metalora.runtime.Runtime` is the torch backend, and `--backend onnx` plugs in
+`metalora.onnx_backend` (`OrtRunner`). `make_backend` resolves the name once.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from metalora.adapters import Output
-from metalora.runtime import Runtime
 
 from .batcher import WorkItem
 from .metrics import Metrics
 
 
 class Backend(Protocol):
+    """What the engine runs a batch on: images (N, 3, S, S) + one loaded key per sample."""
+
     def run(self, x: torch.Tensor, keys: list[str]) -> Output: ...
 
 
@@ -34,23 +36,23 @@ class ItemResult:
     embedding: torch.Tensor  # (D,) float32, L2-normalised, on the CPU
 
 
-def make_backend(name: str, runtime, settings) -> Backend:
-    """The compute backend by name; `torch` is the runtime itself, `auto` the faster one on the device."""
-    if name == "auto":
-        from metalora.onnx_backend import resolve_backend
+def make_backend(name: str, runtime, settings) -> tuple[str, Backend]:
+    """The compute backend by name -> (resolved name, backend); `auto` picks the faster one on the
+    runtime's device (`metalora.onnx_backend.resolve_backend`), `torch` is the runtime itself.
 
-        name = resolve_backend(name, runtime.device)
+    Raises ValueError for an unknown name and RuntimeError when `onnx` is asked for without onnxruntime.
+    """
+    from metalora.onnx_backend import resolve_backend
+
+    name = resolve_backend(name, runtime.device)
     if name == "torch":
-        return runtime
-    if name == "onnx":
-        try:
-            from metalora import onnx_backend
-        except ImportError as e:
-            raise RuntimeError(f"backend 'onnx' is not available here ({e}); use --backend torch") from None
-        if hasattr(onnx_backend, "create_backend"):
-            return onnx_backend.create_backend(runtime, settings)
-        return onnx_backend.OrtRunner(runtime)
-    raise ValueError(f"unknown backend {name!r}; choices: torch, onnx")
+        return name, runtime
+    try:
+        from metalora import onnx_backend
+
+        return name, onnx_backend.create_backend(runtime, settings)
+    except ImportError as e:
+        raise RuntimeError(f"backend 'onnx' is not available here ({e}); use --backend torch") from None
 
 
 class Engine:
@@ -59,7 +61,6 @@ class Engine:
     def __init__(self, backend: Backend, metrics: Metrics, device: str):
         self.backend = backend
         self.metrics = metrics
-        self._stages = isinstance(backend, Runtime)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{device}")
 
     async def run(self, items: list[WorkItem]) -> list[ItemResult]:
@@ -71,13 +72,12 @@ class Engine:
         self.metrics.batch_adapters.observe(len(set(keys)))
         t0 = time.perf_counter()
         x = torch.stack([it.x for it in items])  # (N, 3, S, S)
-        stages: dict[str, float] = {}
         with torch.inference_mode():
-            out = self.backend.run(x, keys, stages=stages) if self._stages else self.backend.run(x, keys)
+            out = self.backend.run(x, keys)
             emb = F.normalize(out.embeddings.float(), dim=-1).cpu()  # (N, D)
             logits = [lo.float().cpu() for lo in out.logits]
         self.metrics.inference.labels("forward").observe(time.perf_counter() - t0)
-        for stage, seconds in stages.items():  # torch on CPU: the frozen prefix vs the adapted rest
+        for stage, seconds in out.stages.items():  # the frozen prefix vs the adapted rest, where measured
             self.metrics.inference.labels(stage).observe(seconds)
         return [ItemResult(lo, e) for lo, e in zip(logits, emb)]
 

@@ -7,7 +7,7 @@ low-rank update per *segment* (a contiguous run of samples sharing an adapter).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -119,6 +119,9 @@ class Output:
     embeddings: torch.Tensor  # (N, D), in the order of the request
     logits: list[torch.Tensor]  # per sample: (num_classes of its adapter,)
     seeds: list[torch.Tensor | None]  # per sample: the concatenated seed c(x), or None
+    # Seconds per stage of the forward ('prefix': the shared frozen prefix, 'adapters': the adapted
+    # rest), as the backend measured them; empty when the backend cannot split its work cheaply.
+    stages: dict[str, float] = field(default_factory=dict)
 
 
 class MetaLoRAModel(nn.Module):

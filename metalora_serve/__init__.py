@@ -1,0 +1,1 @@
+"""The top of the stack: the `metalora` command, composed from the layers below it."""

@@ -1,0 +1,43 @@
+"""`metalora serve`: the HTTP service under uvicorn."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .settings import Settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="MetaLoRA Serve: the HTTP service.")
+
+
+@app.command()
+def serve(
+    store: Annotated[Optional[Path], typer.Option(help="model store [env METALORA_STORE; default: the repository's model_store/]")] = None,
+    host: Annotated[Optional[str], typer.Option(help="bind address [env METALORA_HOST; default 127.0.0.1]")] = None,
+    port: Annotated[Optional[int], typer.Option(help="port [env METALORA_PORT; default 8000]")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto|cpu|cuda [env METALORA_DEVICE; default auto]")] = None,
+    backend: Annotated[Optional[str], typer.Option(help="auto|torch|onnx [env METALORA_BACKEND; default auto: onnx on CPU, torch on CUDA]")] = None,
+):
+    """Run the HTTP service (every setting also reads METALORA_* env vars; see docs/api.md)."""
+    from pydantic import ValidationError
+
+    given = {k: v for k, v in dict(store=store, host=host, port=port, device=device, backend=backend).items() if v is not None}
+    try:
+        settings = Settings(**given)
+    except ValidationError as e:
+        raise typer.BadParameter(str(e)) from None
+    run_server(settings)
+
+
+
+def run_server(settings: Settings) -> None:
+    """Run the app under uvicorn with the settings' host, port and log level."""
+    import uvicorn
+
+    from .app import create_app
+
+    logging.basicConfig(level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=10)

@@ -1,0 +1,130 @@
+"""`Service`: everything one server process holds (runtime, backend engine, adapter registry,
+micro-batcher, decoder pool, galleries), built at start-up and shared by every route.
+
+Routes translate wire formats into calls on it (`decode`, `compute`, `gallery_index`); they hold
+no state of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+
+import torch
+
+from metalora.bundle import BundleError
+from metalora.runtime import BASE, Runtime, pick_device
+
+from .adapters import AdapterRegistry, Entry
+from .batcher import Batcher, WorkItem
+from .engine import Engine, ItemResult, make_backend
+from .errors import ServiceError
+from .inputs import decode_one
+from .knn import GalleryStore
+from .metrics import Metrics
+from .settings import Settings
+
+log = logging.getLogger("metalora.service")
+
+
+class Service:
+    """Everything one server process holds; built at start-up, shared by all routes."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.ready = False
+        self.failed: dict[str, str] = {}
+        self.metrics = Metrics(settings.metrics_max_adapters)
+
+    async def start(self) -> None:
+        s = self.settings
+        device = pick_device(s.device)
+        if s.torch_threads:
+            torch.set_num_threads(s.torch_threads)
+        self.runtime = await asyncio.to_thread(Runtime, s.store, device)
+        self.device = str(device)
+        self.backend_name, backend = make_backend(s.backend, self.runtime, s)
+        self.engine = Engine(backend, self.metrics, self.device)
+        self.galleries = GalleryStore(self.runtime.store, s.galleries, self.runtime.backbone.embed_dim, s.knn_exact_max)
+        self.registry = AdapterRegistry(self.runtime, self.metrics, s.lru_capacity, on_evict=self.galleries.drop)
+        self.batcher = Batcher(
+            self.engine.run, self.metrics, max_batch_size=s.max_batch_size, max_delay_s=s.max_delay_ms / 1000, max_queue=s.max_queue, retry_after_s=s.retry_after_s
+        )
+        self.decode_pool = ThreadPoolExecutor(s.decode_workers, thread_name_prefix="decode")
+        self.edit_locks: dict[str, asyncio.Lock] = {}
+        self.batcher.start()
+        self.registry._gauge()
+
+    async def warm(self) -> None:
+        """Load the default adapters (skipping refused bundles), run one batch through them, turn ready."""
+        s = self.settings
+        names = list(dict.fromkeys([*s.pinned, *(s.adapters or self.runtime.store.adapter_names()[: s.lru_capacity])]))
+        for ref in names:
+            try:
+                await self.registry.load(ref, pin=ref in s.pinned)
+            except ServiceError as e:
+                self.failed[ref] = f"{e.code}: {e.message}"
+                log.warning("default adapter %s not loaded: %s", ref, e.message)
+        if s.warmup:
+            size = self.runtime.preprocess_cfg.input_size
+            keys = [BASE, *self.registry.loaded()]
+            entries = [await self.registry.acquire(k, 1) for k in keys]
+            items = [WorkItem(torch.zeros(3, size, size), e.key, time.monotonic() + 600, partial(self.registry.release, e)) for e in entries]
+            t0 = time.perf_counter()
+            await asyncio.gather(*self.batcher.submit(items))
+            log.info("warm-up batch of %d adapters took %.2f s", len(items), time.perf_counter() - t0)
+        self.ready = True
+        log.info("ready on %s with %s", self.device, ", ".join(self.registry.loaded()) or "base only")
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+        self.engine.shutdown()
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---------------------------------------------------------------- images in, results out
+    async def decode(self, raws: list[bytes | str]) -> list[torch.Tensor]:
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        futs = [loop.run_in_executor(self.decode_pool, decode_one, self.runtime.preprocessor, r, i, self.settings.max_pixels) for i, r in enumerate(raws)]
+        out = await asyncio.gather(*futs, return_exceptions=True)
+        self.metrics.inference.labels("decode").observe(time.perf_counter() - t0)
+        for o in out:
+            if isinstance(o, BaseException):
+                raise o
+        return out
+
+    async def compute(self, xs: list[torch.Tensor], refs: list[str], timeout_s: float) -> tuple[list[Entry], list[ItemResult]]:
+        """Images × adapters through the batcher; results image-major (image 0 with every adapter, ...)."""
+        entries: list[Entry] = []
+        try:
+            for ref in refs:
+                entries.append(await self.registry.acquire(ref, len(xs)))
+            n = len(xs) * len(entries)
+            if n > self.batcher.max_queue:
+                raise ServiceError(413, "too_many_images", f"{len(xs)} images × {len(entries)} adapters = {n} items, more than the queue holds ({self.batcher.max_queue})")
+            deadline = time.monotonic() + timeout_s
+            items = [WorkItem(x, e.key, deadline, partial(self.registry.release, e)) for x in xs for e in entries]
+            futures = self.batcher.submit(items)
+        except BaseException:
+            for e in entries:
+                self.registry.release(e, len(xs))
+            raise
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return entries, results
+
+    def labels(self, entry: Entry) -> list[str]:
+        return self.runtime.base_labels if entry.key == BASE else entry.labels
+
+    async def gallery_index(self, key: str):
+        try:
+            index = await asyncio.to_thread(self.galleries.get, key)
+        except BundleError as e:
+            raise ServiceError.from_bundle(e) from None
+        self.metrics.gallery_items.labels(self.metrics.label(key)).set(len(index))
+        return index

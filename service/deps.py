@@ -1,0 +1,41 @@
+"""FastAPI dependencies as `Annotated` aliases: the service, the ready service, the admin token."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from fastapi import Depends, Path, Request
+
+from .container import Service
+from .errors import ServiceError
+
+
+async def get_service(request: Request) -> Service:
+    return request.app.state.service
+
+
+async def get_ready_service(request: Request) -> Service:
+    svc: Service = request.app.state.service
+    if not svc.ready:
+        raise ServiceError(503, "not_ready", "the server is still loading and warming its adapters", {"Retry-After": "2"})
+    return svc
+
+
+async def require_admin(request: Request) -> None:
+    """Bearer token check: no token configured -> 403 for everyone; a wrong or missing token -> 401.
+
+    Dependencies are `async def` so FastAPI runs them on the loop, not via a thread hand-off.
+    """
+    token = request.app.state.service.settings.admin_token
+    if token is None:
+        raise ServiceError(403, "admin_disabled", "admin routes are disabled: set METALORA_ADMIN_TOKEN to enable them")
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
+        raise ServiceError(401, "unauthorized", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+ReadyDep = Annotated[Service, Depends(get_ready_service)]
+AdminDep = Depends(require_admin)
+RefPath = Annotated[str, Path(description="`name` or `name@version`", max_length=130)]

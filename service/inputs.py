@@ -1,0 +1,113 @@
+"""Request parsing and image decoding: what every inference route does before it computes.
+
+A body is JSON (base64 images) or a multipart form (image files + fields); `parse_images_body`
+turns either into the route's pydantic request and the raw images, and `decode_one` turns one
+raw image into the model's input tensor. The deadline header is read here too.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import torch
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from metalora.images import ImageError, Preprocessor, decode_image
+
+from .adapters import AdapterRegistry
+from .errors import ServiceError
+from .metrics import FANOUT
+from .schemas import ImagesRequest
+from .settings import Settings
+
+TIMEOUT_HEADER = "x-timeout-ms"
+
+
+def decode_one(preprocessor: Preprocessor, raw: bytes | str, i: int, max_pixels: int) -> torch.Tensor:
+    """One image (file bytes, or base64 / a data: URL as str) -> the model input (3, S, S).
+
+    Raises ServiceError 422 `invalid_base64`, or the image error of `metalora.images` as a 4xx
+    naming `images[i]`. Runs on the decoder pool, never on the event loop.
+    """
+    if isinstance(raw, str):
+        if raw.startswith("data:"):
+            raw = raw.partition(",")[2]
+        try:
+            raw = base64.b64decode(raw, validate=True)
+        except (binascii.Error, ValueError):
+            raise ServiceError(422, "invalid_base64", f"images[{i}] is not valid base64") from None
+    try:
+        return preprocessor(decode_image(raw, max_pixels))  # (3, S, S)
+    except ImageError as e:
+        raise ServiceError.from_image(e, i) from None
+
+
+def request_timeout(request: Request, settings: Settings) -> float:
+    """The request's deadline: the server's, or shorter when the client sends X-Timeout-Ms."""
+    limit = settings.request_timeout_s
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return limit
+    try:
+        ms = float(raw)
+    except ValueError:
+        ms = float("nan")
+    if not math.isfinite(ms) or ms <= 0:
+        raise ServiceError(422, "invalid_timeout", f"{TIMEOUT_HEADER} must be a positive number of milliseconds, got {raw!r}")
+    return min(limit, ms / 1000)
+
+
+async def parse_images_body(request: Request, model: type[ImagesRequest], settings: Settings, registry: AdapterRegistry) -> tuple[ImagesRequest, list[bytes | str]]:
+    """A JSON body (base64 images) or a multipart form (image files + fields) -> (request, raw images)."""
+    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    max_images = settings.max_images
+    if ctype == "multipart/form-data":
+        try:
+            form = await request.form(max_files=max_images, max_fields=64)
+        except StarletteHTTPException as e:  # the multipart parser's own limits and syntax errors
+            raise ServiceError(422, "invalid_multipart", f"multipart body refused: {e.detail}") from None
+        files = [f for f in form.getlist("images") if isinstance(f, UploadFile)]
+        fields: dict = {}
+        for key in {k for k in form.keys() if k != "images"}:
+            vals = [v for v in form.getlist(key) if isinstance(v, str)]
+            fields[key] = vals if key == "adapter" and len(vals) > 1 else (vals[0] if vals else None)
+        fields["images"] = [""] * len(files) if files else None
+        raws: list[bytes | str] = [await f.read() for f in files]
+        data = fields
+    elif ctype in ("application/json", "text/json") or ctype.endswith("+json"):
+        data = await request.body()
+        raws = []
+    else:
+        raise ServiceError(415, "unsupported_media_type", f"send application/json or multipart/form-data, not {ctype!r}")
+    try:
+        req = model.model_validate_json(data) if isinstance(data, bytes) else model.model_validate(data)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors()) from None
+    if isinstance(data, bytes):
+        raws = list(req.images or [])
+    if len(raws) > max_images:
+        raise ServiceError(413, "too_many_images", f"{len(raws)} images in one request; the limit is {max_images}")
+    request.state.adapter = req.adapters[0] if len(req.adapters) == 1 else FANOUT
+    for ref in req.adapters:  # a wrong name fails fast, before any image is decoded
+        registry.resolve(ref)
+    return req, raws
+
+
+def openapi_body(model: type[BaseModel]) -> dict:
+    """OpenAPI request body for routes that take JSON or a multipart form."""
+    schema = model.model_json_schema()
+    form = {
+        "type": "object",
+        "properties": {
+            "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
+            "adapter": {"type": "array", "items": {"type": "string"}},
+            **{k: v for k, v in schema["properties"].items() if k in ("top_k", "k")},
+        },
+        "required": ["images"],
+    }
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}, "multipart/form-data": {"schema": form}}}}

@@ -1,0 +1,95 @@
+"""`/v1/predict`, `/v1/embed`, `/v1/knn`: images (or query vectors) × adapters -> answers."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from fastapi import APIRouter, Request
+
+from metalora.runtime import BASE
+
+from ..deps import ReadyDep
+from ..errors import ServiceError
+from ..inputs import openapi_body, parse_images_body, request_timeout
+from ..knn import vote
+from ..schemas import (
+    EmbedRequest,
+    EmbedResponse,
+    EmbedResult,
+    KnnRequest,
+    KnnResponse,
+    KnnResult,
+    Neighbor,
+    PredictRequest,
+    PredictResponse,
+    PredictResult,
+    Prediction,
+)
+
+router = APIRouter(prefix="/v1", tags=["inference"])
+
+
+@router.post("/predict", response_model=PredictResponse, openapi_extra=openapi_body(PredictRequest))
+async def predict(request: Request, svc: ReadyDep) -> PredictResponse:
+    """Class scores for each image × adapter (`base` = the backbone's ImageNet head)."""
+    req, raws = await parse_images_body(request, PredictRequest, svc.settings, svc.registry)
+    timeout = request_timeout(request, svc.settings)
+    if req.top_k > svc.settings.max_top_k:
+        raise ServiceError(422, "invalid_top_k", f"top_k is at most {svc.settings.max_top_k}")
+    entries, results = await svc.compute(await svc.decode(raws), req.adapters, timeout)
+    out = []
+    for j, res in enumerate(results):
+        e = entries[j % len(entries)]
+        probs = res.logits.softmax(-1)
+        scores, idx = probs.topk(min(req.top_k, probs.numel()))
+        labels = svc.labels(e)
+        preds = [Prediction(label=labels[i], index=i, score=s) for s, i in zip(scores.tolist(), idx.tolist())]
+        out.append(PredictResult(adapter=e.name, version=e.version, predictions=preds))
+    return PredictResponse(results=out)
+
+
+@router.post("/embed", response_model=EmbedResponse, openapi_extra=openapi_body(EmbedRequest))
+async def embed(request: Request, svc: ReadyDep) -> EmbedResponse:
+    """L2-normalised embeddings of each image × adapter."""
+    req, raws = await parse_images_body(request, EmbedRequest, svc.settings, svc.registry)
+    timeout = request_timeout(request, svc.settings)
+    entries, results = await svc.compute(await svc.decode(raws), req.adapters, timeout)
+    out = []
+    for j, res in enumerate(results):
+        e = entries[j % len(entries)]
+        out.append(EmbedResult(adapter=e.name, version=e.version, embedding=res.embedding.tolist(), dim=res.embedding.numel()))
+    return EmbedResponse(results=out)
+
+
+@router.post("/knn", response_model=KnnResponse, openapi_extra=openapi_body(KnnRequest))
+async def knn(request: Request, svc: ReadyDep) -> KnnResponse:
+    """Nearest gallery items (cosine) and their majority vote, for images or query vectors."""
+    req, raws = await parse_images_body(request, KnnRequest, svc.settings, svc.registry)
+    timeout = request_timeout(request, svc.settings)
+    if req.k > svc.settings.max_k:
+        raise ServiceError(422, "invalid_k", f"k is at most {svc.settings.max_k}")
+    if BASE in req.adapters:
+        raise ServiceError(422, "no_gallery", "'base' has no gallery; k-NN needs an adapter")
+    if req.vectors is not None:
+        key = svc.registry.resolve(req.adapters[0])
+        q = np.asarray(req.vectors, dtype=np.float32) if len({len(v) for v in req.vectors}) == 1 else None
+        index = await svc.gallery_index(key)
+        if q is None or q.shape[1] != index.dim:
+            raise ServiceError(422, "dim_mismatch", f"vectors must all have {index.dim} numbers (the embedding dim of {key})")
+        if not np.isfinite(q).all() or (np.abs(q).sum(1) == 0).any():
+            raise ServiceError(422, "invalid_vector", "vectors must be finite and non-zero")
+        pairs = [(key, q)]
+    else:
+        entries, results = await svc.compute(await svc.decode(raws), req.adapters, timeout)
+        pairs = [(entries[j % len(entries)].key, res.embedding.numpy()[None]) for j, res in enumerate(results)]
+    out = []
+    t0 = time.perf_counter()
+    for key, q in pairs:
+        index = await svc.gallery_index(key)
+        name, _, version = key.partition("@")
+        for hits in index.search(q, req.k):
+            label, votes = vote(hits)
+            out.append(KnnResult(adapter=name, version=version, neighbors=[Neighbor(id=h.id, label=h.label, score=h.score) for h in hits], label=label, votes=votes))
+    svc.metrics.inference.labels("knn").observe(time.perf_counter() - t0)
+    return KnnResponse(results=out)

@@ -1,0 +1,32 @@
+"""Operations: liveness, readiness and the Prometheus scrape."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+
+from ..deps import ServiceDep
+from ..metrics import CONTENT_TYPE
+from ..schemas import Health, Ready
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", response_model=Health)
+async def healthz() -> Health:
+    """Liveness: answers while the process and its event loop live."""
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Ready, responses={503: {"description": "still loading or warming"}})
+async def readyz(svc: ServiceDep):
+    """Readiness: 200 once the default adapters are loaded and one batch has run through them."""
+    reg = getattr(svc, "registry", None)
+    body = Ready(status="ready" if svc.ready else ("failed" if "startup" in svc.failed else "loading"), device=getattr(svc, "device", ""), backend=getattr(svc, "backend_name", svc.settings.backend), loaded=reg.loaded() if reg else [], failed=svc.failed)
+    return JSONResponse(body.model_dump(), status_code=200 if svc.ready else 503)
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}, "description": "Prometheus text format"}})
+async def metrics(svc: ServiceDep) -> Response:
+    """Prometheus metrics (DESIGN.md §6)."""
+    return Response(svc.metrics.render(), media_type=CONTENT_TYPE)
