@@ -50,6 +50,9 @@ class Gallery:
     embeddings: torch.Tensor  # (N, D) float
     labels: torch.Tensor  # (N,) int64, indices into the adapter's labels
     ids: list[str]
+    # Per item: a small image file (metalora.thumbnails, WebP <= 64 px), or None for an item that has
+    # none (added as a bare vector). None for the whole gallery: no thumbnails at all (older bundles).
+    thumbnails: list[bytes | None] | None = None
 
     def __post_init__(self):
         n = self.embeddings.shape[0]
@@ -61,14 +64,25 @@ class Gallery:
             )
         if any("\n" in i for i in self.ids):
             raise BundleError("gallery_ids", "gallery ids may not contain newlines")
+        if self.thumbnails is not None and len(self.thumbnails) != n:
+            raise BundleError("gallery_shape", f"gallery has {n} items but {len(self.thumbnails)} thumbnails")
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
+        """The safetensors layout (`metalora-gallery`): `embeddings` (N, D) fp16, `labels` (N,) int64,
+        `ids_utf8` the ids joined by newlines; with thumbnails also `thumbnails` (B,) uint8, the
+        image files back to back, and `thumbnail_offsets` (N + 1,) int64: item i is bytes
+        [offsets[i], offsets[i + 1]) (empty: no thumbnail). Readers that predate thumbnails ignore them."""
         ids = "\n".join(self.ids).encode("utf-8")
-        return {
+        out = {
             "embeddings": self.embeddings.to(torch.float16).contiguous(),
             "labels": self.labels.to(torch.int64).contiguous(),
-            "ids_utf8": torch.frombuffer(bytearray(ids), dtype=torch.uint8) if ids else torch.zeros(0, dtype=torch.uint8),
+            "ids_utf8": _bytes_tensor(ids),
         }
+        if self.thumbnails is not None:
+            sizes = [len(b) if b else 0 for b in self.thumbnails]
+            out["thumbnails"] = _bytes_tensor(b"".join(b for b in self.thumbnails if b))
+            out["thumbnail_offsets"] = torch.tensor([0, *sizes], dtype=torch.int64).cumsum(0)
+        return out
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor]) -> "Gallery":
@@ -77,7 +91,18 @@ class Gallery:
             raise BundleError("gallery_keys", f"gallery misses tensors {sorted(missing)}")
         raw = bytes(t["ids_utf8"].tolist()).decode("utf-8")
         ids = raw.split("\n") if raw else []
-        return cls(t["embeddings"].float(), t["labels"].long(), ids)
+        thumbs = None
+        if "thumbnails" in t or "thumbnail_offsets" in t:
+            blob, off = t.get("thumbnails"), t.get("thumbnail_offsets")
+            if blob is None or off is None or off.shape != (len(ids) + 1,) or int(off[0]) != 0 or int(off[-1]) != blob.numel() or bool((off.diff() < 0).any()):
+                raise BundleError("gallery_thumbnails", f"gallery thumbnails do not fit: {len(ids)} items need {len(ids) + 1} increasing offsets from 0 to the blob's size")
+            data, o = blob.numpy().tobytes(), off.tolist()
+            thumbs = [data[a:b] or None for a, b in zip(o, o[1:])]
+        return cls(t["embeddings"].float(), t["labels"].long(), ids, thumbs)
+
+
+def _bytes_tensor(b: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(b), dtype=torch.uint8) if b else torch.zeros(0, dtype=torch.uint8)
 
 
 def _atomic_dir_write(dest: Path, write) -> None:

@@ -24,6 +24,7 @@ from .bundle import Gallery, save_bundle
 from .data import FeatureSet, load_features
 from .evaluate import evaluate_features
 from .features import embed_features, model_for
+from .thumbnails import thumbnails_for
 
 DEFAULT_TARGETS = ["blocks.6.0.conv_pw", "blocks.6.0.conv_pwl", "conv_head"]
 DEFAULT_RANKS = {"lora": (16,), "cp": (16,), "tr": (4, 4, 4)}
@@ -149,12 +150,14 @@ def train(
     progress: bool = True,
     stop_after_epoch: int | None = None,
     baseline: bool = False,
+    thumbnails: bool = True,
 ) -> dict:
     """Train, evaluate (when `eval_data` is given) and write a bundle to `out`; returns a summary.
 
     `baseline` also measures the frozen backbone's k-NN accuracy with a gallery of the same
     training images, so the manifest shows what the adapter adds. `stop_after_epoch` ends the run early after that many epochs (checkpoint written): how the
-    tests interrupt a run to check that resuming matches an uninterrupted one.
+    tests interrupt a run to check that resuming matches an uninterrupted one. `thumbnails`
+    stores a small picture of each gallery item's source image in the gallery (metalora.thumbnails).
     """
     from tqdm.auto import tqdm
 
@@ -224,6 +227,8 @@ def train(
     emb, _, _ = embed_features(model, adapter, train_fs, device=dev)
     keep = _gallery_subset(train_fs, cfg.gallery_per_class)
     gallery = Gallery(emb[keep], y[keep], [train_fs.ids[i] for i in keep])
+    if thumbnails and out is not None:
+        gallery.thumbnails = thumbnails_for(cfg.data, gallery.ids)
 
     metrics = {}
     if eval_data:
