@@ -159,12 +159,14 @@ class _Base:
         return Call("GET", "/v1/adapters")
 
     @staticmethod
-    def _predict(images, adapter, top_k) -> Call:
-        return Call("POST", "/v1/predict", {"adapter": adapter, "images": _images(images), "top_k": top_k})
+    def _predict(images, adapter, top_k, include_seed=False) -> Call:
+        body = {"adapter": adapter, "images": _images(images), "top_k": top_k}
+        return Call("POST", "/v1/predict", {**body, "include_seed": True} if include_seed else body)
 
     @staticmethod
-    def _embed(images, adapter) -> Call:
-        return Call("POST", "/v1/embed", {"adapter": adapter, "images": _images(images)})
+    def _embed(images, adapter, include_seed=False) -> Call:
+        body = {"adapter": adapter, "images": _images(images)}
+        return Call("POST", "/v1/embed", {**body, "include_seed": True} if include_seed else body)
 
     @staticmethod
     def _knn(images, vectors, adapter, k) -> Call:
@@ -227,12 +229,13 @@ class MetaLoRAClient(_Base):
             return self._check(call, resp)
 
     # ------------------------------------------------------------- inference
-    def predict(self, images: ImageLike | Sequence[ImageLike], adapter: str | list[str] = "base", top_k: int = 5) -> list[PredictResult]:
-        """Class scores: one result per image × adapter, image-major."""
-        return _results(self.request(self._predict(images, adapter, top_k)), PredictResult)
+    def predict(self, images: ImageLike | Sequence[ImageLike], adapter: str | list[str] = "base", top_k: int = 5, include_seed: bool = False) -> list[PredictResult]:
+        """Class scores: one result per image × adapter, image-major; `include_seed` adds each
+        result's seed c(x) per adapted layer (`result.seed`, None for lora and base)."""
+        return _results(self.request(self._predict(images, adapter, top_k, include_seed)), PredictResult)
 
-    def embed(self, images: ImageLike | Sequence[ImageLike], adapter: str | list[str] = "base") -> list[EmbedResult]:
-        return _results(self.request(self._embed(images, adapter)), EmbedResult)
+    def embed(self, images: ImageLike | Sequence[ImageLike], adapter: str | list[str] = "base", include_seed: bool = False) -> list[EmbedResult]:
+        return _results(self.request(self._embed(images, adapter, include_seed)), EmbedResult)
 
     def knn(self, images: ImageLike | Sequence[ImageLike] | None = None, *, vectors=None, adapter: str, k: int = 10) -> list[KnnResult]:
         return _results(self.request(self._knn(images, vectors, adapter, k)), KnnResult)
@@ -316,11 +319,11 @@ class AsyncMetaLoRAClient(_Base):
                 continue
             return self._check(call, resp)
 
-    async def predict(self, images, adapter: str | list[str] = "base", top_k: int = 5) -> list[PredictResult]:
-        return _results(await self.request(self._predict(images, adapter, top_k)), PredictResult)
+    async def predict(self, images, adapter: str | list[str] = "base", top_k: int = 5, include_seed: bool = False) -> list[PredictResult]:
+        return _results(await self.request(self._predict(images, adapter, top_k, include_seed)), PredictResult)
 
-    async def embed(self, images, adapter: str | list[str] = "base") -> list[EmbedResult]:
-        return _results(await self.request(self._embed(images, adapter)), EmbedResult)
+    async def embed(self, images, adapter: str | list[str] = "base", include_seed: bool = False) -> list[EmbedResult]:
+        return _results(await self.request(self._embed(images, adapter, include_seed)), EmbedResult)
 
     async def knn(self, images=None, *, vectors=None, adapter: str, k: int = 10) -> list[KnnResult]:
         return _results(await self.request(self._knn(images, vectors, adapter, k)), KnnResult)

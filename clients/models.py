@@ -20,6 +20,7 @@ class PredictResult(_Model):
     adapter: str
     version: str
     predictions: list[Prediction]
+    seed: dict[str, list[float]] | None = None  # c(x) per adapted layer, with include_seed=True
 
     @property
     def top(self) -> Prediction:
@@ -31,6 +32,7 @@ class EmbedResult(_Model):
     version: str
     embedding: list[float]
     dim: int
+    seed: dict[str, list[float]] | None = None  # c(x) per adapted layer, with include_seed=True
 
 
 class Neighbor(_Model):

@@ -35,6 +35,7 @@ class Entry:
     unload_pending: bool = False
     load_seconds: float = 0.0
     labels: list[str] = field(default_factory=list)  # kept here so answers never need the runtime after an unload
+    seed_dims: dict[str, int] = field(default_factory=dict)  # adapted layer -> its part of the seed (empty: no seed)
     last_used: float = field(default_factory=time.monotonic)
 
     @property
@@ -129,7 +130,8 @@ class AdapterRegistry:
             dt = time.perf_counter() - t0
             self.metrics.adapter_load.observe(dt)
             self.failed.pop(key, None)
-            entry = Entry(key, load_seconds=dt, labels=list(self.runtime.labels(key)))
+            adapter = self.runtime.model.adapters[key]
+            entry = Entry(key, load_seconds=dt, labels=list(self.runtime.labels(key)), seed_dims=dict(adapter.seed_dims) if adapter.seed_dim else {})
             self.entries[key] = entry
             log.info("loaded %s in %.3f s", key, dt)
             self._gauge()

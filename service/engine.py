@@ -34,6 +34,7 @@ class Backend(Protocol):
 class ItemResult:
     logits: torch.Tensor  # (num_classes,) float32 on the CPU
     embedding: torch.Tensor  # (D,) float32, L2-normalised, on the CPU
+    seed: torch.Tensor | None = None  # (S,) float32 on the CPU: the concatenated seed c(x); None for LoRA and base
 
 
 def make_backend(name: str, runtime, settings) -> tuple[str, Backend]:
@@ -76,10 +77,11 @@ class Engine:
             out = self.backend.run(x, keys)
             emb = F.normalize(out.embeddings.float(), dim=-1).cpu()  # (N, D)
             logits = [lo.float().cpu() for lo in out.logits]
+            seeds = [None if sd is None else sd.float().cpu() for sd in out.seeds]
         self.metrics.inference.labels("forward").observe(time.perf_counter() - t0)
         for stage, seconds in out.stages.items():  # the frozen prefix vs the adapted rest, where measured
             self.metrics.inference.labels(stage).observe(seconds)
-        return [ItemResult(lo, e) for lo, e in zip(logits, emb)]
+        return [ItemResult(lo, e, sd) for lo, e, sd in zip(logits, emb, seeds)]
 
     def call(self, fn, *args):
         """Run `fn` on the engine thread (warm-up, anything that must not race a batch)."""

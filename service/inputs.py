@@ -106,7 +106,7 @@ def openapi_body(model: type[BaseModel]) -> dict:
         "properties": {
             "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
             "adapter": {"type": "array", "items": {"type": "string"}},
-            **{k: v for k, v in schema["properties"].items() if k in ("top_k", "k")},
+            **{k: v for k, v in schema["properties"].items() if k in ("top_k", "k", "include_seed")},
         },
         "required": ["images"],
     }

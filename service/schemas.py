@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, StringConstraints, model_serializer, model_validator
 
 AdapterRef = Annotated[str, StringConstraints(min_length=1, max_length=130, pattern=r"^[a-z0-9][a-z0-9._-]{0,63}(@[a-z0-9][a-z0-9._-]{0,63})?$")]
 ItemId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
@@ -34,6 +34,7 @@ class ImagesRequest(_Strict):
 
 class PredictRequest(ImagesRequest):
     top_k: int = Field(5, ge=1, description="labels per result (capped by the adapter's class count)")
+    include_seed: bool = Field(False, description="add each result's seed c(x), per adapted layer")
 
     @model_validator(mode="after")
     def _need_images(self):
@@ -43,6 +44,8 @@ class PredictRequest(ImagesRequest):
 
 
 class EmbedRequest(ImagesRequest):
+    include_seed: bool = Field(False, description="add each result's seed c(x), per adapted layer")
+
     @model_validator(mode="after")
     def _need_images(self):
         if not self.images:
@@ -71,21 +74,42 @@ class Prediction(BaseModel):
     score: float
 
 
-class PredictResult(BaseModel):
+def _seed_field():
+    return Field(
+    None,
+    description="only with include_seed=true: the input-conditioned seed c(x) per adapted layer, {layer: [numbers]} "
+    "in the adapter's target order (cp: R numbers, the CP weights; tr: R3×R1, the core C row-major); null for lora and base",
+    )
+
+
+class _SeededResult(BaseModel):
+    """A result that carries `seed` only when the request asked for it (absent, not null, otherwise)."""
+
+    @model_serializer(mode="wrap")
+    def _omit_unasked_seed(self, handler: SerializerFunctionWrapHandler):
+        d = handler(self)
+        if "seed" not in self.model_fields_set:
+            d.pop("seed", None)
+        return d
+
+
+class PredictResult(_SeededResult):
     adapter: str
     version: str
     predictions: list[Prediction]
+    seed: dict[str, list[float]] | None = _seed_field()
 
 
 class PredictResponse(BaseModel):
     results: list[PredictResult] = Field(description="one per image × adapter: image 0 with every adapter, then image 1, ...")
 
 
-class EmbedResult(BaseModel):
+class EmbedResult(_SeededResult):
     adapter: str
     version: str
     embedding: list[float]
     dim: int
+    seed: dict[str, list[float]] | None = _seed_field()
 
 
 class EmbedResponse(BaseModel):

@@ -30,6 +30,14 @@ from ..schemas import (
 router = APIRouter(prefix="/v1", tags=["inference"])
 
 
+def seed_by_layer(entry, seed) -> dict[str, list[float]] | None:
+    """The concatenated seed (S,) -> {layer: its part} in the adapter's target order; None without one."""
+    if seed is None or not entry.seed_dims:
+        return None
+    parts = seed.split(list(entry.seed_dims.values()))
+    return {layer: p.tolist() for layer, p in zip(entry.seed_dims, parts)}
+
+
 @router.post("/predict", response_model=PredictResponse, openapi_extra=openapi_body(PredictRequest))
 async def predict(request: Request, svc: ReadyDep) -> PredictResponse:
     """Class scores for each image × adapter (`base` = the backbone's ImageNet head)."""
@@ -45,7 +53,8 @@ async def predict(request: Request, svc: ReadyDep) -> PredictResponse:
         scores, idx = probs.topk(min(req.top_k, probs.numel()))
         labels = svc.labels(e)
         preds = [Prediction(label=labels[i], index=i, score=s) for s, i in zip(scores.tolist(), idx.tolist())]
-        out.append(PredictResult(adapter=e.name, version=e.version, predictions=preds))
+        extra = {"seed": seed_by_layer(e, res.seed)} if req.include_seed else {}
+        out.append(PredictResult(adapter=e.name, version=e.version, predictions=preds, **extra))
     return PredictResponse(results=out)
 
 
@@ -58,7 +67,8 @@ async def embed(request: Request, svc: ReadyDep) -> EmbedResponse:
     out = []
     for j, res in enumerate(results):
         e = entries[j % len(entries)]
-        out.append(EmbedResult(adapter=e.name, version=e.version, embedding=res.embedding.tolist(), dim=res.embedding.numel()))
+        extra = {"seed": seed_by_layer(e, res.seed)} if req.include_seed else {}
+        out.append(EmbedResult(adapter=e.name, version=e.version, embedding=res.embedding.tolist(), dim=res.embedding.numel(), **extra))
     return EmbedResponse(results=out)
 
 
