@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from . import errors
 from .container import Service
 from .middleware import LimitsAndMetrics
-from .routes import adapters, inference, operations
+from .routes import adapters, console, inference, operations
 from .settings import Settings
 
 log = logging.getLogger("metalora.service")
@@ -44,8 +44,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.service = service
     errors.install(app)
-    for module in (inference, adapters, operations):
+    for module in (inference, adapters, operations, console):
         app.include_router(module.router)
+    app.include_router(console.thumbnails)
     app.add_middleware(LimitsAndMetrics, service=service)
     return app
 

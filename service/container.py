@@ -26,6 +26,7 @@ from .inputs import decode_one
 from .knn import GalleryStore
 from .metrics import Metrics
 from .settings import Settings
+from .thumbnails import ThumbnailStore
 
 log = logging.getLogger("metalora.service")
 
@@ -49,6 +50,7 @@ class Service:
         self.backend_name, backend = make_backend(s.backend, self.runtime, s)
         self.engine = Engine(backend, self.metrics, self.device)
         self.galleries = GalleryStore(self.runtime.store, s.galleries, self.runtime.backbone.embed_dim, s.knn_exact_max)
+        self.thumbnails = ThumbnailStore(self.runtime.store, s.galleries)
         self.registry = AdapterRegistry(self.runtime, self.metrics, s.lru_capacity, on_evict=self.galleries.drop)
         self.batcher = Batcher(
             self.engine.run, self.metrics, max_batch_size=s.max_batch_size, max_delay_s=s.max_delay_ms / 1000, max_queue=s.max_queue, retry_after_s=s.retry_after_s

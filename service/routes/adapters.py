@@ -27,6 +27,7 @@ from ..schemas import (
     LoadResponse,
     UnloadResponse,
 )
+from ..thumbnails import thumbnail_of_base64
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 
@@ -122,9 +123,11 @@ async def gallery_put(name: RefPath, item_id: Annotated[ItemId, Path()], item: G
         xs = await svc.decode([item.image])
         _, (res,) = await svc.compute(xs, [key], request_timeout(request, svc.settings))
         vec = res.embedding.numpy()
+    thumb = await asyncio.to_thread(thumbnail_of_base64, item.image, svc.settings.max_pixels) if item.image is not None else None
     async with svc.edit_locks.setdefault(key, asyncio.Lock()):  # edits of one gallery in order
         index = await svc.gallery_index(key)
         new, created = index.with_item(item_id, label, vec)
+        await asyncio.to_thread(svc.thumbnails.put, key, item_id, thumb)  # before the item exists: never an item with a stale picture
         await asyncio.to_thread(svc.galleries.persist, new)
     svc.metrics.gallery_items.labels(svc.metrics.label(key)).set(len(new))
     n, v = key.split("@", 1)
@@ -139,6 +142,7 @@ async def gallery_delete(name: RefPath, item_id: Annotated[ItemId, Path()], svc:
         index = await svc.gallery_index(key)
         new = index.without_item(item_id)
         await asyncio.to_thread(svc.galleries.persist, new)
+        await asyncio.to_thread(svc.thumbnails.delete, key, item_id)
     svc.metrics.gallery_items.labels(svc.metrics.label(key)).set(len(new))
     n, v = key.split("@", 1)
     return GalleryItemResponse(adapter=n, version=v, id=item_id, label=None, items=len(new), deleted=True)

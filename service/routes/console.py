@@ -1,0 +1,74 @@
+"""The web console at `/` (static HTML, CSS and JavaScript shipped in `service/static/`) and the
+gallery thumbnails it shows: `GET /v1/adapters/{name}/gallery/{id}/thumbnail`.
+
+The page only calls the public `/v1` API from the browser; the OpenAPI docs stay at `/docs`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, Response
+
+from metalora.runtime import BASE
+
+from ..deps import ReadyDep, RefPath
+from ..errors import ServiceError, error_body
+from ..thumbnails import media_type
+
+STATIC = Path(__file__).resolve().parent.parent / "static"
+STATIC_TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".png": "image/png", ".svg": "image/svg+xml"}
+THUMBNAIL_CACHE = "public, max-age=60"  # short: replacing an item keeps its id; the ETag makes re-checks cheap
+
+router = APIRouter(include_in_schema=False)
+thumbnails = APIRouter(prefix="/v1/adapters", tags=["adapters"])
+
+
+def _static(name: str) -> FileResponse:
+    f = STATIC / name
+    if "/" in name or name.startswith(".") or f.suffix not in STATIC_TYPES or not f.is_file():
+        raise ServiceError(404, "not_found", f"no static file {name!r}")
+    return FileResponse(f, media_type=STATIC_TYPES[f.suffix], headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/")
+async def console_page() -> FileResponse:
+    """The console: pick adapters, drop images, see labels, neighbours and seeds."""
+    return _static("index.html")
+
+
+@router.get("/static/{name}")
+async def console_static(name: str) -> FileResponse:
+    return _static(name)
+
+
+@thumbnails.get(
+    "/{name}/gallery/{item_id:path}/thumbnail",
+    response_class=Response,
+    responses={
+        200: {"content": {"image/webp": {}, "image/jpeg": {}}, "description": "the item's thumbnail (<= 64 px), with ETag and Cache-Control"},
+        304: {"description": "If-None-Match matched the ETag"},
+        404: {"content": {"application/json": {"example": error_body("no_thumbnail", "item has no thumbnail")}}, "description": "unknown adapter or item (`unknown_adapter`, `unknown_item`), or an item without a picture (`no_thumbnail`)"},
+    },
+)
+async def gallery_thumbnail(name: RefPath, item_id: str, request: Request, svc: ReadyDep) -> Response:
+    """A gallery item's thumbnail: the bundle's, or the one made when the item was added from an
+    image. Items added as a bare vector have none (404 `no_thumbnail`). Ids may contain `/`."""
+    key = svc.registry.resolve(name)
+    if key == BASE:
+        raise ServiceError(422, "no_gallery", "'base' has no gallery; galleries belong to adapters")
+    request.state.adapter = key
+    index = await svc.gallery_index(key)
+    if item_id not in index.ids:
+        raise ServiceError(404, "unknown_item", f"{key} has no gallery item {item_id!r}")
+    data = await asyncio.to_thread(svc.thumbnails.get, key, item_id)
+    if data is None:
+        raise ServiceError(404, "no_thumbnail", f"{key} gallery item {item_id!r} has no thumbnail (added as a bare vector, or its bundle carries none)")
+    etag = '"' + hashlib.sha256(data).hexdigest()[:32] + '"'
+    headers = {"ETag": etag, "Cache-Control": THUMBNAIL_CACHE}
+    if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
+        return Response(status_code=304, headers=headers)
+    return Response(data, media_type=media_type(data), headers=headers)

@@ -1,0 +1,108 @@
+"""Gallery thumbnails as the service serves them: the bundle's own, overridden by a sidecar store.
+
+A bundle's gallery carries one small WebP per item (`metalora.thumbnails`). Items added over the
+API get theirs written beside the edited galleries, under
+`<gallery_dir>/<name>/<version>.thumbs/<sha256(id)[:32]>.webp` (ids may hold characters a file
+name should not); an empty file there is a tombstone: the item was replaced by a bare vector and
+has no picture, whatever the bundle had. Deleting an item deletes its sidecar file.
+
+In a multi-replica deployment with galleries in PostgreSQL these sidecar files are per replica
+(each replica's own `gallery_dir`): an item added through replica A has its thumbnail there only.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from metalora.bundle import GALLERY, BundleError, Gallery, read_manifest
+from metalora.store import ModelStore, safe_join
+from metalora.thumbnails import make_thumbnail
+
+
+class ThumbnailStore:
+    """Thumbnail bytes by adapter version and item id: sidecar first, then the bundle's gallery."""
+
+    def __init__(self, store: ModelStore, root: Path):
+        self.store, self.root = store, Path(root)
+        self._bundle: dict[str, dict[str, bytes]] = {}  # key -> {item id: WebP bytes}, read once
+        self._lock = threading.Lock()
+
+    def sidecar(self, key: str, item_id: str) -> Path:
+        name, version = key.split("@", 1)
+        digest = hashlib.sha256(item_id.encode("utf-8")).hexdigest()[:32]
+        return safe_join(self.root, name) / f"{version}.thumbs" / f"{digest}.webp"
+
+    def get(self, key: str, item_id: str) -> bytes | None:
+        """The item's thumbnail, or None when it has none (blocking: call off the event loop)."""
+        f = self.sidecar(key, item_id)
+        if f.is_file():
+            return f.read_bytes() or None  # empty: a tombstone
+        return self._bundle_thumbs(key).get(item_id)
+
+    def put(self, key: str, item_id: str, data: bytes | None) -> None:
+        """Record the thumbnail of an added or replaced item (None: it has none); atomic."""
+        dest = self.sidecar(key, item_id)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data or b"")
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def delete(self, key: str, item_id: str) -> None:
+        self.sidecar(key, item_id).unlink(missing_ok=True)
+
+    def _bundle_thumbs(self, key: str) -> dict[str, bytes]:
+        with self._lock:
+            if key not in self._bundle:
+                self._bundle[key] = self._read_bundle(key)
+            return self._bundle[key]
+
+    def _read_bundle(self, key: str) -> dict[str, bytes]:
+        _, _, path = self.store.resolve(key)
+        manifest = read_manifest(path)
+        if GALLERY not in manifest["files"]:
+            return {}
+        try:  # checksums were verified when the gallery index was opened (service.knn)
+            g = Gallery.from_tensors(load_file(str(Path(path) / GALLERY)))
+        except (SafetensorError, OSError) as e:
+            raise BundleError("bad_gallery", f"{path}: gallery is not a readable safetensors file ({e})") from None
+        return {i: t for i, t in zip(g.ids, g.thumbnails or []) if t}
+
+    def drop(self, key: str) -> None:
+        with self._lock:
+            self._bundle.pop(key, None)
+
+
+def thumbnail_of_base64(image: str, max_pixels: int) -> bytes | None:
+    """A request's base64 image (a `data:` URL prefix accepted) -> its thumbnail; None when it
+    does not decode (the route has already refused such an image by then)."""
+    if image.startswith("data:"):
+        image = image.partition(",")[2]
+    try:
+        return make_thumbnail(base64.b64decode(image, validate=True), max_pixels=max_pixels)
+    except (binascii.Error, ValueError):  # ImageError is a ValueError
+        return None
+
+
+def media_type(data: bytes) -> str:
+    """WebP or JPEG (what bundles carry), sniffed from the file's magic bytes."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    if data[:3] == b"\xff\xd8\xff":
+        return "image/jpeg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "image/png"
+    return "application/octet-stream"

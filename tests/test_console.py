@@ -1,0 +1,290 @@
+"""The web console (issue 15): gallery thumbnails in bundles and over HTTP, `include_seed`, and the
+page itself driven in a real Chromium (Debian's package) by Playwright, against a real server on
+the shipped model store.
+
+Set METALORA_UPDATE_SCREENSHOT=1 to write the README's screenshot (docs/console.png) from the run.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from metalora.bundle import GALLERY, BundleError, Gallery, load_gallery, read_manifest, verify_files
+from metalora.runtime import Runtime
+from metalora.thumbnails import THUMBNAIL_SIZE, make_thumbnail
+from service.launch import ServerProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+STORE = ROOT / "model_store"
+TOKEN = "console-test-token-0123456789"
+CAT_CLASSES = {"tiger cat", "Egyptian cat", "tabby", "Persian cat", "Siamese cat"}  # ImageNet-1k's domestic cats
+pytestmark = pytest.mark.timeout(600)
+
+
+def _jpeg(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=92)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def cat() -> bytes:
+    import skimage.data
+
+    return _jpeg(skimage.data.chelsea())  # (300, 451, 3): the README's cat
+
+
+# ------------------------------------------------------------------------ the bundle format
+def test_gallery_thumbnails_round_trip_and_old_galleries_still_load(tmp_path):
+    emb, labels = torch.randn(3, 4), torch.tensor([0, 1, 0])
+    thumbs = [make_thumbnail(Image.new("RGB", (100, 50), "red")), None, make_thumbnail(Image.new("RGB", (10, 10), "blue"))]
+    g = Gallery.from_tensors(Gallery(emb, labels, ["a", "b/c", "d"], thumbs).to_tensors())
+    assert g.thumbnails == thumbs and g.ids == ["a", "b/c", "d"]
+    im = Image.open(io.BytesIO(g.thumbnails[0]))
+    assert im.format == "WEBP" and im.size == (THUMBNAIL_SIZE, THUMBNAIL_SIZE // 2)  # aspect kept, long side 64
+    assert Image.open(io.BytesIO(g.thumbnails[2])).size == (10, 10)  # never enlarged
+    old = Gallery(emb, labels, ["a", "b", "c"]).to_tensors()  # the layout before thumbnails
+    assert set(old) == {"embeddings", "labels", "ids_utf8"} and Gallery.from_tensors(old).thumbnails is None
+    bad = Gallery(emb, labels, ["a", "b", "c"], thumbs).to_tensors()
+    bad["thumbnail_offsets"][1] = 10**9  # an offset past the blob
+    with pytest.raises(BundleError, match="thumbnails"):
+        Gallery.from_tensors(bad)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "mnist", "digits", "mixed"])
+def test_shipped_galleries_carry_a_thumbnail_per_item(name):
+    path = STORE / "adapters" / name / "1"
+    manifest = read_manifest(path)
+    verify_files(path, manifest)  # the manifest's sha256 covers the rebuilt gallery
+    g = load_gallery(path, manifest)
+    assert g.thumbnails is not None and len(g.thumbnails) == len(g.ids) == manifest["training"]["gallery_items"]
+    for t in g.thumbnails[:: max(1, len(g.ids) // 20)]:
+        im = Image.open(io.BytesIO(t))
+        assert im.format == "WEBP" and max(im.size) <= THUMBNAIL_SIZE
+
+
+def test_shipped_store_fits_its_size_limit():
+    total = sum(f.stat().st_size for f in STORE.rglob("*") if f.is_file() and "galleries" not in f.parts)
+    assert total <= 60_000_000, f"model_store holds {total / 1e6:.1f} MB, the limit is 60 MB"
+
+
+# ------------------------------------------------------------------------ one real server on the shipped store
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("console")
+    srv = ServerProcess(STORE, tmp / "server.log", gallery_dir=tmp / "galleries", admin_token=TOKEN, adapters="cifar10,mnist,mixed", lru_capacity=4)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def reference() -> Runtime:
+    return Runtime(STORE, "cpu")
+
+
+def _seed_reference(rt: Runtime, key: str, image: bytes) -> dict[str, list[float]]:
+    """c(x) straight from the adapter's mapping network (the library's reference path)."""
+    rt.load(key)
+    adapter = rt.model.adapters[key]
+    with torch.inference_mode():
+        h = rt.backbone.prefix(rt.preprocess([image]))  # (1, C, H, W)
+        return {k: v[0].tolist() for k, v in adapter.seeds(rt.backbone.pool_prefix(h)).items()}
+
+
+@pytest.mark.slow
+def test_include_seed_per_layer_matches_the_mapping_network(server, reference, cat):
+    adapters = ["base", "cifar10", "mnist", "mixed"]
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        plain = c.post("/v1/predict", json={"adapter": "cifar10", "images": [base64.b64encode(cat).decode()]}).json()
+        assert "seed" not in plain["results"][0]  # only when asked for
+        for route in ("/v1/predict", "/v1/embed"):
+            r = c.post(route, files=[("images", ("cat.jpg", cat, "image/jpeg"))], data={"adapter": adapters, "include_seed": "true"})
+            assert r.status_code == 200, r.text
+            got = {res["adapter"]: res["seed"] for res in r.json()["results"]}
+            assert got["base"] is None and got["mixed"] is None  # the frozen backbone; mixed is LoRA
+            for name in ("cifar10", "mnist"):
+                manifest = read_manifest(STORE / "adapters" / name / "1")
+                want = _seed_reference(reference, f"{name}@1", cat)
+                assert list(got[name]) == manifest["resolved_targets"]  # named, in target order
+                fmt, ranks = manifest["adapter"]["format"], manifest["adapter"]["ranks"]
+                per_layer = ranks[2] * ranks[0] if fmt == "tr" else ranks[0]  # DESIGN.md §2: C is R3×R1; cp: R
+                for layer, vals in got[name].items():
+                    assert len(vals) == per_layer
+                    np.testing.assert_allclose(vals, want[layer], atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_thumbnail_route_etag_and_gallery_edits(server, cat):
+    g = load_gallery(STORE / "adapters" / "cifar10" / "1", read_manifest(STORE / "adapters" / "cifar10" / "1"))
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        r = c.get(f"/v1/adapters/cifar10/gallery/{g.ids[7]}/thumbnail")  # ids hold '/': train/<class>/<file>
+        assert r.status_code == 200 and r.headers["content-type"] == "image/webp" and r.content == g.thumbnails[7]
+        assert "max-age" in r.headers["cache-control"] and r.headers["etag"]
+        again = c.get(f"/v1/adapters/cifar10@1/gallery/{g.ids[7].replace('/', '%2F')}/thumbnail", headers={"If-None-Match": r.headers["etag"]})
+        assert again.status_code == 304 and not again.content
+        missing = c.get("/v1/adapters/cifar10/gallery/train/cat/nope.jpg/thumbnail")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_item"
+        assert c.get("/v1/adapters/base/gallery/x/thumbnail").json()["error"]["code"] == "no_gallery"
+
+        put = c.put("/v1/adapters/cifar10/gallery/my-cat", headers=auth, json={"label": "cat", "image": base64.b64encode(cat).decode()})
+        assert put.status_code == 200, put.text
+        t = c.get("/v1/adapters/cifar10/gallery/my-cat/thumbnail")
+        assert t.status_code == 200
+        small = Image.open(io.BytesIO(t.content)).convert("RGB")
+        assert small.size == (64, 43)  # 451×300 scaled to fit 64 px
+        ref = np.asarray(Image.open(io.BytesIO(cat)).convert("RGB").resize(small.size, Image.Resampling.LANCZOS), dtype=float)
+        assert np.abs(np.asarray(small, dtype=float) - ref).mean() < 12  # the cat, up to WebP's loss
+
+        vec = c.post("/v1/embed", json={"adapter": "cifar10", "images": [base64.b64encode(cat).decode()]}).json()["results"][0]["embedding"]
+        assert c.put("/v1/adapters/cifar10/gallery/my-cat", headers=auth, json={"label": "cat", "vector": vec}).status_code == 200
+        none = c.get("/v1/adapters/cifar10/gallery/my-cat/thumbnail")  # replaced by a bare vector: no picture
+        assert none.status_code == 404 and none.json()["error"]["code"] == "no_thumbnail"
+        assert c.delete("/v1/adapters/cifar10/gallery/my-cat", headers=auth).status_code == 200
+        assert c.get("/v1/adapters/cifar10/gallery/my-cat/thumbnail").json()["error"]["code"] == "unknown_item"
+
+
+def test_console_page_and_static_files_are_served(server):
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        page = c.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html") and "/static/console.js" in page.text
+        assert c.get("/static/console.js").headers["content-type"].startswith("text/javascript")
+        assert c.get("/static/nope.js").status_code == 404
+        assert c.get("/docs").status_code == 200  # the OpenAPI docs stay where they were
+
+
+# ------------------------------------------------------------------------ the page in a real browser
+def _chromium() -> str | None:
+    return next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    pw_api = pytest.importorskip("playwright.sync_api", reason="playwright (the dev extra) is not installed")
+    exe = _chromium()
+    if exe is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run does it)")
+    with pw_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    ctx = browser.new_context(viewport={"width": 1100, "height": 900})
+    pg = ctx.new_page()
+    pg.set_default_timeout(60_000)
+    yield pg
+    ctx.close()
+
+
+@contextmanager
+def screenshot_on_failure(page, name: str):
+    """Save a full-page screenshot when the block fails, and name it in the failure."""
+    try:
+        yield
+    except BaseException as e:
+        shot = Path(os.environ.get("METALORA_TEST_ARTIFACTS", tempfile.gettempdir())) / f"console-{name}-failure.png"
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            page.screenshot(path=str(shot), full_page=True)
+        except Exception:  # a crashed page cannot be photographed; the original failure matters more
+            raise e from None
+        raise AssertionError(f"{e!r}; screenshot of the page: {shot}") from e
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, cat) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("upload")
+    (d / "cat.jpg").write_bytes(cat)
+    (d / "notes.jpg").write_bytes(b"this is not an image, whatever its name says\n")
+    return {"cat": d / "cat.jpg", "bad": d / "notes.jpg"}
+
+
+def _choose(page, names: set[str]) -> None:
+    page.wait_for_selector("#adapters input[type=checkbox][value=cifar10]")
+    for box in page.query_selector_all("#adapters input[type=checkbox]"):
+        box.set_checked(box.get_attribute("value") in names)
+
+
+def _loaded_thumbnails(panel) -> int:
+    return panel.evaluate("p => [...p.querySelectorAll('.neighbours img')].filter(i => i.complete && i.naturalWidth > 0).length")
+
+
+@pytest.mark.slow
+def test_console_in_chromium(server, page, files):
+    with screenshot_on_failure(page, "chromium"):
+        page.goto(server.url + "/")
+        _choose(page, {"base", "cifar10"})
+        page.set_input_files("#files", str(files["cat"]))  # choosing a file runs the request
+        cifar = page.locator("section.answer[data-adapter=cifar10]")
+        base = page.locator("section.answer[data-adapter=base]")
+        cifar.locator(".neighbours img").first.wait_for()
+        page.wait_for_function("() => [...document.querySelectorAll('section.answer[data-adapter=cifar10] .neighbours img')]"
+                               ".filter(i => i.complete && i.naturalWidth > 0).length >= 5")
+
+        base_labels = base.locator(".bars .name").all_inner_texts()
+        assert base_labels and base_labels[0] in CAT_CLASSES, base_labels  # the README's answer: a cat
+        assert "cat" in cifar.locator(".bars .name").all_inner_texts()
+        assert _loaded_thumbnails(cifar.element_handle()) >= 5
+        manifest = read_manifest(STORE / "adapters" / "cifar10" / "1")
+        r1, _, r3 = manifest["adapter"]["ranks"]
+        assert cifar.locator("svg.seed-chart rect").count() == len(manifest["resolved_targets"]) * r3 * r1  # one bar per seed number
+        assert base.locator("svg.seed-chart").count() == 0 and "no seed" in base.inner_text()
+        if os.environ.get("METALORA_UPDATE_SCREENSHOT"):
+            page.screenshot(path=str(ROOT / "docs" / "console.png"), full_page=True)
+
+        # With the token: add the photo to cifar10's gallery; it comes back as its own nearest neighbour.
+        page.locator("#admin summary").click()
+        page.fill("#token", TOKEN)
+        add = cifar.locator(".add")
+        add.locator("select option[value=cat]").wait_for(state="attached")
+        add.locator("select").select_option("cat")
+        add.locator("input[type=text]").fill("console-cat")
+        add.locator("button").click()
+        me = cifar.locator('figure[data-id="console-cat"]')
+        me.wait_for()
+        assert float(me.locator(".score").inner_text()) >= 0.99  # the same image: cosine ~1
+        page.wait_for_function("() => { const i = document.querySelector('figure[data-id=\"console-cat\"] img'); return i && i.complete && i.naturalWidth > 0; }")
+        # ... and remove it again.
+        me.locator("button").click()
+        me.wait_for(state="detached")
+        page.wait_for_selector("section.answer[data-adapter=cifar10] .neighbours figure")
+
+        # A file that is not an image: the page shows the server's own error message.
+        want = httpx.post(server.url + "/v1/predict", files=[("images", ("notes.jpg", files["bad"].read_bytes(), "image/jpeg"))], data={"adapter": ["base", "cifar10"], "top_k": "5", "include_seed": "true"}).json()["error"]
+        page.set_input_files("#files", str(files["bad"]))
+        page.wait_for_selector("#error:not([hidden])")
+        assert page.inner_text("#error") == f"{want['code']}: {want['message']}"
+
+
+@pytest.mark.slow
+def test_console_is_keyboard_usable_and_fits_400px(server, page, files):
+    with screenshot_on_failure(page, "400px"):
+        page.set_viewport_size({"width": 400, "height": 800})
+        page.goto(server.url + "/")
+        _choose(page, {"base", "cifar10"})
+        page.focus("#drop")
+        with page.expect_file_chooser() as fc:
+            page.keyboard.press("Enter")
+        fc.value.set_files(str(files["cat"]))
+        page.locator("section.answer[data-adapter=cifar10] .neighbours img").first.wait_for()
+        assert page.evaluate("() => document.documentElement.scrollWidth") <= 400  # no sideways scrolling
+        page.keyboard.press("Tab")
+        assert page.evaluate("() => document.activeElement && document.activeElement !== document.body")
