@@ -3,11 +3,22 @@ so a newer server does not break an older client."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+
+class _Seeded(_Model):
+    """`seed` is there when the server sent it (include_seed=True), else None and left out of dumps."""
+
+    @model_serializer(mode="wrap")
+    def _omit_unsent_seed(self, handler: SerializerFunctionWrapHandler):
+        d = handler(self)
+        if "seed" not in self.model_fields_set:
+            d.pop("seed", None)
+        return d
 
 
 class Prediction(_Model):
@@ -16,7 +27,7 @@ class Prediction(_Model):
     score: float
 
 
-class PredictResult(_Model):
+class PredictResult(_Seeded):
     adapter: str
     version: str
     predictions: list[Prediction]
@@ -27,7 +38,7 @@ class PredictResult(_Model):
         return self.predictions[0]
 
 
-class EmbedResult(_Model):
+class EmbedResult(_Seeded):
     adapter: str
     version: str
     embedding: list[float]

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from clients import MetaLoRAClient
 from metalora.bundle import GALLERY, BundleError, Gallery, load_gallery, read_manifest, verify_files
 from metalora.runtime import Runtime
 from metalora.thumbnails import THUMBNAIL_SIZE, make_thumbnail
@@ -86,7 +87,8 @@ def test_shipped_store_fits_its_size_limit():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("console")
-    srv = ServerProcess(STORE, tmp / "server.log", gallery_dir=tmp / "galleries", admin_token=TOKEN, adapters="cifar10,mnist,mixed", lru_capacity=4)
+    # backend onnx: the seed test checks OrtRunner's seeds here (tests/test_service.py checks the torch backend's)
+    srv = ServerProcess(STORE, tmp / "server.log", backend="onnx", gallery_dir=tmp / "galleries", admin_token=TOKEN, adapters="cifar10,mnist,mixed", lru_capacity=4)
     srv.start()
     yield srv
     srv.stop()
@@ -110,6 +112,7 @@ def _seed_reference(rt: Runtime, key: str, image: bytes) -> dict[str, list[float
 def test_include_seed_per_layer_matches_the_mapping_network(server, reference, cat):
     adapters = ["base", "cifar10", "mnist", "mixed"]
     with httpx.Client(base_url=server.url, timeout=120) as c:
+        assert c.get("/readyz").json()["backend"] == "onnx"
         plain = c.post("/v1/predict", json={"adapter": "cifar10", "images": [base64.b64encode(cat).decode()]}).json()
         assert "seed" not in plain["results"][0]  # only when asked for
         for route in ("/v1/predict", "/v1/embed"):
@@ -126,6 +129,11 @@ def test_include_seed_per_layer_matches_the_mapping_network(server, reference, c
                 for layer, vals in got[name].items():
                     assert len(vals) == per_layer
                     np.testing.assert_allclose(vals, want[layer], atol=2e-3, rtol=1e-3)
+    # The Python client: the same seeds with include_seed=True, and none without.
+    with MetaLoRAClient(server.url) as client:
+        seeded = client.embed(cat, adapter=["cifar10", "mixed"], include_seed=True)
+        assert seeded[0].seed == got["cifar10"] and seeded[1].seed is None and "seed" in seeded[1].model_dump()
+        assert "seed" not in client.predict(cat, adapter="cifar10")[0].model_dump()
 
 
 @pytest.mark.slow

@@ -166,6 +166,33 @@ def test_served_outputs_equal_in_process_model(server, reference, images):
         assert [p["index"] for p in res["predictions"]] == gamma.logits[i].topk(2).indices.tolist()
 
 
+def test_include_seed_on_the_torch_backend(server, reference, images):
+    """`include_seed`: c(x) per adapted layer, from the adapter's mapping network (the reference
+    path: `Adapter.seeds` on the pooled prefix); null for lora (alpha) and base."""
+    refs = ["base", "alpha", "beta@1", "gamma"]
+    with server.client() as c:
+        r = c.post("/v1/embed", json={"adapter": refs, "images": [_b64(b) for b in images[:2]], "include_seed": True})
+        assert r.status_code == 200, r.text
+        m = c.post("/v1/predict", files=[("images", ("a.png", images[0]))], data={"adapter": ["gamma", "beta@1"], "include_seed": "true"})
+        assert m.status_code == 200, m.text
+    res = r.json()["results"]
+    x = reference.preprocess(images[:2])
+    with torch.inference_mode():
+        f = reference.backbone.pool_prefix(reference.backbone.prefix(x))  # (2, F)
+    for j, ref in enumerate(refs):
+        for i in range(2):
+            got = res[i * len(refs) + j]["seed"]
+            if ref in ("base", "alpha"):
+                assert got is None
+                continue
+            adapter = reference.model.adapters[reference.load(ref)]
+            want = {k: v[i].numpy() for k, v in adapter.seeds(f).items()}
+            assert list(got) == adapter.targets  # named by layer, in target order
+            for layer, vals in got.items():
+                np.testing.assert_allclose(vals, want[layer], atol=1e-4)
+    assert m.json()["results"][0]["seed"] == res[3]["seed"]  # multipart: the same seed for the same image
+
+
 def _hist(metrics: dict, name: str) -> dict[str, float]:
     return {dict(k)["le"]: v for (n, k), v in metrics.items() if n == name + "_bucket"}
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from metalora.bundle import load_bundle, load_gallery, read_manifest
@@ -92,6 +95,13 @@ def test_train_writes_a_loadable_bundle(backbone, cache, tmp_path, fmt):
     assert m["n"] == 10 and m["k"] == 10 and 0.0 <= m["knn_top1"] <= 1.0 and 0.0 <= m["head_top1"] <= 1.0
     g = load_gallery(out, manifest)
     assert g.embeddings.shape == (20, 1280) and g.ids[0].startswith("digits/") and len(set(g.labels.tolist())) == 10
+    # One thumbnail per item, made from the item's own source image (8×8 digits: kept at 8×8, never enlarged).
+    src = {it.id: it.read() for it in list_items(DataSpec.parse(TRAIN))}
+    assert g.thumbnails is not None and len(g.thumbnails) == 20
+    for item_id, thumb in zip(g.ids, g.thumbnails):
+        small = np.asarray(Image.open(io.BytesIO(thumb)).convert("L"), dtype=float)
+        want = np.asarray(Image.open(io.BytesIO(src[item_id])).convert("L"), dtype=float)
+        assert small.shape == want.shape == (8, 8) and np.abs(small - want).mean() < 20, item_id
     # The bundle's adapter gives the training run's weights back exactly.
     for k, v in _weights(res).items():
         assert torch.equal(adapter.state_dict()[k], v), k
