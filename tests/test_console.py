@@ -258,6 +258,16 @@ def test_console_in_chromium(server, page, files):
         if os.environ.get("METALORA_UPDATE_SCREENSHOT"):
             page.screenshot(path=str(ROOT / "docs" / "console.png"), full_page=True)
 
+        # A bare-vector item (the photo's own embedding, so it is the nearest) has no picture: a placeholder.
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        vec = httpx.post(server.url + "/v1/embed", json={"adapter": "cifar10", "images": [base64.b64encode(files["cat"].read_bytes()).decode()]}).json()["results"][0]["embedding"]
+        assert httpx.put(server.url + "/v1/adapters/cifar10/gallery/bare-cat", headers=auth, json={"label": "cat", "vector": vec}).status_code == 200
+        page.click("#run")
+        bare = cifar.locator('figure[data-id="bare-cat"]')
+        bare.locator(".placeholder").wait_for()
+        assert bare.locator("img").count() == 0
+        assert httpx.delete(server.url + "/v1/adapters/cifar10/gallery/bare-cat", headers=auth).status_code == 200
+
         # With the token: add the photo to cifar10's gallery; it comes back as its own nearest neighbour.
         page.locator("#admin summary").click()
         page.fill("#token", TOKEN)
@@ -274,6 +284,14 @@ def test_console_in_chromium(server, page, files):
         me.locator("button").click()
         me.wait_for(state="detached")
         page.wait_for_selector("section.answer[data-adapter=cifar10] .neighbours figure")
+
+        # Load and unload from the page (digits is in the store, not loaded by this server).
+        page.click("button[aria-label='load digits']")
+        page.wait_for_selector("button[aria-label='unload digits']")
+        assert "digits@1" in httpx.get(server.url + "/readyz").json()["loaded"]
+        page.click("button[aria-label='unload digits']")
+        page.wait_for_selector("button[aria-label='load digits']")
+        assert "digits@1" not in httpx.get(server.url + "/readyz").json()["loaded"]
 
         # A file that is not an image: the page shows the server's own error message.
         want = httpx.post(server.url + "/v1/predict", files=[("images", ("notes.jpg", files["bad"].read_bytes(), "image/jpeg"))], data={"adapter": ["base", "cifar10"], "top_k": "5", "include_seed": "true"}).json()["error"]
