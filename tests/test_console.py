@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import os
 import shutil
 import tempfile
@@ -21,10 +20,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
 
 from clients import MetaLoRAClient
-from metalora.bundle import GALLERY, BundleError, Gallery, load_gallery, read_manifest, verify_files
+from metalora.bundle import BundleError, Gallery, load_gallery, read_manifest, verify_files
 from metalora.runtime import Runtime
 from metalora.thumbnails import THUMBNAIL_SIZE, make_thumbnail
 from service.launch import ServerProcess

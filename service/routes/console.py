@@ -45,6 +45,11 @@ async def console_static(name: str) -> FileResponse:
     return _static(name)
 
 
+async def _has_item(svc, key: str, item_id: str) -> bool:
+    index = await svc.gallery_index(key)
+    return item_id in index.ids
+
+
 @thumbnails.get(
     "/{name}/gallery/{item_id:path}/thumbnail",
     response_class=Response,
@@ -61,8 +66,7 @@ async def gallery_thumbnail(name: RefPath, item_id: str, request: Request, svc: 
     if key == BASE:
         raise ServiceError(422, "no_gallery", "'base' has no gallery; galleries belong to adapters")
     request.state.adapter = key
-    index = await svc.gallery_index(key)
-    if item_id not in index.ids:
+    if not await _has_item(svc, key, item_id):
         raise ServiceError(404, "unknown_item", f"{key} has no gallery item {item_id!r}")
     data = await asyncio.to_thread(svc.thumbnails.get, key, item_id)
     if data is None:
