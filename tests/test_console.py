@@ -219,8 +219,11 @@ def screenshot_on_failure(page, name: str):
 def files(tmp_path_factory, cat) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("upload")
     (d / "cat.jpg").write_bytes(cat)
+    import skimage.data
+
+    (d / "coffee.jpg").write_bytes(_jpeg(skimage.data.coffee()))
     (d / "notes.jpg").write_bytes(b"this is not an image, whatever its name says\n")
-    return {"cat": d / "cat.jpg", "bad": d / "notes.jpg"}
+    return {"cat": d / "cat.jpg", "coffee": d / "coffee.jpg", "bad": d / "notes.jpg"}
 
 
 def _choose(page, names: set[str]) -> None:
@@ -307,8 +310,11 @@ def test_console_is_keyboard_usable_and_fits_400px(server, page, files):
         page.focus("#drop")
         with page.expect_file_chooser() as fc:
             page.keyboard.press("Enter")
-        fc.value.set_files(str(files["cat"]))
-        page.locator("section.answer[data-adapter=cifar10] .neighbours img").first.wait_for()
+        fc.value.set_files([str(files["cat"]), str(files["coffee"])])  # two images × two adapters
+        page.wait_for_function("() => document.querySelectorAll('article.image-card').length === 2")
+        page.locator("article.image-card").nth(1).locator("section.answer[data-adapter=cifar10] .neighbours img").first.wait_for()
+        assert page.locator("section.answer").count() == 4
+        assert page.locator("article.image-card").nth(1).locator("section.answer[data-adapter=base] .bars .name").first.inner_text() in {"espresso", "cup", "coffee mug"}  # skimage coffee: an espresso cup
         assert page.evaluate("() => document.documentElement.scrollWidth") <= 400  # no sideways scrolling
         page.keyboard.press("Tab")
         assert page.evaluate("() => document.activeElement && document.activeElement !== document.body")
