@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="run one dummy batch before turning ready")
 
     gallery_dir: Path | None = Field(None, description="where edited galleries live (default <store>/galleries)")
+    gallery_dsn: SecretStr | None = Field(None, description="PostgreSQL connection string (libpq URI) for galleries shared by every replica; unset = embedded SQLite store in gallery_dir")
+    gallery_db_timeout_s: float = Field(2.0, gt=0, le=60, description="wait for a gallery database connection before answering 503")
+    gallery_db_pool: int = Field(4, ge=1, le=64, description="gallery database connections per replica")
+    gallery_batch_max: int = Field(1000, ge=1, le=100_000, description="items per POST /v1/adapters/{name}/gallery batch")
     knn_exact_max: int = Field(50_000, ge=1, description="galleries larger than this use an HNSW index instead of exact search")
     metrics_max_adapters: int = Field(32, ge=1, description="distinct adapter label values in metrics; the rest are 'other'")
     log_level: str = Field("info", pattern=r"^(critical|error|warning|info|debug|trace)$")
@@ -60,6 +64,11 @@ class Settings(BaseSettings):
         if isinstance(v, str):
             return [s.strip() for s in v.split(",") if s.strip()]
         return v
+
+    @field_validator("gallery_dsn")
+    @classmethod
+    def _empty_dsn(cls, v: SecretStr | None):
+        return None if v is None or not v.get_secret_value().strip() else v
 
     @field_validator("admin_token")
     @classmethod

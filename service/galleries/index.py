@@ -1,0 +1,376 @@
+"""A gallery's FAISS index, edited in place: add, replace and delete cost O(1) in the gallery size.
+
+Why not `IndexIDMap2.remove_ids`: FAISS removes from a flat index by shifting every later vector
+and then rebuilds the id map, O(N·D) per delete (21 ms at 200k x 128 here, about a second at
+1M x 1280). Instead every vector keeps the position it was added at; a delete clears that
+position's bit in an `alive` bitmap, a replace clears the old bit and appends the new vector.
+Searches pass the bitmap to FAISS as an `IDSelectorBitmap`: the flat scan skips dead positions
+(still exact) and HNSW keeps routing through dead nodes but never returns them (FAISS's filtered
+search; no over-fetch that could come back short). When dead positions pass a share of the
+index, or the size crosses `exact_max` (flat <-> HNSW), a background thread rebuilds a compact
+index from a snapshot while searches and writes go on; writes made meanwhile are journalled and
+replayed on the new index before it is swapped in.
+
+Concurrency: one readers-writer lock per index. Searches share it; a write holds it for one
+FAISS add (microseconds for flat, about a millisecond per vector for HNSW). Compaction reads the
+old index in chunks under the shared lock and holds the exclusive lock only for the final swap.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+log = logging.getLogger("metalora.galleries")
+
+HNSW_M = 32  # graph degree: the usual default, good recall at modest memory
+HNSW_EF_SEARCH = 128
+COMPACT_DEAD_SHARE = 0.2  # rebuild once a fifth of the positions are dead
+COMPACT_MIN_DEAD = 1024  # ... and at least this many (tiny galleries are not worth a thread)
+_CHUNK = 16_384  # rows read from the old index per shared-lock hold while compacting
+
+
+@dataclass
+class Hit:
+    id: str
+    label: str
+    score: float
+
+
+class GalleryEmpty(LookupError):
+    pass
+
+
+class RWLock:
+    """Many readers or one writer; a waiting writer stops new readers (no writer starvation)."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._waiting = 0
+
+    def acquire_read(self):
+        with self._cond:
+            while self._writer or self._waiting:
+                self._cond.wait()
+            self._readers += 1
+
+    def release_read(self):
+        with self._cond:
+            self._readers -= 1
+            if not self._readers:
+                self._cond.notify_all()
+
+    def acquire_write(self):
+        with self._cond:
+            self._waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._waiting -= 1
+            self._writer = True
+
+    def release_write(self):
+        with self._cond:
+            self._writer = False
+            self._cond.notify_all()
+
+    def read(self):
+        lock = self
+
+        class _R:
+            def __enter__(self):
+                lock.acquire_read()
+
+            def __exit__(self, *exc):
+                lock.release_read()
+
+        return _R()
+
+    def write(self):
+        lock = self
+
+        class _W:
+            def __enter__(self):
+                lock.acquire_write()
+
+            def __exit__(self, *exc):
+                lock.release_write()
+
+        return _W()
+
+
+def normalise(v: np.ndarray) -> np.ndarray:
+    """(N, D) float32 rows scaled to unit L2 norm (a fresh contiguous copy)."""
+    v = np.array(v, dtype=np.float32, order="C", copy=True)
+    if v.size:
+        faiss.normalize_L2(v)
+    return v
+
+
+def _new_index(kind: str, dim: int) -> faiss.Index:
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = HNSW_EF_SEARCH
+        return index
+    return faiss.IndexFlatIP(dim)
+
+
+class _Positions:
+    """Per-position bookkeeping of one FAISS index: id, label index and alive bit; grows by doubling."""
+
+    def __init__(self, capacity: int = 1024):
+        self.n = 0  # positions used (alive or dead)
+        self.ids: list[str] = []  # position -> item id
+        self.labels = np.zeros(capacity, dtype=np.int32)  # (capacity,)
+        self.alive = np.zeros((capacity + 7) // 8, dtype=np.uint8)  # bit p = position p is live (little-endian bits)
+        self.pos: dict[str, int] = {}  # live id -> position
+        self.dead = 0
+
+    def _grow(self, need: int) -> None:
+        cap = len(self.labels)
+        if need <= cap:
+            return
+        while cap < need:
+            cap *= 2
+        labels = np.zeros(cap, dtype=np.int32)
+        labels[: self.n] = self.labels[: self.n]
+        alive = np.zeros((cap + 7) // 8, dtype=np.uint8)
+        alive[: len(self.alive)] = self.alive
+        self.labels, self.alive = labels, alive
+
+    def append(self, item_id: str, label: int) -> int:
+        """A new position for the item; an older position of the same id dies."""
+        self.kill(item_id)
+        self._grow(self.n + 1)
+        p = self.n
+        self.n += 1
+        self.ids.append(item_id)
+        self.labels[p] = label
+        self.alive[p >> 3] |= np.uint8(1 << (p & 7))
+        self.pos[item_id] = p
+        return p
+
+    def kill(self, item_id: str) -> bool:
+        p = self.pos.pop(item_id, None)
+        if p is None:
+            return False
+        self.alive[p >> 3] &= np.uint8(~(1 << (p & 7)) & 0xFF)
+        self.dead += 1
+        return True
+
+    def alive_mask(self) -> np.ndarray:
+        return np.unpackbits(self.alive, bitorder="little")[: self.n].astype(bool)  # (n,)
+
+
+class LiveIndex:
+    """One adapter version's gallery in memory: ids, labels, vectors in a FAISS index edited in place.
+
+    `cursor` is the store's change sequence number this index has applied up to (see
+    `service.galleries.store`); the caller advances it. Vectors are L2-normalised on the way in, so
+    inner product is cosine similarity. Raises `GalleryEmpty` when searching an empty gallery.
+    """
+
+    def __init__(self, key: str, labels: list[str], dim: int, exact_max: int, source: str = "none", background: bool = True):
+        self.key, self.labels, self.dim, self.exact_max, self.source = key, list(labels), dim, exact_max, source
+        self.background = background
+        self.cursor = 0
+        self._lock = RWLock()
+        self._p = _Positions()
+        self.index = _new_index("flat", dim)
+        self.kind = "flat"
+        self._journal: list[tuple[str, str, int, np.ndarray | None]] | None = None  # writes during a compaction
+        self._compactor: threading.Thread | None = None
+        self._compact_lock = threading.Lock()  # one compaction at a time
+        self.compactions = 0
+        self._sel = None  # (IDSelectorBitmap, the bitmap it points into) for the current positions
+
+    # ------------------------------------------------------------------ reads
+    def __len__(self) -> int:
+        return len(self._p.pos)
+
+    def __contains__(self, item_id: str) -> bool:
+        return item_id in self._p.pos
+
+    @property
+    def dead(self) -> int:
+        return self._p.dead
+
+    def label_index(self, label: str) -> int:
+        """The label's position in the adapter's labels; KeyError when it is not one of them."""
+        return self.labels.index(label) if label in self.labels else _raise_key(label)
+
+    def label_counts(self) -> dict[str, int]:
+        with self._lock.read():
+            p = self._p
+            counts = np.bincount(p.labels[: p.n][p.alive_mask()], minlength=len(self.labels))
+        return {self.labels[j]: int(c) for j, c in enumerate(counts) if c}
+
+    def items(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """(ids, label indices (N,), normalised vectors (N, D)) of the live items, in position order."""
+        with self._lock.read():
+            p = self._p
+            mask = p.alive_mask()
+            vecs = self.index.reconstruct_n(0, p.n)[mask] if p.n else np.zeros((0, self.dim), np.float32)
+            ids = [i for i, m in zip(p.ids, mask) if m]
+            return ids, p.labels[: p.n][mask].astype(np.int64), vecs
+
+    def get(self, item_id: str) -> tuple[str, np.ndarray] | None:
+        """(label, normalised vector (D,)) of one live item, or None."""
+        with self._lock.read():
+            pos = self._p.pos.get(item_id)
+            if pos is None:
+                return None
+            return self.labels[self._p.labels[pos]], self.index.reconstruct(pos)
+
+    def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
+        """queries (Q, D) any norm -> for each, up to k live items by descending cosine similarity."""
+        q = normalise(np.atleast_2d(queries))  # (Q, D)
+        with self._lock.read():
+            p = self._p
+            live = len(p.pos)
+            if not live:
+                raise GalleryEmpty(self.key)
+            k = min(k, live)
+            params = None
+            if p.dead:
+                sel = self._selector()
+                params = faiss.SearchParametersHNSW(sel=sel, efSearch=max(HNSW_EF_SEARCH, k)) if self.kind == "hnsw" else faiss.SearchParameters(sel=sel)
+            elif self.kind == "hnsw" and k > HNSW_EF_SEARCH:
+                params = faiss.SearchParametersHNSW(efSearch=k)
+            scores, pos = self.index.search(q, k, params=params)  # (Q, k) each; -1 where fewer found
+            ids, labels, names = p.ids, p.labels, self.labels
+            return [[Hit(ids[j], names[labels[j]], float(s)) for s, j in zip(srow, prow) if j >= 0] for srow, prow in zip(scores.tolist(), pos.tolist())]
+
+    def _selector(self):
+        """An IDSelectorBitmap over the alive bits (rebuilt only when the bitmap was reallocated)."""
+        p = self._p
+        if self._sel is None or self._sel[1] is not p.alive or self._sel[2] != p.n:
+            self._sel = (faiss.IDSelectorBitmap(p.n, faiss.swig_ptr(p.alive)), p.alive, p.n)
+        return self._sel[0]
+
+    # ------------------------------------------------------------------ writes
+    def load(self, ids: list[str], labels: Iterable[int], vectors: np.ndarray) -> None:
+        """Fill an empty index in one go (N ids, N label indices, (N, D) vectors)."""
+        vecs = normalise(vectors.reshape(len(ids), self.dim))
+        labs = np.asarray(list(labels) if not isinstance(labels, np.ndarray) else labels, dtype=np.int32)
+        with self._lock.write():
+            if self._p.n:
+                raise RuntimeError("load() is for an empty index")
+            self.kind = "hnsw" if len(ids) > self.exact_max else "flat"
+            index = _new_index(self.kind, self.dim)
+            p = _Positions(max(1024, len(ids)))
+            for item_id, lab in zip(ids, labs.tolist()):  # a later duplicate wins, as a replace would
+                p.append(item_id, lab)
+            if len(ids):
+                index.add(vecs)
+            self.index, self._p, self._sel = index, p, None
+
+    def apply(self, upserts: list[tuple[str, int, np.ndarray]] = (), deletes: Iterable[str] = ()) -> list[bool]:
+        """Add or replace items (id, label index, vector (D,)) and delete ids, all under one write lock.
+
+        Returns, per upsert, whether the id was new. Unknown ids in `deletes` are ignored (the
+        store decides what exists). Order: deletes first, then upserts.
+        """
+        vecs = normalise(np.stack([v for _, _, v in upserts]).reshape(len(upserts), self.dim)) if upserts else None
+        with self._lock.write():
+            for d in deletes:
+                self._p.kill(d)
+                if self._journal is not None:
+                    self._journal.append(("del", d, 0, None))
+            created = []
+            if upserts:
+                for (item_id, lab, _), v in zip(upserts, vecs):
+                    created.append(item_id not in self._p.pos)
+                    self._p.append(item_id, lab)
+                    if self._journal is not None:
+                        self._journal.append(("put", item_id, lab, v))
+                self.index.add(vecs)
+        self.maybe_compact()
+        return created
+
+    # ------------------------------------------------------------------ compaction
+    def wants_compaction(self) -> bool:
+        p = self._p
+        live = len(p.pos)
+        if p.dead >= COMPACT_MIN_DEAD and p.dead >= COMPACT_DEAD_SHARE * p.n:
+            return True
+        return (self.kind == "flat" and live > self.exact_max) or (self.kind == "hnsw" and live <= self.exact_max // 2)
+
+    def maybe_compact(self) -> None:
+        if not self.wants_compaction() or (self._compactor and self._compactor.is_alive()):
+            return
+        if self.background:
+            self._compactor = threading.Thread(target=self.compact, name=f"compact-{self.key}", daemon=True)
+            self._compactor.start()
+        else:
+            self.compact()
+
+    def wait_compaction(self, timeout: float | None = None) -> None:
+        t = self._compactor
+        if t is not None:
+            t.join(timeout)
+
+    def compact(self) -> None:
+        """Rebuild a dense index of the live items (flat or HNSW by size) and swap it in.
+
+        Searches and writes continue while the new index is built; writes made meanwhile are
+        journalled and replayed onto it, and only the last few are replayed under the write lock.
+        """
+        with self._compact_lock:
+            with self._lock.write():
+                p = self._p
+                n0, mask, self._journal = p.n, p.alive_mask(), []
+                ids0, labels0 = p.ids[:n0], p.labels[:n0].copy()
+            live = int(mask.sum())
+            kind = "hnsw" if live > self.exact_max else "flat"
+            try:
+                index, q = _new_index(kind, self.dim), _Positions(max(1024, live))
+                for start in range(0, n0, _CHUNK):  # positions < n0 never change: read them in chunks
+                    stop = min(n0, start + _CHUNK)
+                    with self._lock.read():
+                        block = self.index.reconstruct_n(start, stop - start)
+                    keep = mask[start:stop]
+                    for j in np.flatnonzero(keep):
+                        q.append(ids0[start + j], int(labels0[start + j]))
+                    if keep.any():
+                        index.add(np.ascontiguousarray(block[keep]))
+                done = 0
+                while True:  # replay the journal, the tail under the write lock
+                    with self._lock.read():
+                        pending = len(self._journal)
+                    if pending - done > 256:
+                        done = _replay(index, q, self._journal, done, pending)
+                        continue
+                    with self._lock.write():
+                        _replay(index, q, self._journal, done, len(self._journal))
+                        self.index, self._p, self.kind, self._sel, self._journal = index, q, kind, None, None
+                        break
+            except BaseException:
+                with self._lock.write():
+                    self._journal = None
+                raise
+            self.compactions += 1
+            log.info("compacted gallery %s: %d live items, %s index", self.key, live, kind)
+
+
+def _replay(index, q: _Positions, journal: list, start: int, stop: int) -> int:
+    adds: list[np.ndarray] = []
+    for op, item_id, lab, v in journal[start:stop]:  # deletes take no position, so adds can go in one call
+        if op == "del":
+            q.kill(item_id)
+        else:
+            q.append(item_id, lab)
+            adds.append(v)
+    if adds:
+        index.add(np.stack(adds))
+    return stop
+
+
+def _raise_key(label):
+    raise KeyError(label)
