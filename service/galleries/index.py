@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -33,6 +34,9 @@ HNSW_EF_SEARCH = 128
 COMPACT_DEAD_SHARE = 0.2  # rebuild once a fifth of the positions are dead
 COMPACT_MIN_DEAD = 1024  # ... and at least this many (tiny galleries are not worth a thread)
 _CHUNK = 16_384  # rows read from the old index per shared-lock hold while compacting
+_REPLAY_TAIL = 32  # journal entries replayed under the write lock at the end of a compaction
+MERGE_SLICE_S = 0.005  # the delta -> HNSW merge holds the write lock about this long per slice
+MERGE_PAUSE_S = 0.001  # ... and then lets waiting searches and writes in
 
 
 @dataclass
@@ -171,6 +175,13 @@ class _Positions:
 class LiveIndex:
     """One adapter version's gallery in memory: ids, labels, vectors in a FAISS index edited in place.
 
+    Positions [0, m) live in the main index (flat, or HNSW above `exact_max`); with HNSW, new
+    vectors first go to a small exact `delta` index (positions [m, n)), because one HNSW insert
+    at D=1280 costs about a millisecond and a batch of 1000 would hold the write lock, and every
+    search, for a second. A background merge moves the delta into the graph a few vectors per
+    lock hold (`MERGE_SLICE_S`), so a search or a write never waits longer than one slice.
+    Searches query both and merge by score; the delta is searched exactly.
+
     `cursor` is the store's change sequence number this index has applied up to (see
     `service.galleries.store`); the caller advances it. Vectors are L2-normalised on the way in, so
     inner product is cosine similarity. Raises `GalleryEmpty` when searching an empty gallery.
@@ -184,11 +195,13 @@ class LiveIndex:
         self._p = _Positions()
         self.index = _new_index("flat", dim)
         self.kind = "flat"
+        self.delta: faiss.IndexFlatIP | None = None  # HNSW only: positions [m, n) not yet in the graph
+        self.m = 0
         self._journal: list[tuple[str, str, int, np.ndarray | None]] | None = None  # writes during a compaction
-        self._compactor: threading.Thread | None = None
-        self._compact_lock = threading.Lock()  # one compaction at a time
+        self._worker: threading.Thread | None = None
+        self._job_lock = threading.Lock()  # one background job (merge or compaction) at a time
         self.compactions = 0
-        self._sel = None  # (IDSelectorBitmap, the bitmap it points into) for the current positions
+        self._sel = None  # (IDSelectorBitmap, the bitmap it points into, n) for the current positions
 
     # ------------------------------------------------------------------ reads
     def __len__(self) -> int:
@@ -201,9 +214,9 @@ class LiveIndex:
     def dead(self) -> int:
         return self._p.dead
 
-    def label_index(self, label: str) -> int:
-        """The label's position in the adapter's labels; KeyError when it is not one of them."""
-        return self.labels.index(label) if label in self.labels else _raise_key(label)
+    @property
+    def pending_merge(self) -> int:
+        return self._p.n - self.m if self.delta is not None else 0
 
     def label_counts(self) -> dict[str, int]:
         with self._lock.read():
@@ -211,12 +224,22 @@ class LiveIndex:
             counts = np.bincount(p.labels[: p.n][p.alive_mask()], minlength=len(self.labels))
         return {self.labels[j]: int(c) for j, c in enumerate(counts) if c}
 
+    def _vectors(self, start: int, stop: int) -> np.ndarray:
+        """(stop - start, D) stored vectors of positions [start, stop) (caller holds a lock)."""
+        parts = []
+        if start < self.m:
+            parts.append(self.index.reconstruct_n(start, min(stop, self.m) - start))
+        if stop > self.m and self.delta is not None:
+            lo = max(start, self.m)
+            parts.append(self.delta.reconstruct_n(lo - self.m, stop - lo))
+        return np.concatenate(parts) if len(parts) > 1 else (parts[0] if parts else np.zeros((0, self.dim), np.float32))
+
     def items(self) -> tuple[list[str], np.ndarray, np.ndarray]:
         """(ids, label indices (N,), normalised vectors (N, D)) of the live items, in position order."""
         with self._lock.read():
             p = self._p
             mask = p.alive_mask()
-            vecs = self.index.reconstruct_n(0, p.n)[mask] if p.n else np.zeros((0, self.dim), np.float32)
+            vecs = self._vectors(0, p.n)[mask]
             ids = [i for i, m in zip(p.ids, mask) if m]
             return ids, p.labels[: p.n][mask].astype(np.int64), vecs
 
@@ -226,7 +249,7 @@ class LiveIndex:
             pos = self._p.pos.get(item_id)
             if pos is None:
                 return None
-            return self.labels[self._p.labels[pos]], self.index.reconstruct(pos)
+            return self.labels[self._p.labels[pos]], self._vectors(pos, pos + 1)[0]
 
     def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
         """queries (Q, D) any norm -> for each, up to k live items by descending cosine similarity."""
@@ -237,18 +260,29 @@ class LiveIndex:
             if not live:
                 raise GalleryEmpty(self.key)
             k = min(k, live)
-            params = None
-            if p.dead:
-                sel = self._selector()
-                params = faiss.SearchParametersHNSW(sel=sel, efSearch=max(HNSW_EF_SEARCH, k)) if self.kind == "hnsw" else faiss.SearchParameters(sel=sel)
-            elif self.kind == "hnsw" and k > HNSW_EF_SEARCH:
-                params = faiss.SearchParametersHNSW(efSearch=k)
-            scores, pos = self.index.search(q, k, params=params)  # (Q, k) each; -1 where fewer found
+            scores, pos = np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
+            if self.m:
+                params = None
+                if p.dead:
+                    sel = self._selector()
+                    params = faiss.SearchParametersHNSW(sel=sel, efSearch=max(HNSW_EF_SEARCH, k)) if self.kind == "hnsw" else faiss.SearchParameters(sel=sel)
+                elif self.kind == "hnsw" and k > HNSW_EF_SEARCH:
+                    params = faiss.SearchParametersHNSW(efSearch=k)
+                scores, pos = self.index.search(q, min(k, self.m), params=params)  # (Q, k) each; -1 where fewer found
+            if self.delta is not None and p.n > self.m:
+                nd = p.n - self.m
+                bits = np.packbits(p.alive_mask()[self.m :], bitorder="little")  # the delta's alive bits, from 0
+                ds, dp = self.delta.search(q, min(k, nd), params=faiss.SearchParameters(sel=faiss.IDSelectorBitmap(nd, faiss.swig_ptr(bits))))
+                dp = np.where(dp >= 0, dp + self.m, -1)
+                scores, pos = np.concatenate([scores, ds], 1), np.concatenate([pos, dp], 1)  # (Q, <=2k)
+                scores = np.where(pos >= 0, scores, -np.inf)
+                top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+                scores, pos = np.take_along_axis(scores, top, 1), np.take_along_axis(pos, top, 1)
             ids, labels, names = p.ids, p.labels, self.labels
             return [[Hit(ids[j], names[labels[j]], float(s)) for s, j in zip(srow, prow) if j >= 0] for srow, prow in zip(scores.tolist(), pos.tolist())]
 
     def _selector(self):
-        """An IDSelectorBitmap over the alive bits (rebuilt only when the bitmap was reallocated)."""
+        """An IDSelectorBitmap over the alive bits (a new wrapper only when the bitmap changed size)."""
         p = self._p
         if self._sel is None or self._sel[1] is not p.alive or self._sel[2] != p.n:
             self._sel = (faiss.IDSelectorBitmap(p.n, faiss.swig_ptr(p.alive)), p.alive, p.n)
@@ -258,18 +292,19 @@ class LiveIndex:
     def load(self, ids: list[str], labels: Iterable[int], vectors: np.ndarray) -> None:
         """Fill an empty index in one go (N ids, N label indices, (N, D) vectors)."""
         vecs = normalise(vectors.reshape(len(ids), self.dim))
-        labs = np.asarray(list(labels) if not isinstance(labels, np.ndarray) else labels, dtype=np.int32)
+        labs = np.asarray(labels, dtype=np.int32)
+        kind = "hnsw" if len(ids) > self.exact_max else "flat"
+        index = _new_index(kind, self.dim)
+        p = _Positions(max(1024, len(ids)))
+        for item_id, lab in zip(ids, labs.tolist()):  # a later duplicate wins, as a replace would
+            p.append(item_id, lab)
+        if len(ids):
+            index.add(vecs)
         with self._lock.write():
             if self._p.n:
                 raise RuntimeError("load() is for an empty index")
-            self.kind = "hnsw" if len(ids) > self.exact_max else "flat"
-            index = _new_index(self.kind, self.dim)
-            p = _Positions(max(1024, len(ids)))
-            for item_id, lab in zip(ids, labs.tolist()):  # a later duplicate wins, as a replace would
-                p.append(item_id, lab)
-            if len(ids):
-                index.add(vecs)
-            self.index, self._p, self._sel = index, p, None
+            self.index, self._p, self.kind, self._sel, self.m = index, p, kind, None, p.n
+            self.delta = faiss.IndexFlatIP(self.dim) if kind == "hnsw" else None
 
     def apply(self, upserts: list[tuple[str, int, np.ndarray]] = (), deletes: Iterable[str] = ()) -> list[bool]:
         """Add or replace items (id, label index, vector (D,)) and delete ids, all under one write lock.
@@ -290,11 +325,15 @@ class LiveIndex:
                     self._p.append(item_id, lab)
                     if self._journal is not None:
                         self._journal.append(("put", item_id, lab, v))
-                self.index.add(vecs)
-        self.maybe_compact()
+                if self.delta is not None:
+                    self.delta.add(vecs)
+                else:
+                    self.index.add(vecs)
+                    self.m = self._p.n
+        self.maybe_work()
         return created
 
-    # ------------------------------------------------------------------ compaction
+    # ------------------------------------------------------------------ background work
     def wants_compaction(self) -> bool:
         p = self._p
         live = len(p.pos)
@@ -302,19 +341,48 @@ class LiveIndex:
             return True
         return (self.kind == "flat" and live > self.exact_max) or (self.kind == "hnsw" and live <= self.exact_max // 2)
 
-    def maybe_compact(self) -> None:
-        if not self.wants_compaction() or (self._compactor and self._compactor.is_alive()):
+    def maybe_work(self) -> None:
+        if not (self.wants_compaction() or self.pending_merge) or (self._worker and self._worker.is_alive()):
             return
         if self.background:
-            self._compactor = threading.Thread(target=self.compact, name=f"compact-{self.key}", daemon=True)
-            self._compactor.start()
+            self._worker = threading.Thread(target=self._work, name=f"gallery-{self.key}", daemon=True)
+            self._worker.start()
         else:
-            self.compact()
+            self._work()
+
+    def _work(self) -> None:
+        while True:
+            if self.wants_compaction():
+                self.compact()
+            elif self.pending_merge:
+                self.merge()
+            else:
+                return
 
     def wait_compaction(self, timeout: float | None = None) -> None:
-        t = self._compactor
+        """Wait for the background merge/compaction running now (tests and benchmarks)."""
+        t = self._worker
         if t is not None:
             t.join(timeout)
+
+    def merge(self) -> None:
+        """Move the delta into the HNSW graph, a slice at a time, each slice under the write lock."""
+        with self._job_lock:
+            chunk = 8
+            while self.delta is not None and self._p.n > self.m:
+                t = time.perf_counter()
+                with self._lock.write():
+                    if self.delta is None:
+                        break
+                    c = min(chunk, self._p.n - self.m)
+                    self.index.add(self.delta.reconstruct_n(0, c))
+                    self.delta.remove_ids(faiss.IDSelectorRange(0, c))  # O(delta): shifts the rest down
+                    self.m += c
+                    if self._p.dead:
+                        self._sel = None
+                spent = time.perf_counter() - t
+                chunk = int(min(4096, max(1, chunk * MERGE_SLICE_S / max(spent, 1e-6))))  # aim at one slice per hold
+                time.sleep(MERGE_PAUSE_S)  # let waiting searches and writes in
 
     def compact(self) -> None:
         """Rebuild a dense index of the live items (flat or HNSW by size) and swap it in.
@@ -322,7 +390,7 @@ class LiveIndex:
         Searches and writes continue while the new index is built; writes made meanwhile are
         journalled and replayed onto it, and only the last few are replayed under the write lock.
         """
-        with self._compact_lock:
+        with self._job_lock:
             with self._lock.write():
                 p = self._p
                 n0, mask, self._journal = p.n, p.alive_mask(), []
@@ -334,7 +402,7 @@ class LiveIndex:
                 for start in range(0, n0, _CHUNK):  # positions < n0 never change: read them in chunks
                     stop = min(n0, start + _CHUNK)
                     with self._lock.read():
-                        block = self.index.reconstruct_n(start, stop - start)
+                        block = self._vectors(start, stop)
                     keep = mask[start:stop]
                     for j in np.flatnonzero(keep):
                         q.append(ids0[start + j], int(labels0[start + j]))
@@ -344,12 +412,13 @@ class LiveIndex:
                 while True:  # replay the journal, the tail under the write lock
                     with self._lock.read():
                         pending = len(self._journal)
-                    if pending - done > 256:
+                    if pending - done > _REPLAY_TAIL:
                         done = _replay(index, q, self._journal, done, pending)
                         continue
                     with self._lock.write():
                         _replay(index, q, self._journal, done, len(self._journal))
-                        self.index, self._p, self.kind, self._sel, self._journal = index, q, kind, None, None
+                        self.index, self._p, self.kind, self._sel, self._journal, self.m = index, q, kind, None, None, q.n
+                        self.delta = faiss.IndexFlatIP(self.dim) if kind == "hnsw" else None
                         break
             except BaseException:
                 with self._lock.write():
@@ -357,6 +426,11 @@ class LiveIndex:
                 raise
             self.compactions += 1
             log.info("compacted gallery %s: %d live items, %s index", self.key, live, kind)
+
+    def compact_now(self) -> None:
+        """Compact in the calling thread (tests), whatever the dead share."""
+        self.wait_compaction()
+        self.compact()
 
 
 def _replay(index, q: _Positions, journal: list, start: int, stop: int) -> int:
@@ -370,7 +444,3 @@ def _replay(index, q: _Positions, journal: list, start: int, stop: int) -> int:
     if adds:
         index.add(np.stack(adds))
     return stop
-
-
-def _raise_key(label):
-    raise KeyError(label)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,21 @@ class Galleries:
         return index
 
     def _open(self, key: str) -> LiveIndex:
+        labels, seed = self.bundle_source(key)
+        snap = self._call(self.store.open, key, self.dim, seed)
+        pos = {lab: j for j, lab in enumerate(labels)}
+        idx = [pos.get(lab, -1) for lab in snap.labels]
+        if -1 in idx:
+            raise ServiceError(409, "bad_gallery", f"{key}: the gallery store holds labels the adapter does not have ({snap.labels[idx.index(-1)]!r})")
+        index = LiveIndex(key, labels, self.dim, self.exact_max, snap.source)
+        index.load(snap.ids, np.asarray(idx, dtype=np.int32), snap.vectors)
+        index.cursor = snap.cursor
+        if snap.seeded:
+            log.info("gallery %s: imported %d seed items into the store", key, len(snap.ids))
+        return index
+
+    def bundle_source(self, key: str) -> tuple[list[str], Callable[[], Seed | None]]:
+        """(the adapter's labels, a function reading its seed gallery) from the model store."""
         name, version, path = self.models.resolve(key)
         manifest = read_manifest(path)
         labels: list[str] = manifest["adapter"]["labels"]
@@ -98,17 +114,7 @@ class Galleries:
                 raise ServiceError(409, "bad_gallery", f"{key}: gallery label indices outside the adapter's {len(labels)} labels")
             return Seed(list(g.ids), [labels[j] for j in idx], normalise(g.embeddings.float().numpy()), source)
 
-        snap = self._call(self.store.open, key, self.dim, seed)
-        pos = {lab: j for j, lab in enumerate(labels)}
-        idx = [pos.get(lab, -1) for lab in snap.labels]
-        if -1 in idx:
-            raise ServiceError(409, "bad_gallery", f"{key}: the gallery store holds labels the adapter does not have ({snap.labels[idx.index(-1)]!r})")
-        index = LiveIndex(key, labels, self.dim, self.exact_max, snap.source)
-        index.load(snap.ids, np.asarray(idx, dtype=np.int32), snap.vectors)
-        index.cursor = snap.cursor
-        if snap.seeded:
-            log.info("gallery %s: imported %d seed items into the store", key, len(snap.ids))
-        return index
+        return labels, seed
 
     def drop(self, key: str) -> None:
         """Forget the live index (the adapter was evicted); the store keeps the items."""
