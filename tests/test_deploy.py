@@ -184,6 +184,13 @@ def test_compose_config_gpu_stack():
             src = v["source"] if isinstance(v, dict) else v.split(":")[0]
             if src.startswith("/"):
                 assert Path(src).exists(), f"{name} mounts {src}, which does not exist"
+    # Galleries: one PostgreSQL with a volume, which the service waits for and points its DSN at.
+    pg = svc["postgres"]
+    assert any((v["target"] if isinstance(v, dict) else v.split(":")[1]) == "/var/lib/postgresql/data" for v in pg["volumes"])
+    assert svc["metalora"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    dsn = svc["metalora"]["environment"]["METALORA_GALLERY_DSN"]
+    assert dsn.startswith("postgresql://metalora:") and dsn.endswith("@postgres:5432/metalora")
+    assert "ports" not in pg, "the database is not published outside the stack"
     prom = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
     target = prom["scrape_configs"][0]["static_configs"][0]["targets"][0]
     assert target == f"metalora:{svc['metalora']['ports'][0]['target']}"
@@ -268,6 +275,10 @@ def test_k8s_manifests_validate(overlay, tmp_path):
         assert gpu is None and device == "cpu" and c["image"].endswith(":cpu")
     else:
         assert gpu == 1 and device == "cuda" and c["image"].endswith(":gpu")
+    # Galleries come from PostgreSQL through a Secret, never from a per-pod emptyDir.
+    dsn = next(e for e in c["env"] if e["name"] == "METALORA_GALLERY_DSN")
+    assert dsn["valueFrom"]["secretKeyRef"]["name"] and "value" not in dsn
+    assert "METALORA_GALLERY_DIR" not in env and not any("galler" in v["name"] for v in dep["spec"]["template"]["spec"]["volumes"])
     kinds = {m["type"]: m for m in hpa["spec"]["metrics"]}
     assert kinds["Resource"]["resource"]["name"] == "cpu"
     assert kinds["Pods"]["pods"]["metric"]["name"] == "metalora_queue_depth"
