@@ -23,7 +23,8 @@ from .batcher import Batcher, WorkItem
 from .engine import Engine, ItemResult, make_backend
 from .errors import ServiceError
 from .inputs import decode_one
-from .knn import GalleryStore
+from .galleries import open_store
+from .knn import GalleryEmpty, GalleryStore
 from .metrics import Metrics
 from .settings import Settings
 from .thumbnails import ThumbnailStore
@@ -49,14 +50,15 @@ class Service:
         self.device = str(device)
         self.backend_name, backend = make_backend(s.backend, self.runtime, s)
         self.engine = Engine(backend, self.metrics, self.device)
-        self.galleries = GalleryStore(self.runtime.store, s.galleries, self.runtime.backbone.embed_dim, s.knn_exact_max)
+        dsn = s.gallery_dsn.get_secret_value() if s.gallery_dsn else None
+        store = open_store(s.galleries, dsn, timeout_s=s.gallery_db_timeout_s, pool_size=s.gallery_db_pool)
+        self.galleries = GalleryStore(self.runtime.store, store, self.runtime.backbone.embed_dim, s.knn_exact_max, legacy_dir=s.galleries, retry_after_s=s.retry_after_s)
         self.thumbnails = ThumbnailStore(self.runtime.store, s.galleries)
         self.registry = AdapterRegistry(self.runtime, self.metrics, s.lru_capacity, on_evict=self.galleries.drop)
         self.batcher = Batcher(
             self.engine.run, self.metrics, max_batch_size=s.max_batch_size, max_delay_s=s.max_delay_ms / 1000, max_queue=s.max_queue, retry_after_s=s.retry_after_s
         )
         self.decode_pool = ThreadPoolExecutor(s.decode_workers, thread_name_prefix="decode")
-        self.edit_locks: dict[str, asyncio.Lock] = {}
         self.batcher.start()
         self.registry._gauge()
 
@@ -70,6 +72,11 @@ class Service:
             except ServiceError as e:
                 self.failed[ref] = f"{e.code}: {e.message}"
                 log.warning("default adapter %s not loaded: %s", ref, e.message)
+        for key in self.registry.loaded():  # galleries load with their adapters (from the store, or PostgreSQL)
+            try:
+                await self.gallery_index(key)
+            except ServiceError as e:  # e.g. the database is down: the gallery loads on first use instead
+                log.warning("gallery of %s not loaded at start: %s", key, e.message)
         if s.warmup:
             size = self.runtime.preprocess_cfg.input_size
             keys = [BASE, *self.registry.loaded()]
@@ -85,6 +92,7 @@ class Service:
         await self.batcher.stop()
         self.engine.shutdown()
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        await asyncio.to_thread(self.galleries.close)
 
     # ---------------------------------------------------------------- images in, results out
     async def decode(self, raws: list[bytes | str]) -> list[torch.Tensor]:
@@ -124,9 +132,17 @@ class Service:
         return self.runtime.base_labels if entry.key == BASE else entry.labels
 
     async def gallery_index(self, key: str):
+        """The live k-NN index of an adapter version, loaded from the gallery store on first use."""
         try:
             index = await asyncio.to_thread(self.galleries.get, key)
         except BundleError as e:
             raise ServiceError.from_bundle(e) from None
         self.metrics.gallery_items.labels(self.metrics.label(key)).set(len(index))
         return index
+
+    async def knn_search(self, index, queries, k: int) -> list:
+        """Up to k hits per query row (Q, D), off the event loop; an empty gallery answers 409."""
+        try:
+            return await asyncio.to_thread(index.search, queries, k)
+        except GalleryEmpty:
+            raise ServiceError(409, "gallery_empty", f"{index.key} has no gallery items; add some with PUT /v1/adapters/{{name}}/gallery/{{id}}") from None

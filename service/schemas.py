@@ -156,6 +156,27 @@ class GalleryItemRequest(_Strict):
         return self
 
 
+class GalleryBatchItem(GalleryItemRequest):
+    """One item of a batch: its id, its label, and an image or a vector."""
+
+    id: ItemId
+
+
+class GalleryBatchRequest(_Strict):
+    """Items to add or replace in one gallery, all or none (at most `METALORA_GALLERY_BATCH_MAX`)."""
+
+    items: list[GalleryBatchItem] = Field(min_length=1)
+
+
+class GalleryBatchResponse(BaseModel):
+    adapter: str
+    version: str
+    items: int = Field(description="gallery size after the write")
+    written: int
+    created: int = Field(description="ids that were new")
+    replaced: int = Field(description="ids that existed and now hold the new label and vector")
+
+
 class GalleryInfo(BaseModel):
     adapter: str
     version: str
@@ -163,6 +184,7 @@ class GalleryInfo(BaseModel):
     dim: int
     index: Literal["flat", "hnsw", "none"]
     source: Literal["bundle", "edited", "none"]
+    store: Literal["embedded", "postgres"] = Field(description="where the items are kept: SQLite beside the store, or PostgreSQL shared by every replica")
     labels: dict[str, int] = Field(description="items per label")
 
 

@@ -483,6 +483,8 @@ def test_knn_index_exact_then_approximate_above_the_threshold(exact_max, kind):
     hits = index.search(vecs[[5, 17]] * 3.0, 4)  # any norm: queries are normalised
     assert [h[0].id for h in hits] == ["i5", "i17"] and all(abs(h[0].score - 1) < 1e-5 for h in hits)
     assert all(h[i].score >= h[i + 1].score for h in hits for i in range(3))
-    grown, created = index.with_item("new", 2, vecs[0] + 0.01)
-    assert created and len(grown) == 201 and grown.kind == kind and len(index) == 200
-    assert grown.without_item("i5").search(vecs[5:6], 1)[0][0].id != "i5"
+    assert index.apply([("new", 2, vecs[0] + 0.01)]) == [True] and len(index) == 201
+    index.wait_compaction()
+    assert index.kind == kind
+    index.apply(deletes=["i5"])
+    assert index.search(vecs[5:6], 1)[0][0].id != "i5" and len(index) == 200

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .embedded import EmbeddedStore
 from .index import GalleryEmpty, Hit, LiveIndex
-from .store import AbstractStore, Change, Item, Seed, Snapshot, StoreUnavailable, UnknownItems
+from .store import AbstractStore, Change, Item, Seed, Snapshot, StoreReadOnly, StoreUnavailable, UnknownItems
 
 
 def open_store(directory: str | Path, dsn: str | None = None, timeout_s: float = 2.0, pool_size: int = 4) -> AbstractStore:
@@ -24,4 +24,4 @@ def open_store(directory: str | Path, dsn: str | None = None, timeout_s: float =
     return EmbeddedStore(directory)
 
 
-__all__ = ["AbstractStore", "Change", "EmbeddedStore", "GalleryEmpty", "Hit", "Item", "LiveIndex", "Seed", "Snapshot", "StoreUnavailable", "UnknownItems", "open_store"]
+__all__ = ["AbstractStore", "Change", "EmbeddedStore", "GalleryEmpty", "Hit", "Item", "LiveIndex", "Seed", "Snapshot", "StoreReadOnly", "StoreUnavailable", "UnknownItems", "open_store"]

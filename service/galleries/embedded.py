@@ -11,6 +11,7 @@ store's, so one test suite covers both (tests/test_gallery_store.py).
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -18,7 +19,9 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-from .store import AbstractStore, Change, Item, Seed, Snapshot, StoreUnavailable, UnknownItems, from_blobs, to_blob
+from .store import AbstractStore, Change, Item, Seed, Snapshot, StoreReadOnly, StoreUnavailable, UnknownItems, from_blobs, to_blob
+
+log = logging.getLogger("metalora.galleries")
 
 FILENAME = "galleries.sqlite3"
 
@@ -53,18 +56,24 @@ class EmbeddedStore(AbstractStore):
 
     def __init__(self, directory: str | Path):
         self.path = Path(directory) / FILENAME
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # One connection guarded by a lock: writes serialise on the WAL anyway, and each commit's
-        # fsync dominates its cost. isolation_level=None: transactions are explicit below.
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
         self._lock = threading.Lock()
-        with self._lock:
+        self.read_only: str | None = None  # why writes are refused, when they are
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # One connection guarded by a lock: writes serialise on the WAL anyway, and each commit's
+            # fsync dominates its cost. isolation_level=None: transactions are explicit below.
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")  # fsync the WAL on every commit
             self._db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as e:  # a read-only store: serve the bundles' galleries, refuse edits
+            self._db, self.read_only = None, f"the gallery directory {self.path.parent} is not writable ({e})"
+            log.warning("gallery edits disabled: %s; set METALORA_GALLERY_DIR or METALORA_GALLERY_DSN", self.read_only)
 
     @contextmanager
     def _tx(self, immediate: bool = True):
+        if self._db is None:
+            raise StoreReadOnly(self.read_only)
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
@@ -78,6 +87,11 @@ class EmbeddedStore(AbstractStore):
                 raise StoreUnavailable(f"gallery database {self.path}: {e}") from e
 
     def open(self, key: str, dim: int, seed: Callable[[], Seed | None]) -> Snapshot:
+        if self._db is None:  # read-only: the seed is the gallery
+            s = seed()
+            if s is None:
+                return Snapshot([], [], from_blobs([], dim, key), 0, "none")
+            return Snapshot(list(s.ids), list(s.labels), s.vectors, len(s.ids), s.source)
         a, v = split_key(key)
         seeded = False
         with self._tx() as db:
@@ -133,7 +147,8 @@ class EmbeddedStore(AbstractStore):
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            if self._db is not None:
+                self._db.close()
 
 
 _UPSERT = (

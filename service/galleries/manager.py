@@ -25,7 +25,7 @@ from metalora.store import ModelStore, safe_join
 
 from ..errors import ServiceError
 from .index import GalleryEmpty, LiveIndex, normalise
-from .store import AbstractStore, Change, Item, Seed, StoreUnavailable, UnknownItems
+from .store import AbstractStore, Change, Item, Seed, StoreReadOnly, StoreUnavailable, UnknownItems
 
 log = logging.getLogger("metalora.galleries")
 
@@ -34,7 +34,7 @@ class Galleries:
     """Live indexes of the galleries in `store`; `get`, `put`, `delete` block (call them off the event loop).
 
     Errors are `ServiceError`s: 503 `gallery_unavailable` (with Retry-After) when the store is
-    down, 404 `unknown_item`, 422 `unknown_label` / `invalid_vector` / `duplicate_id`,
+    down, 409 `gallery_read_only` when it cannot be written here, 404 `unknown_item`, 422 `unknown_label` / `invalid_vector` / `duplicate_id`,
     409 `bad_gallery` / `gallery_empty`.
     """
 
@@ -204,6 +204,8 @@ class Galleries:
             return fn(*args)
         except StoreUnavailable as e:
             raise ServiceError(503, "gallery_unavailable", f"{e}; try again shortly", {"Retry-After": str(self.retry_after_s)}) from None
+        except StoreReadOnly as e:
+            raise ServiceError(409, "gallery_read_only", f"gallery edits are off: {e}") from None
 
     def close(self) -> None:
         self.store.close()

@@ -74,6 +74,10 @@ class StoreUnavailable(RuntimeError):
     """The database cannot be reached or failed mid-transaction; the write did not happen (or is unknown)."""
 
 
+class StoreReadOnly(RuntimeError):
+    """The store cannot be written here (e.g. the gallery directory is on a read-only filesystem)."""
+
+
 class UnknownItems(KeyError):
     """A delete named ids the gallery does not hold; nothing was deleted."""
 

@@ -14,12 +14,15 @@ from metalora.runtime import BASE
 from ..container import Service
 from ..deps import AdminDep, ReadyDep, RefPath
 from ..errors import ServiceError
+from ..galleries import Item
 from ..inputs import request_timeout
 from ..schemas import (
     AdapterInfo,
     AdapterList,
     AdapterSummary,
     AdapterVersion,
+    GalleryBatchRequest,
+    GalleryBatchResponse,
     GalleryInfo,
     GalleryItemRequest,
     GalleryItemResponse,
@@ -101,48 +104,91 @@ async def gallery_info(name: RefPath, svc: ReadyDep) -> GalleryInfo:
     """Size, index kind and label counts of an adapter version's k-NN gallery."""
     key = _gallery_key(svc, name)
     index = await svc.gallery_index(key)
-    counts: dict[str, int] = {}
-    for j in index.label_idx.tolist():
-        counts[index.labels[j]] = counts.get(index.labels[j], 0) + 1
+    counts = await asyncio.to_thread(index.label_counts)
     n, v = key.split("@", 1)
-    return GalleryInfo(adapter=n, version=v, items=len(index), dim=index.dim, index=index.kind if len(index) else "none", source=index.source, labels=counts)
+    store = "postgres" if svc.galleries.store.shared else "embedded"
+    return GalleryInfo(adapter=n, version=v, items=len(index), dim=index.dim, index=index.kind if len(index) else "none", source=index.source, store=store, labels=counts)
+
+
+async def _vectors(svc: Service, key: str, request: Request, items: list) -> list[np.ndarray]:
+    """Each item's vector: given, or the adapter's embedding of its image (one batch for all images)."""
+    raws = [it.image for it in items if it.vector is None]
+    embedded: list[np.ndarray] = []
+    if raws:
+        xs = await svc.decode(raws)
+        _, results = await svc.compute(xs, [key], request_timeout(request, svc.settings))
+        embedded = [r.embedding.numpy() for r in results]
+    it_emb = iter(embedded)
+    return [np.asarray(it.vector, dtype=np.float32) if it.vector is not None else next(it_emb) for it in items]
+
+
+def _thumbnails(svc: Service, key: str, items: list[tuple[str, str | None]], max_pixels: int) -> list[tuple[str, bytes | None]]:
+    """(id, thumbnail) to record before the write, from (id, base64 image or None): an image item's
+    picture; for a vector item, an empty tombstone only where the id has a picture now (so a
+    replaced item never shows a stale one, and a batch of vectors writes no files)."""
+    out = []
+    for item_id, image in items:
+        if image is not None:
+            out.append((item_id, thumbnail_of_base64(image, max_pixels)))
+        elif svc.thumbnails.get(key, item_id) is not None:
+            out.append((item_id, None))
+    return out
+
+
+async def _write(svc: Service, key: str, items: list[Item], thumbs: list[tuple[str, bytes | None]] = ()) -> tuple[int, list[bool]]:
+    index = await svc.gallery_index(key)  # loaded (and its labels known) before the write
+    for item_id, data in thumbs:  # before the item exists: never an item with a stale picture
+        await asyncio.to_thread(svc.thumbnails.put, key, item_id, data)
+    index, created = await asyncio.to_thread(svc.galleries.put, key, items)
+    svc.metrics.gallery_items.labels(svc.metrics.label(key)).set(len(index))
+    return len(index), created
 
 
 @router.put("/{name}/gallery/{item_id}", response_model=GalleryItemResponse, dependencies=[AdminDep])
 async def gallery_put(name: RefPath, item_id: Annotated[ItemId, Path()], item: GalleryItemRequest, request: Request, svc: ReadyDep) -> GalleryItemResponse:
-    """Add (or replace) one gallery item from an image or a vector; persisted before answering."""
+    """Add (or replace) one gallery item from an image or a vector; committed to the gallery store before answering."""
     key = _gallery_key(svc, name)
     request.state.adapter = key
     index = await svc.gallery_index(key)
-    label = index.label_index(item.label)
-    if item.vector is not None:
-        vec = np.asarray(item.vector, dtype=np.float32)
-        if vec.shape != (index.dim,) or not np.isfinite(vec).all() or not np.abs(vec).sum():
-            raise ServiceError(422, "invalid_vector", f"vector must have {index.dim} finite numbers, not all zero")
-    else:
-        xs = await svc.decode([item.image])
-        _, (res,) = await svc.compute(xs, [key], request_timeout(request, svc.settings))
-        vec = res.embedding.numpy()
-    thumb = await asyncio.to_thread(thumbnail_of_base64, item.image, svc.settings.max_pixels) if item.image is not None else None
-    async with svc.edit_locks.setdefault(key, asyncio.Lock()):  # edits of one gallery in order
-        index = await svc.gallery_index(key)
-        new, created = index.with_item(item_id, label, vec)
-        await asyncio.to_thread(svc.thumbnails.put, key, item_id, thumb)  # before the item exists: never an item with a stale picture
-        await asyncio.to_thread(svc.galleries.persist, new)
-    svc.metrics.gallery_items.labels(svc.metrics.label(key)).set(len(new))
+    if item.label not in index.labels:  # before computing an embedding for nothing
+        raise ServiceError(422, "unknown_label", f"label {item.label!r} is not one of {key}'s {len(index.labels)} labels")
+    (vec,) = await _vectors(svc, key, request, [item])
+    thumbs = await asyncio.to_thread(_thumbnails, svc, key, [(item_id, item.image)], svc.settings.max_pixels)
+    size, (created,) = await _write(svc, key, [Item(item_id, item.label, vec)], thumbs)
     n, v = key.split("@", 1)
-    return GalleryItemResponse(adapter=n, version=v, id=item_id, label=item.label, items=len(new), created=created)
+    return GalleryItemResponse(adapter=n, version=v, id=item_id, label=item.label, items=size, created=created)
+
+
+@router.post("/{name}/gallery", response_model=GalleryBatchResponse, dependencies=[AdminDep])
+async def gallery_batch(name: RefPath, body: GalleryBatchRequest, request: Request, svc: ReadyDep) -> GalleryBatchResponse:
+    """Add or replace many gallery items in one transaction: all of them or none (any bad item -> 4xx, nothing written)."""
+    key = _gallery_key(svc, name)
+    request.state.adapter = key
+    limit = svc.settings.gallery_batch_max
+    if len(body.items) > limit:
+        raise ServiceError(413, "too_many_items", f"{len(body.items)} items in one batch; at most {limit} (METALORA_GALLERY_BATCH_MAX)")
+    index = await svc.gallery_index(key)
+    ids = [it.id for it in body.items]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise ServiceError(422, "duplicate_id", f"id {dup!r} appears twice in one batch")
+    bad = next((j for j, it in enumerate(body.items) if it.label not in index.labels), None)
+    if bad is not None:
+        raise ServiceError(422, "unknown_label", f"items[{bad}]: label {body.items[bad].label!r} is not one of {key}'s {len(index.labels)} labels")
+    vecs = await _vectors(svc, key, request, body.items)
+    thumbs = await asyncio.to_thread(_thumbnails, svc, key, [(it.id, it.image) for it in body.items], svc.settings.max_pixels)
+    size, created = await _write(svc, key, [Item(it.id, it.label, v) for it, v in zip(body.items, vecs)], thumbs)
+    n, v = key.split("@", 1)
+    return GalleryBatchResponse(adapter=n, version=v, items=size, written=len(created), created=sum(created), replaced=len(created) - sum(created))
 
 
 @router.delete("/{name}/gallery/{item_id}", response_model=GalleryItemResponse, dependencies=[AdminDep])
 async def gallery_delete(name: RefPath, item_id: Annotated[ItemId, Path()], svc: ReadyDep) -> GalleryItemResponse:
-    """Remove one gallery item; persisted before answering."""
+    """Remove one gallery item; committed to the gallery store before answering (it never comes back)."""
     key = _gallery_key(svc, name)
-    async with svc.edit_locks.setdefault(key, asyncio.Lock()):
-        index = await svc.gallery_index(key)
-        new = index.without_item(item_id)
-        await asyncio.to_thread(svc.galleries.persist, new)
-        await asyncio.to_thread(svc.thumbnails.delete, key, item_id)
-    svc.metrics.gallery_items.labels(svc.metrics.label(key)).set(len(new))
+    await svc.gallery_index(key)
+    index = await asyncio.to_thread(svc.galleries.delete, key, [item_id])
+    await asyncio.to_thread(svc.thumbnails.delete, key, item_id)
+    svc.metrics.gallery_items.labels(svc.metrics.label(key)).set(len(index))
     n, v = key.split("@", 1)
-    return GalleryItemResponse(adapter=n, version=v, id=item_id, label=None, items=len(new), deleted=True)
+    return GalleryItemResponse(adapter=n, version=v, id=item_id, label=None, items=len(index), deleted=True)

@@ -98,7 +98,7 @@ async def knn(request: Request, svc: ReadyDep) -> KnnResponse:
     for key, q in pairs:
         index = await svc.gallery_index(key)
         name, _, version = key.partition("@")
-        for hits in index.search(q, req.k):
+        for hits in await svc.knn_search(index, q, req.k):
             label, votes = vote(hits)
             out.append(KnnResult(adapter=name, version=version, neighbors=[Neighbor(id=h.id, label=h.label, score=h.score) for h in hits], label=label, votes=votes))
     svc.metrics.inference.labels("knn").observe(time.perf_counter() - t0)
