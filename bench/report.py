@@ -269,6 +269,24 @@ def write_doc(res: dict, figs: dict[str, Path], path: Path, json_path: Path) -> 
         if "knn" in rel:
             add(f"![knn]({rel['knn']})")
             add("")
+    g = res.get("gallery")
+    if g:
+        add("## (g) Gallery writes")
+        add("")
+        add("Through the service's write path (`service.galleries.Galleries.put`: commit to the store, then the in-place FAISS")
+        add(f"edit), without HTTP; clustered unit vectors, dim {g['dim']}, HNSW above {g['exact_max']:,} items. Single PUTs alternate new ids")
+        add("and replacements; batches are new items. k-NN during writes: one thread replaces and deletes in batches of 100 while")
+        add("single queries run; recall@10 against exact numpy search over the bench's own record of the gallery.")
+        add("")
+        add("| store | gallery | index | PUT p50 (ms) | PUT p99 (ms) | batch items/s | k-NN p99 during writes (ms) | recall@10 during writes |")
+        add("|---|---|---|---|---|---|---|---|")
+        for store, rows in g["stores"].items():
+            if "skipped" in rows:
+                add(f"| {store} | – | – | – | – | – | – | skipped: {rows['skipped']} |")
+                continue
+            for n, r in rows.items():
+                add(f"| {store} | {int(n):,} | {r['index']} | {_f(r['put_ms_p50'])} | {_f(r['put_ms_p99'])} | {_f(r['batch_items_per_s'], 0)} | {_f(r.get('knn_ms_p99_during_writes'))} | {_f(r.get('recall_at_10_during_writes'), 3)} |")
+        add("")
     e = res.get("many_adapters")
     if e:
         add("## (e) Many adapters")

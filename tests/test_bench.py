@@ -28,6 +28,12 @@ TINY = dict(
     many_counts=(2, 5),
     many_rounds=2,
     many_batch=4,
+    gallery_sizes=(300, 600),
+    gallery_dim=32,
+    gallery_puts=10,
+    gallery_batches=2,
+    gallery_batch_size=50,
+    gallery_queries=10,
 )
 
 
@@ -46,7 +52,7 @@ def test_bench_tiny_run_writes_json_plots_and_report(tmp_path):
     # the headline figures: 16 adapters do not fit a batch of 8, so hetero/vs_peft at 16 are honestly "not measured"
     assert _positive(data["adapter_overhead"]) and _positive(data["serving_efficiency_c32"])
     assert data["hetero_ratio_16"] is None and data["targets"]["hetero_ratio_16"]["pass"] is None
-    for sec in ("overhead", "hetero", "serving", "knn", "many_adapters"):
+    for sec in ("overhead", "hetero", "serving", "knn", "many_adapters", "gallery"):
         assert data[sec] is not None, sec
     assert all(_positive(v) for v in data["overhead"]["ratio"].values())
     for key in ("hetero_ratio_cp", "hetero_ratio_lora", "vs_peft_lora", "vs_peft_cp"):
@@ -56,6 +62,12 @@ def test_bench_tiny_run_writes_json_plots_and_report(tmp_path):
     assert all(r["ok"] > 0 for r in data["serving"]["sweep"].values())
     for r in data["knn"]["sizes"].values():
         assert 0 <= r["recall_at_10"] <= 1 and _positive(r["exact_ms_p50"]) and _positive(r["hnsw_ms_p50"])
+    g = data["gallery"]
+    assert g["put_p99_size"] == 600 and "600 items" in data["targets"]["gallery_put_p99_ms_1m"]["note"]
+    for rows in g["stores"].values():
+        for r in rows.values() if "skipped" not in rows else []:
+            assert _positive(r["put_ms_p99"]) and _positive(r["batch_items_per_s"])
+    assert 0 <= data["gallery_recall_at_10_during_writes"] <= 1
     many = data["many_adapters"]["per_store_size"]
     assert many["2"]["hit_rate"] == 1.0 and all(_positive(r["throughput_vs_all_hits"]) for r in many.values())
     for k, t in res["targets"].items():

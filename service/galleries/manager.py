@@ -131,9 +131,14 @@ class Galleries:
             seen.add(it.id)
             if it.label not in index.labels:
                 raise ServiceError(422, "unknown_label", f"{where}label {it.label!r} is not one of {index.key}'s {len(index.labels)} labels")
-            v = it.vector
-            if v.shape != (self.dim,) or not np.isfinite(v).all() or not np.abs(v).sum():
+            if it.vector.shape != (self.dim,):
                 raise ServiceError(422, "invalid_vector", f"{where}vector must have {self.dim} finite numbers, not all zero")
+        v = np.stack([it.vector for it in items]) if items else np.zeros((0, self.dim), np.float32)  # (N, D)
+        bad = ~(np.isfinite(v).all(1) & (np.abs(v).sum(1) > 0))
+        if bad.any():
+            n = int(np.flatnonzero(bad)[0])
+            where = f"items[{n}]: " if len(items) > 1 else ""
+            raise ServiceError(422, "invalid_vector", f"{where}vector must have {self.dim} finite numbers, not all zero")
 
     def put(self, key: str, items: list[Item]) -> tuple[LiveIndex, list[bool]]:
         """Add or replace items, all or none; returns the index and, per item, whether its id was new."""
