@@ -412,3 +412,25 @@ def test_database_down_answers_503_and_recovers(make_pg_store, models, pg):
     assert "after" in ib and "while-down" not in ib
     a.close()
     b.close()
+
+
+@needs_pg
+def test_listener_outlives_a_failing_callback(make_pg_store):
+    writer, follower = make_pg_store(), make_pg_store()
+    writer.open("pets@1", DIM, lambda: None)
+    calls = []
+
+    def on_change(key, seq):
+        calls.append((key, seq))
+        if len(calls) == 1:
+            raise RuntimeError("one gallery's trouble")
+
+    follower.follow(on_change, lambda: [])
+    assert follower.listening.wait(10)
+    for i in range(2):
+        writer.put("pets@1", [Item(f"x{i}", "cat", np.ones(DIM, np.float32))])
+        time.sleep(0.2)
+    t0 = time.monotonic()
+    while len(calls) < 2 and time.monotonic() - t0 < 5:
+        time.sleep(0.02)
+    assert calls == [("pets@1", 1), ("pets@1", 2)]

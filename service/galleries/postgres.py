@@ -163,7 +163,7 @@ class PostgresStore(AbstractStore):
             return
         for key, seq in self.last_seqs().items():
             if key in wanted:
-                on_change(key, seq)
+                _notify(on_change, key, seq)
 
     def _listen(self, on_change, keys) -> None:
         backoff = 0.1
@@ -177,10 +177,7 @@ class PostgresStore(AbstractStore):
                     while not self._stop.is_set():
                         for n in conn.notifies(timeout=1.0, stop_after=256):
                             key, _, seq = n.payload.rpartition(":")
-                            try:
-                                on_change(key, int(seq))
-                            except StoreUnavailable as e:  # the periodic catch-up repairs it
-                                log.warning("gallery catch-up of %s failed: %s", key, e)
+                            _notify(on_change, key, int(seq) if seq.isdigit() else None)
                         if time.monotonic() >= next_sync:
                             conn.execute("SELECT 1")  # notices a dead connection even when nothing is written
                             self._catch_up(on_change, keys)
@@ -199,6 +196,14 @@ class PostgresStore(AbstractStore):
         if self._listener is not None:
             self._listener.join(timeout=self.resync_s + 5)
         self.pool.close()
+
+
+def _notify(on_change, key: str, seq: int | None) -> None:
+    """Hand a change to the service; a failure is logged and repaired by the next periodic catch-up."""
+    try:
+        on_change(key, seq)
+    except Exception as e:  # noqa: BLE001 - the listener thread must outlive any one gallery's trouble
+        log.warning("gallery catch-up of %s failed (%s); retrying at the next resync", key, getattr(e, "message", e))
 
 
 def _bump(conn, a: str, v: str, n: int, key: str) -> int:

@@ -96,7 +96,10 @@ def from_blobs(blobs: list[bytes], dim: int, key: str) -> np.ndarray:
         return np.zeros((0, dim), np.float32)
     if any(len(b) != 4 * dim for b in blobs):
         raise ValueError(f"{key}: stored vectors are not {dim}-dimensional")
-    return np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), dim).astype(np.float32)
+    out = np.empty((len(blobs), dim), dtype=np.float32)  # filled row by row: no joined copy of a large gallery
+    for j, b in enumerate(blobs):
+        out[j] = np.frombuffer(b, dtype="<f4")
+    return out
 
 
 class AbstractStore(ABC):
