@@ -22,6 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import faiss
@@ -84,29 +85,21 @@ class RWLock:
             self._writer = False
             self._cond.notify_all()
 
+    @contextmanager
     def read(self):
-        lock = self
+        self.acquire_read()
+        try:
+            yield
+        finally:
+            self.release_read()
 
-        class _R:
-            def __enter__(self):
-                lock.acquire_read()
-
-            def __exit__(self, *exc):
-                lock.release_read()
-
-        return _R()
-
+    @contextmanager
     def write(self):
-        lock = self
-
-        class _W:
-            def __enter__(self):
-                lock.acquire_write()
-
-            def __exit__(self, *exc):
-                lock.release_write()
-
-        return _W()
+        self.acquire_write()
+        try:
+            yield
+        finally:
+            self.release_write()
 
 
 def normalise(v: np.ndarray) -> np.ndarray:
