@@ -186,6 +186,7 @@ def test_replicas_opening_together_import_the_seed_once(make_store):
 @pytest.mark.parametrize("kind", ["flat", "hnsw"])
 def test_live_index_edits_match_brute_force(kind, monkeypatch):
     monkeypatch.setattr(index_mod, "COMPACT_MIN_DEAD", 50)
+    monkeypatch.setattr(index_mod, "MERGE_MIN", 16)  # delta -> HNSW merges along the way too
     rng = np.random.default_rng(2)
     index = LiveIndex("toy@1", LABELS, DIM, exact_max=10 if kind == "hnsw" else 10_000, background=False)
     state: dict[str, tuple[str, np.ndarray]] = {}
@@ -207,6 +208,8 @@ def test_live_index_edits_match_brute_force(kind, monkeypatch):
             assert created == [item not in state]
             state[item] = (LABELS[lab], v)
     assert index.compactions >= 1 and len(index) == len(state)
+    if kind == "hnsw":
+        assert index.m > 0 and index.pending_merge < 16 + 1  # the merge ran
     assert index.label_counts() == {lab: n for lab in LABELS if (n := sum(1 for l, _ in state.values() if l == lab))}
     hits_per_query, recall = [], []
     for _ in range(30):
@@ -227,6 +230,7 @@ def test_compaction_in_the_background_never_blocks_or_breaks_searches(monkeypatc
     """Searches and writes run while compactions rebuild the index; every answer holds only live ids."""
     monkeypatch.setattr(index_mod, "COMPACT_MIN_DEAD", 200)
     monkeypatch.setattr(index_mod, "_CHUNK", 256)
+    monkeypatch.setattr(index_mod, "MERGE_MIN", 64)
     rng = np.random.default_rng(3)
     n = 3000
     index = LiveIndex("toy@1", LABELS, DIM, exact_max=1000)  # hnsw, background compaction

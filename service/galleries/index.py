@@ -38,6 +38,7 @@ _CHUNK = 16_384  # rows read from the old index per shared-lock hold while compa
 _REPLAY_TAIL = 32  # journal entries replayed under the write lock at the end of a compaction
 MERGE_SLICE_S = 0.005  # the delta -> HNSW merge holds the write lock about this long per slice
 MERGE_PAUSE_S = 0.001  # ... and then lets waiting searches and writes in
+MERGE_MIN = 2048  # delta size that starts a merge: scanning this many vectors exactly costs a search little
 
 
 @dataclass
@@ -335,7 +336,7 @@ class LiveIndex:
         return (self.kind == "flat" and live > self.exact_max) or (self.kind == "hnsw" and live <= self.exact_max // 2)
 
     def maybe_work(self) -> None:
-        if not (self.wants_compaction() or self.pending_merge) or (self._worker and self._worker.is_alive()):
+        if not (self.wants_compaction() or self.pending_merge >= MERGE_MIN) or (self._worker and self._worker.is_alive()):
             return
         if self.background:
             self._worker = threading.Thread(target=self._work, name=f"gallery-{self.key}", daemon=True)
@@ -347,13 +348,14 @@ class LiveIndex:
         while True:
             if self.wants_compaction():
                 self.compact()
-            elif self.pending_merge:
+            elif self.pending_merge >= MERGE_MIN:
                 self.merge()
             else:
                 return
 
     def wait_compaction(self, timeout: float | None = None) -> None:
-        """Wait for the background merge/compaction running now (tests and benchmarks)."""
+        """Wait for the background merge/compaction running now (tests and benchmarks); a delta
+        below `MERGE_MIN` stays where it is (it is searched exactly)."""
         t = self._worker
         if t is not None:
             t.join(timeout)
