@@ -104,7 +104,7 @@ class Server(ServerProcess):
 def server(store, tmp_path_factory):
     gal = tmp_path_factory.mktemp("galleries")
     srv = Server(
-        store, store.parent / "server.log", admin_token=TOKEN, max_delay_ms=60, max_pixels=MAX_PIXELS, max_body_bytes=MAX_BODY, max_images=8, gallery_dir=gal,
+        store, store.parent / "server.log", admin_token=TOKEN, max_delay_ms=60, max_pixels=MAX_PIXELS, max_body_bytes=MAX_BODY, max_images=8, gallery_dir=gal, gallery_batch_max=4,
         adapters="alpha,beta@1,gamma", lru_capacity=4,
     ).start()
     yield srv
@@ -291,6 +291,11 @@ BAD = [
     ("gallery-unknown-label", "put", "/v1/adapters/alpha/gallery/q1", dict(json={"label": "zebra", "vector": [1.0] * 1280}, headers={"Authorization": f"Bearer {TOKEN}"}), 422, "unknown_label"),
     ("gallery-bad-id", "put", "/v1/adapters/alpha/gallery/..bad", dict(json={"label": "a0", "vector": [1.0] * 1280}, headers={"Authorization": f"Bearer {TOKEN}"}), 422, "invalid_request"),
     ("gallery-delete-missing", "delete", "/v1/adapters/alpha/gallery/ghost", dict(headers={"Authorization": f"Bearer {TOKEN}"}), 404, "unknown_item"),
+    ("gallery-batch-too-many", "post", "/v1/adapters/alpha/gallery", dict(json={"items": [{"id": f"b{i}", "label": "a0", "vector": [1.0]} for i in range(5)]}, headers={"Authorization": f"Bearer {TOKEN}"}), 413, "too_many_items"),
+    ("gallery-batch-duplicate", "post", "/v1/adapters/alpha/gallery", dict(json={"items": [{"id": "b1", "label": "a0", "vector": [1.0] * 1280}] * 2}, headers={"Authorization": f"Bearer {TOKEN}"}), 422, "duplicate_id"),
+    ("gallery-batch-bad-vector", "post", "/v1/adapters/alpha/gallery", dict(json={"items": [{"id": "b1", "label": "a0", "vector": [1.0] * 1280}, {"id": "b2", "label": "a0", "vector": [0.0] * 1280}]}, headers={"Authorization": f"Bearer {TOKEN}"}), 422, "invalid_vector"),
+    ("gallery-batch-empty", "post", "/v1/adapters/alpha/gallery", dict(json={"items": []}, headers={"Authorization": f"Bearer {TOKEN}"}), 422, "invalid_request"),
+    ("gallery-batch-no-token", "post", "/v1/adapters/alpha/gallery", dict(json={"items": [{"id": "b1", "label": "a0", "vector": [1.0] * 1280}]}), 401, "unauthorized"),
     ("unknown-route", "get", "/v1/nothing", {}, 404, "not_found"),
     ("wrong-method", "get", "/v1/predict", {}, 405, "method_not_allowed"),
 ]

@@ -167,6 +167,9 @@ async def gallery_batch(name: RefPath, body: GalleryBatchRequest, request: Reque
     limit = svc.settings.gallery_batch_max
     if len(body.items) > limit:
         raise ServiceError(413, "too_many_items", f"{len(body.items)} items in one batch; at most {limit} (METALORA_GALLERY_BATCH_MAX)")
+    images = sum(it.image is not None for it in body.items)
+    if images > svc.settings.max_images:
+        raise ServiceError(413, "too_many_images", f"{images} images in one batch; at most {svc.settings.max_images} (METALORA_MAX_IMAGES); send vectors, or several batches")
     index = await svc.gallery_index(key)
     ids = [it.id for it in body.items]
     if len(set(ids)) != len(ids):
