@@ -47,7 +47,7 @@ async def console_static(name: str) -> FileResponse:
 
 async def _has_item(svc, key: str, item_id: str) -> bool:
     index = await svc.gallery_index(key)
-    return item_id in index.ids
+    return item_id in index  # live items only
 
 
 @thumbnails.get(
