@@ -24,6 +24,7 @@ TARGETS = {
     "gallery_put_p99_ms_1m": ("<=", 50),
     "gallery_batch_items_per_s": (">=", 5000),
     "gallery_recall_at_10_during_writes": (">=", 0.95),
+    "lowp_speedup": (">=", 2.0),
 }
 
 
@@ -33,7 +34,7 @@ class BenchConfig:
 
     quick: bool = False
     device: str = "cpu"
-    sections: str = "abcdefg"
+    sections: str = "abcdefgh"
     overhead_batch: int = 16
     overhead_repeats: int = 10
     hetero_batch: int = 64
@@ -59,6 +60,11 @@ class BenchConfig:
     gallery_batch_size: int = 1000
     gallery_queries: int = 200
     gallery_postgres: bool = True
+    lowp_batch: int = 32
+    lowp_rounds: int = 7
+    lowp_http_window_s: float = 6.0
+    lowp_http_rounds: int = 3
+    lowp_accuracy_state: str = "results/bench/lowp-accuracy.json"
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -82,6 +88,9 @@ class BenchConfig:
             gallery_sizes=(10_000, 100_000),
             gallery_puts=200,
             gallery_queries=100,
+            lowp_rounds=5,
+            lowp_http_window_s=4.0,
+            lowp_http_rounds=2,
         )
         base.update(kw)
         return cls(**base)
@@ -101,7 +110,9 @@ def _section(name: str, fn, log) -> tuple[dict | None, str | None]:
 
 
 def run_bench(cfg: BenchConfig, json_path: Path, plots_dir: Path | None = None, doc_path: Path | None = None, log=print) -> dict:
-    from . import gallery, kernels, knn, many, onnx, serving
+    from metalora.lowp import cpu_info
+
+    from . import gallery, kernels, knn, lowp, many, onnx, serving
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -110,6 +121,7 @@ def run_bench(cfg: BenchConfig, json_path: Path, plots_dir: Path | None = None, 
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     out: dict = {k: None for k in TARGETS}
     out["machine"] = machine()
+    out["cpu"] = cpu_info()  # model and the ISA flags that decide low-precision speed, read at run time
     out["config"] = asdict(cfg)
     out["started"] = started
     errors: dict[str, str] = {}
@@ -144,6 +156,11 @@ def run_bench(cfg: BenchConfig, json_path: Path, plots_dir: Path | None = None, 
         out["gallery_put_p99_ms_1m"] = g["put_p99_ms_largest"]
         out["gallery_batch_items_per_s"] = g["batch_items_per_s"]
         out["gallery_recall_at_10_during_writes"] = g["recall_at_10_during_writes"]
+    if cfg.device == "cpu":  # the low-precision paths are CPU ones
+        g = run("lowp", "h", lambda: lowp.lowp_section(cfg.lowp_batch, cfg.lowp_rounds, cfg.lowp_http_window_s, cfg.lowp_http_rounds, ROOT / cfg.lowp_accuracy_state, cfg.quick, log=log))
+        if g:
+            out["lowp_speedup"] = g["lowp_speedup"]
+            out["limit_fraction"] = g["limit_fraction_chosen"]
 
     out["targets"] = {
         k: check(out[k], op, target) if out[k] is not None else {"value": None, "target": f"{op} {target}", "pass": None, "note": "not measured in this run"}

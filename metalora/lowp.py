@@ -1,0 +1,625 @@
+"""Low-precision CPU inference of the shared frozen prefix: ONNX Runtime static INT8 and torch BF16.
+
+The frozen prefix (`blocks[:6]` of efficientnet_lite0, ~88 % of the model's FLOPs) runs once per
+batch for every adapter, so it is where lower precision pays; the per-adapter tail graphs stay
+FP32. Precisions:
+
+* `fp32`: the prefix graph with TF "SAME" padding made static for the fixed input size (timm's
+  `Conv2dSame` pads from the runtime shape; the traced graph then keeps Shape/Ceil/Pad chains
+  that ORT can neither fold nor fuse into the Conv). Same numbers as the torch prefix (max abs
+  diff 0), measured ~1.5x faster than `OrtRunner`'s graph on this project's CPU.
+* `int8`: that graph quantised with ORT's own tools (`quant_pre_process`, then
+  `quantize_static` in QDQ format, MinMax calibration over a few hundred real images
+  preprocessed by the project's `Preprocessor`; see `calibration_images`). ORT's CPU EP fuses
+  the QDQ pairs into QLinearConv (MLAS u8s8 kernels, VNNI where the CPU has it).
+* `bf16`: the torch prefix under `torch.autocast("cpu", bfloat16)` with channels_last (oneDNN);
+  offered only where /proc/cpuinfo lists `avx512_bf16` or `amx_bf16`.
+* `auto`: the fastest precision whose start-up accuracy check passes (`choose_precision`),
+  the result cached by model hash + CPU flags + library versions.
+
+Nothing here assumes a CPU feature: `cpu_flags()` reads /proc/cpuinfo at run time.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import os
+import statistics
+import time
+import warnings
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .onnx_backend import BASE, OPSET, OrtRunner, default_cache_dir, graph_digest
+
+PRECISIONS = ("auto", "fp32", "int8", "bf16")
+# The ISA extensions that decide low-precision speed (Linux /proc/cpuinfo names).
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16")
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+# Start-up accuracy check (`check_precision`): on a fixed batch of real images, the low-precision
+# pipeline's base (ImageNet head) top-1 must agree with FP32 on at least this share of images and
+# the mean cosine of its embeddings to FP32's must reach this. Measured here on 48 held-out
+# photos: int8 per-channel 0.989 cosine, 48/48 agreement; int8 per-tensor 0.89 (fails);
+# bf16 0.999. See docs/benchmarks.md ("Low precision").
+CHECK_MIN_AGREEMENT = 0.875
+CHECK_MIN_COSINE = 0.97
+CHECK_IMAGES = 16
+
+
+# ------------------------------------------------------------------------------------ CPU features
+def cpu_flags(path: str | Path = "/proc/cpuinfo") -> frozenset[str]:
+    """The `flags` of the first CPU in /proc/cpuinfo (empty where the file is absent)."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_info(path: str | Path = "/proc/cpuinfo") -> dict:
+    """CPU model name, logical CPUs and which of `ISA_FLAGS` it reports (read at run time)."""
+    model = "unknown"
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = cpu_flags(path)
+    return {"model": model, "logical_cpus": os.cpu_count(), "isa": [f for f in ISA_FLAGS if f in flags]}
+
+
+def unavailable(precision: str, flags: frozenset[str] | None = None) -> str | None:
+    """Why `precision` cannot run here, or None when it can."""
+    flags = cpu_flags() if flags is None else flags
+    if precision not in PRECISIONS:
+        return f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
+    if precision == "bf16" and not any(f in flags for f in BF16_FLAGS):
+        return f"bf16 needs one of the CPU flags {', '.join(BF16_FLAGS)}; this CPU reports none"
+    if precision in ("fp32", "int8"):
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return f"{precision} runs on onnxruntime, which is not installed"
+    return None
+
+
+def candidates(flags: frozenset[str] | None = None) -> list[str]:
+    """The concrete precisions this CPU can run, FP32 first."""
+    return [p for p in ("fp32", "int8", "bf16") if unavailable(p, flags) is None]
+
+
+# ------------------------------------------------------------------------------------ static padding
+def static_pad_copy(backbone, input_size: int):
+    """A copy of the backbone whose TF-"SAME" convs (timm `Conv2dSame`) pad by constants.
+
+    The pads are timm's own `pad_same_arg` for the input each conv sees at `input_size`, so the
+    result is exact at that size (and only there, which is all a fixed-size export needs).
+    """
+    from timm.layers.conv2d_same import Conv2dSame
+    from timm.layers.padding import pad_same_arg
+
+    bb = copy.deepcopy(backbone).float().cpu().eval()
+    sizes: dict[str, tuple[int, int]] = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda m, a, name=n: sizes.__setitem__(name, tuple(a[0].shape[-2:])))
+        for n, m in bb.named_modules()
+        if isinstance(m, Conv2dSame)
+    ]
+    with torch.no_grad():
+        bb.prefix(torch.zeros(1, 3, input_size, input_size))  # (1, 3, S, S)
+        bb.tail(bb.prefix(torch.zeros(1, 3, input_size, input_size)))
+    for h in hooks:
+        h.remove()
+    for name, hw in sizes.items():
+        m = bb.get_submodule(name)
+        conv = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, 0, m.dilation, m.groups, m.bias is not None)
+        conv.load_state_dict(m.state_dict())
+        pad = pad_same_arg(list(hw), list(m.kernel_size), list(m.stride), list(m.dilation))  # [left, right, top, bottom]
+        parent, _, attr = name.rpartition(".")
+        setattr(bb.get_submodule(parent) if parent else bb, attr, nn.Sequential(nn.ZeroPad2d(pad), conv))
+    return bb
+
+
+class _Prefix(nn.Module):
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x):
+        return self.backbone.prefix(x)  # (N, C_p, H_p, W_p)
+
+
+def export_static_prefix(backbone, path: str | Path, input_size: int) -> Path:
+    """The prefix graph (image (N, 3, S, S) -> features) with static pads, FP32, dynamic batch."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            _Prefix(static_pad_copy(backbone, input_size)),
+            (torch.zeros(2, 3, input_size, input_size),),
+            str(tmp),
+            input_names=["image"],
+            output_names=["features"],
+            dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    os.replace(tmp, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------ calibration
+@dataclass(frozen=True)
+class QuantConfig:
+    """How the prefix is quantised (`onnxruntime.quantization.quantize_static` arguments).
+
+    Defaults are the setting whose accuracy held in the measurements of docs/benchmarks.md
+    ("Low precision"): QDQ, per-channel weights, uint8 activations / int8 weights, every op type
+    ORT quantises. Per-tensor weights ran ~1.2x faster but moved the embeddings too far
+    (cosine to FP32 0.89 on held-out photos; the depthwise convs need per-channel scales).
+    """
+
+    fmt: str = "qdq"  # qdq | qoperator
+    per_channel: bool = True
+    activations: str = "u8"  # u8 | s8
+    op_types: tuple[str, ...] = ()  # () = every op type ORT can quantise; ("Conv",) = convs only
+    calibrate: str = "minmax"  # minmax | percentile | entropy
+    calib_images: int = 256
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def shared_data_dir() -> Path | None:
+    """`../shared/data` next to the checkout (or METALORA_SHARED/data) when present."""
+    root = Path(os.environ.get("METALORA_SHARED", Path(__file__).resolve().parent.parent.parent / "shared"))
+    return root / "data" if (root / "data").is_dir() else None
+
+
+def imagenet_split(data: Path | None = None, every: int = 8) -> tuple[list[str], list[str]]:
+    """ImageNet-sample members (`val.zip`) used for calibration (every `every`-th) and held out."""
+    data = data or shared_data_dir()
+    if data is None or not (data / "imagenet-sample" / "val.zip").is_file():
+        return [], []
+    with zipfile.ZipFile(data / "imagenet-sample" / "val.zip") as z:
+        members = sorted(m for m in z.namelist() if not m.endswith("/"))
+    return members[::every], [m for i, m in enumerate(members) if i % every]
+
+
+def calibration_sources(n: int = 256, data: Path | None = None) -> list[tuple[str, str]]:
+    """What the calibration images are, as (kind, id) pairs; never a test image.
+
+    With ../shared/data: half ImageNet-sample photos (every 8th; the rest are held out for the
+    top-1 check) and half the training splits the shipped adapters were trained on (CIFAR-10,
+    MNIST, scikit-learn digits). Without it: scikit-learn's digits (train split) and, when
+    scikit-image is installed, its bundled photos, cropped several ways.
+    """
+    from .data import DataSpec, list_items
+
+    data = data or shared_data_dir()
+    out: list[tuple[str, str]] = []
+    if data is not None:
+        calib, _ = imagenet_split(data)
+        out += [("imagenet", m) for m in calib[: n // 2]]
+        rest = n - len(out)
+        specs = [f"{data}/cifar10/train.zip?per_class={max(1, rest // 20)}", f"{data}/mnist/train.zip?per_class={max(1, rest // 40)}"]
+        specs = [s for s in specs if Path(s.split("?")[0]).is_file()]
+    else:
+        specs = []
+        try:
+            import skimage.data  # noqa: F401
+
+            out += [("skimage", f"{i}") for i in range(min(n // 2, 64))]
+        except ImportError:
+            pass
+    specs.append(f"sklearn:digits?split=train,per_class={max(1, (n - len(out)) // 10)}")
+    for s in specs:
+        out += [("spec", f"{s}#{it.id}") for it in list_items(DataSpec.parse(s))]
+    return out[:n]
+
+
+def _read_source(kind: str, ident: str, data: Path | None) -> bytes:
+    from .data import DataSpec, list_items
+
+    if kind == "imagenet":
+        with zipfile.ZipFile((data or shared_data_dir()) / "imagenet-sample" / "val.zip") as z:
+            return z.read(ident)
+    if kind == "skimage":
+        from PIL import Image
+        from skimage import data as sk
+
+        photos = [sk.astronaut, sk.coffee, sk.chelsea, sk.rocket, sk.immunohistochemistry, sk.cat]
+        i = int(ident)
+        a = np.asarray(photos[i % len(photos)]())
+        h, w = a.shape[:2]
+        s = min(h, w) - 16 * (i // len(photos))
+        y, x = (h - s) // 2 + (i % 3) * 4, (w - s) // 2
+        buf = io.BytesIO()
+        Image.fromarray(a[y : y + s, x : x + s]).convert("RGB").save(buf, "PNG")
+        return buf.getvalue()
+    spec, _, item = ident.rpartition("#")
+    cache = _read_source.__dict__.setdefault("_items", {})
+    if spec not in cache:
+        cache[spec] = {it.id: it for it in list_items(DataSpec.parse(spec))}
+    return cache[spec][item].read()
+
+
+def calibration_images(preprocessor, n: int = 256, data: Path | None = None) -> tuple[np.ndarray, str]:
+    """`n` preprocessed calibration images (n, 3, S, S) float32 and the digest of their ids."""
+    from .images import decode_image
+
+    src = calibration_sources(n, data)
+    if not src:
+        raise RuntimeError("no calibration images: neither ../shared/data nor scikit-learn's digits are available")
+    x = np.stack([preprocessor(decode_image(_read_source(k, i, data))).numpy() for k, i in src])  # (n, 3, S, S)
+    return x.astype(np.float32), hashlib.sha256(json.dumps(src).encode()).hexdigest()[:12]
+
+
+def quantize_prefix(fp32_path: Path, out: Path, calib: np.ndarray, cfg: QuantConfig, batch: int = 16) -> Path:
+    """Static INT8 quantisation of an FP32 prefix graph with ORT's tools; returns `out`."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(range(0, len(calib), batch))
+
+        def get_next(self):
+            i = next(self.it, None)
+            return None if i is None else {"image": calib[i : i + batch]}  # (b, 3, S, S)
+
+    # Calibration ranges are merged every `every` batches to bound memory; ORT's MinMax
+    # calibrator fails when the last merge leaves no batch behind, so `every` must not divide.
+    nb = -(-len(calib) // batch)
+    every = next((m for m in range(4, nb) if nb % m), None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pre = out.with_name(out.name + f".pre{os.getpid()}.onnx")
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}.onnx")
+    try:
+        quant_pre_process(str(fp32_path), str(pre))  # shape inference + constant folding: Conv->Clip chains the quantiser can see
+        quantize_static(
+            str(pre),
+            str(tmp),
+            Reader(),
+            quant_format=QuantFormat.QDQ if cfg.fmt == "qdq" else QuantFormat.QOperator,
+            op_types_to_quantize=list(cfg.op_types) or None,
+            per_channel=cfg.per_channel,
+            activation_type=QuantType.QUInt8 if cfg.activations == "u8" else QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method={"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy}[cfg.calibrate],
+            extra_options={"CalibMaxIntermediateOutputs": every} if every else {},
+        )
+        os.replace(tmp, out)
+    finally:
+        for p in (pre, tmp):
+            p.unlink(missing_ok=True)
+    return out
+
+
+# ------------------------------------------------------------------------------------ the runner
+class _TorchBF16Prefix:
+    """The torch prefix under CPU BF16 autocast, with an ORT session's `run` call shape."""
+
+    def __init__(self, backbone):
+        self.backbone = copy.deepcopy(backbone).float().cpu().eval().to(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def run(self, _outputs, feed: dict) -> list[np.ndarray]:
+        x = torch.from_numpy(feed["image"]).contiguous(memory_format=torch.channels_last)  # (N, 3, S, S)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = self.backbone.prefix(x)  # (N, C_p, H_p, W_p) bf16
+        return [h.float().contiguous().numpy()]
+
+
+class LowpRunner(OrtRunner):
+    """`OrtRunner` with the shared prefix in a chosen precision (fp32 | int8 | bf16); tails FP32.
+
+    Same `run(x, keys) -> Output` as `OrtRunner`. Graphs are cached in the ONNX cache directory
+    under names that carry the prefix's content hash, the quantisation config and the calibration
+    set's digest, so a restart reuses them.
+    """
+
+    def __init__(self, runtime, precision: str = "fp32", quant: QuantConfig | None = None, data: Path | None = None, **kw):
+        super().__init__(runtime, **kw)
+        why = unavailable(precision)
+        if precision == "auto":
+            why = "resolve `auto` with choose_precision() first"
+        if why:
+            raise ValueError(why)
+        self.precision = precision
+        self.quant = quant or QuantConfig()
+        self.data = data
+
+    def static_prefix_path(self) -> Path:
+        digest = graph_digest(self.runtime.backbone, None, self.input_size, "prefix-static")
+        return self.cache_dir / f"{self.runtime.backbone.identity.name}-prefix-static-{digest}.onnx"
+
+    def int8_prefix_path(self, calib_digest: str) -> Path:
+        import onnxruntime as ort
+
+        tag = hashlib.sha256(f"{self.static_prefix_path().name}|{self.quant.digest()}|{calib_digest}|{ort.__version__}".encode()).hexdigest()[:16]
+        return self.cache_dir / f"{self.runtime.backbone.identity.name}-prefix-int8-{tag}.onnx"
+
+    def _ensure_static(self) -> Path:
+        path = self.static_prefix_path()
+        if not path.exists():
+            export_static_prefix(self.runtime.backbone, path, self.input_size)
+        return path
+
+    def _ensure_int8(self) -> Path:
+        fp32 = self._ensure_static()
+        ids = calibration_sources(self.quant.calib_images, self.data)
+        digest = hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:12]
+        path = self.int8_prefix_path(digest)
+        if not path.exists():
+            calib, _ = calibration_images(self.runtime.preprocessor, self.quant.calib_images, self.data)
+            quantize_prefix(fp32, path, calib, self.quant)
+        return path
+
+    def prefix_graph(self) -> Path | None:
+        """The prefix graph this precision runs (None for bf16, which runs torch)."""
+        return {"fp32": self._ensure_static, "int8": self._ensure_int8}.get(self.precision, lambda: None)()
+
+    def prefix(self):
+        with self._lock:
+            if self._prefix is None:
+                if self.precision == "bf16":
+                    self._prefix = _TorchBF16Prefix(self.runtime.backbone)
+                else:
+                    self._prefix = self.ort.InferenceSession(str(self.prefix_graph()), self.options, providers=self.providers)
+            return self._prefix
+
+    def features(self, x: np.ndarray) -> np.ndarray:
+        """Prefix features (N, C_p, H_p, W_p) float32 of preprocessed images (N, 3, S, S)."""
+        return self.prefix().run(None, {"image": np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
+# ------------------------------------------------------------------------------------ choosing
+def check_images(preprocessor, n: int = CHECK_IMAGES, data: Path | None = None) -> np.ndarray:
+    """A fixed batch of real images for the start-up check: held-out ImageNet-sample photos when
+    ../shared is present, else scikit-learn digits (test split)."""
+    from .data import DataSpec, list_items
+    from .images import decode_image
+
+    data = data or shared_data_dir()
+    _, held = imagenet_split(data) if data is not None else ([], [])
+    if held:
+        with zipfile.ZipFile(data / "imagenet-sample" / "val.zip") as z:
+            raw = [z.read(m) for m in held[:: max(1, len(held) // n)][:n]]
+    else:
+        items = list_items(DataSpec.parse(f"sklearn:digits?split=test,per_class={max(1, n // 10 + 1)}"))
+        raw = [it.read() for it in items[:: max(1, len(items) // n)][:n]]
+    return np.stack([preprocessor(decode_image(b)).numpy() for b in raw]).astype(np.float32)  # (n, 3, S, S)
+
+
+def _base_outputs(runtime, feats: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    bb = runtime.backbone
+    with torch.inference_mode():
+        h = torch.from_numpy(feats).to(next(bb.parameters()).dtype)  # (N, C_p, H_p, W_p)
+        emb = bb.tail(h)  # (N, D)
+        return emb.float(), bb.head(emb).float()  # (N, D), (N, 1000)
+
+
+def check_precision(runtime, runners: dict[str, LowpRunner], x: np.ndarray, reference: str = "fp32") -> dict:
+    """Each precision against FP32 on one fixed batch: base top-1 agreement and embedding cosine."""
+    ref_emb, ref_logits = _base_outputs(runtime, runners[reference].features(x))
+    out = {}
+    for name, r in runners.items():
+        emb, logits = _base_outputs(runtime, r.features(x))
+        agree = float((logits.argmax(1) == ref_logits.argmax(1)).float().mean())
+        cos = float(torch.nn.functional.cosine_similarity(emb, ref_emb, dim=1).mean())
+        out[name] = {"agreement": round(agree, 4), "cosine": round(cos, 5), "pass": agree >= CHECK_MIN_AGREEMENT and cos >= CHECK_MIN_COSINE}
+    return out
+
+
+def time_prefixes(runners: dict[str, LowpRunner], x: np.ndarray, rounds: int = 3) -> dict[str, float]:
+    """Images/s of each runner's prefix on `x`, runs alternated (order reversed every round)."""
+    names = list(runners)
+    for n in names:
+        runners[n].features(x)  # warm-up: sessions, arenas, oneDNN primitives
+    t: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names if r % 2 == 0 else names[::-1]:
+            t0 = time.perf_counter()
+            runners[n].features(x)
+            t[n].append(time.perf_counter() - t0)
+    return {n: len(x) / statistics.median(v) for n, v in t.items()}
+
+
+def choose_precision(runtime, precision: str = "auto", cache_dir: Path | None = None, threads: int | None = None, data: Path | None = None, log=None) -> tuple[str, dict]:
+    """`auto` -> the fastest precision here whose accuracy check passes; others are validated.
+
+    The decision (check and timing) is cached as JSON keyed by the prefix graph's content hash,
+    the CPU model and flags, and the torch/onnxruntime versions; a cache hit costs nothing.
+    Returns (precision, report).
+    """
+    if precision != "auto":
+        why = unavailable(precision)
+        if why:
+            raise ValueError(why)
+        return precision, {"chosen": precision, "how": "asked for"}
+    import onnxruntime as ort
+
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    info = cpu_info()
+    key = hashlib.sha256(
+        json.dumps([graph_digest(runtime.backbone, None, int(runtime.preprocess_cfg.input_size), "prefix"), info["model"], sorted(cpu_flags()), torch.__version__, ort.__version__, threads]).encode()
+    ).hexdigest()[:16]
+    path = cache_dir / f"precision-auto-{key}.json"
+    if path.is_file():
+        rep = json.loads(path.read_text())
+        return rep["chosen"], {**rep, "how": "cached"}
+    threads = threads or torch.get_num_threads()
+    runners = {p: LowpRunner(runtime, p, cache_dir=cache_dir, threads=threads, data=data) for p in candidates()}
+    x = check_images(runtime.preprocessor, data=data)
+    checks = check_precision(runtime, runners, x)
+    speed = time_prefixes({p: r for p, r in runners.items() if checks[p]["pass"]}, x)
+    chosen = max(speed, key=speed.get)
+    rep = {"chosen": chosen, "checks": checks, "prefix_img_s": {k: round(v, 1) for k, v in speed.items()}, "cpu": info, "threads": threads}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rep, indent=1) + "\n")
+    if log:
+        log(f"precision auto -> {chosen} ({rep['prefix_img_s']})")
+    return chosen, {**rep, "how": "measured"}
+
+
+def create_lowp_backend(runtime, precision: str = "auto", threads: int | None = None) -> LowpRunner:
+    """A LowpRunner over the runtime in `precision` (auto resolved by `choose_precision`)."""
+    threads = threads or torch.get_num_threads()
+    chosen, report = choose_precision(runtime, precision, threads=threads)
+    runner = LowpRunner(runtime, chosen, threads=threads)
+    runner.precision_report = report
+    return runner
+
+
+# ------------------------------------------------------------------------------------ accuracy
+def _test_specs(manifest: dict, data: Path, per_class: int | None) -> list[str]:
+    """The adapter's recorded test specs, `../shared/data` re-rooted at `data`, optionally smaller."""
+    out = []
+    for spec in manifest.get("metrics", {}).get("data", []):
+        spec = spec.replace("../shared/data", str(data))
+        if per_class is not None:
+            body, _, query = spec.partition("?")
+            opts = [o for o in query.split(",") if o and not o.startswith("per_class=")] + [f"per_class={per_class}"]
+            spec = f"{body}?{','.join(opts)}"
+        out.append(spec)
+    return out
+
+
+def evaluate_precisions(
+    runtime,
+    precisions: list[str],
+    adapters: list[str] | None = None,
+    imagenet: int | None = None,
+    per_class: int | None = None,
+    state_path: Path | None = None,
+    data: Path | None = None,
+    batch: int = 32,
+    log=print,
+    **runner_kw,
+) -> dict:
+    """Accuracy per precision, same images for all: ImageNet-sample top-1 (held-out photos, the
+    calibration ones excluded) and each adapter's k-NN@10 and head top-1 on its recorded test set
+    against its bundle's gallery. Adapter tails and heads run FP32 (torch) on each precision's
+    prefix features. `imagenet`/`per_class` shrink the sets (tests); `state_path` makes a long
+    run resumable (finished (set, precision) results are kept there and skipped on a rerun).
+    """
+    from .bundle import load_gallery
+    from .data import DataSpec, FeatureSet, list_items
+    from .evaluate import evaluate_features
+    from .images import decode_image
+    from .imagenet import read_classes_tsv
+
+    data = data or shared_data_dir()
+    if data is None:
+        raise RuntimeError("accuracy needs ../shared/data (ImageNet sample and the adapters' test sets)")
+    state = json.loads(state_path.read_text()) if state_path and state_path.is_file() else {}
+
+    def save():
+        if state_path:
+            state_path.parent.mkdir(parents=True, exist_ok=True)
+            state_path.write_text(json.dumps(state, indent=1) + "\n")
+
+    runners = {p: LowpRunner(runtime, p, data=data, **runner_kw) for p in precisions}
+
+    def features(raw: list, todo: list[str]) -> dict[str, np.ndarray]:
+        out: dict[str, list] = {p: [] for p in todo}
+        for i in range(0, len(raw), batch):
+            x = np.stack([runtime.preprocessor(decode_image(r() if callable(r) else r)).numpy() for r in raw[i : i + batch]])  # (b, 3, S, S)
+            for p in todo:
+                out[p].append(runners[p].features(x))  # (b, C_p, H_p, W_p)
+        return {p: np.concatenate(v) for p, v in out.items()}
+
+    # ImageNet sample: the backbone's own head.
+    _, held = imagenet_split(data)
+    held = held[:imagenet] if imagenet else held
+    todo = [p for p in precisions if f"imagenet/{p}" not in state]
+    if held and todo:
+        wnids = read_classes_tsv(data / "imagenet-sample" / "classes.tsv")
+        index = {w: i for i, w in enumerate(wnids)}
+        y = torch.tensor([index[Path(m).parent.name] for m in held])
+        with zipfile.ZipFile(data / "imagenet-sample" / "val.zip") as z:
+            feats = features([z.read(m) for m in held], todo)
+        for p in todo:
+            _, logits = _base_outputs(runtime, feats[p])
+            state[f"imagenet/{p}"] = {"top1": float((logits.argmax(1) == y).float().mean()), "n": len(held)}
+            log(f"imagenet {p}: {state[f'imagenet/{p}']}")
+        save()
+
+    # Adapters: k-NN@10 against the bundle's gallery and head top-1, on the recorded test sets.
+    names = adapters if adapters is not None else runtime.store.adapter_names()
+    cache: dict[str, dict[str, np.ndarray]] = {}
+    for name in names:
+        key = runtime.load(name)
+        manifest = runtime.manifests[key]
+        todo = [p for p in precisions if f"{name}/{p}" not in state]
+        specs = _test_specs(manifest, data, per_class)
+        if not todo or not specs:
+            continue
+        parts = []
+        for spec in specs:
+            ds = DataSpec.parse(spec)
+            src = spec.split("=", 1)[1] if ds.task else spec
+            items = list_items(ds)
+            if src not in cache or any(p not in cache[src] for p in todo):
+                cache[src] = {**cache.get(src, {}), **features([it.read for it in items], todo)}
+            labels = [f"{ds.task}/{it.label}" if ds.task else it.label for it in items]
+            parts.append((items, labels, ds.name, src))
+        adapter = runtime.model.adapters[key]
+        _, _, path = runtime.store.resolve(key)
+        gallery = load_gallery(path, manifest)
+        for p in todo:
+            h = torch.from_numpy(np.concatenate([cache[src][p] for *_, src in parts]))  # (N, C_p, H_p, W_p)
+            fs = FeatureSet(h, sum((lab for _, lab, _, _ in parts), []), sum(([it.id for it in items] for items, *_ in parts), []), specs, sum(([t] * len(items) for items, _, t, _ in parts), []))
+            res = evaluate_features(runtime.model, adapter, manifest["adapter"]["labels"], fs, gallery)
+            state[f"{name}/{p}"] = {k: res[k] for k in ("knn_top1", "head_top1", "n")}
+            log(f"{name} {p}: {state[f'{name}/{p}']}")
+            save()
+    return state
+
+
+def accuracy_table(state: dict, reference: str = "fp32", max_drop_points: float = 0.5) -> dict:
+    """Per set and precision: the figures, the drop vs `reference` in points, and pass/fail."""
+    table: dict[str, dict] = {}
+    for k, v in state.items():
+        name, prec = k.split("/")
+        ref = state.get(f"{name}/{reference}")
+        row = dict(v)
+        if ref is not None:
+            for m in ("top1", "knn_top1", "head_top1"):
+                if v.get(m) is not None and ref.get(m) is not None:
+                    row[f"{m}_drop_points"] = round(100 * (ref[m] - v[m]), 2)
+            row["pass"] = all(row[d] <= max_drop_points for d in row if d.endswith("_drop_points"))
+        table.setdefault(name, {})[prec] = row
+    return table
+
+
+__all__ = [
+    "BASE",
+    "PRECISIONS",
+    "LowpRunner",
+    "QuantConfig",
+    "check_precision",
+    "choose_precision",
+    "cpu_flags",
+    "cpu_info",
+    "create_lowp_backend",
+    "evaluate_precisions",
+    "unavailable",
+]
