@@ -203,7 +203,8 @@ def imagenet_split(data: Path | None = None, every: int = 8) -> tuple[list[str],
 
 
 def calibration_sources(n: int = 256, data: Path | None = None) -> list[tuple[str, str]]:
-    """What the calibration images are, as (kind, id) pairs; never a test image.
+    """What the (at most `n`, per-class rounding may leave a few less) calibration images are, as
+    (kind, id) pairs; never a test image.
 
     With ../shared/data: half ImageNet-sample photos (every 8th; the rest are held out for the
     top-1 check) and half the training splits the shipped adapters were trained on (CIFAR-10,
@@ -261,7 +262,7 @@ def _read_source(kind: str, ident: str, data: Path | None) -> bytes:
 
 
 def calibration_images(preprocessor, n: int = 256, data: Path | None = None) -> tuple[np.ndarray, str]:
-    """`n` preprocessed calibration images (n, 3, S, S) float32 and the digest of their ids."""
+    """The preprocessed calibration images (~n, 3, S, S) float32 and the digest of their ids."""
     from .images import decode_image
 
     src = calibration_sources(n, data)

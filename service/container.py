@@ -48,7 +48,11 @@ class Service:
             torch.set_num_threads(s.torch_threads)
         self.runtime = await asyncio.to_thread(Runtime, s.store, device)
         self.device = str(device)
-        self.backend_name, backend = make_backend(s.backend, self.runtime, s)
+        # A thread: the ONNX backend may export and quantise graphs on a first start (a minute on
+        # 2 cores), and /healthz must keep answering meanwhile.
+        self.backend_name, backend = await asyncio.to_thread(make_backend, s.backend, self.runtime, s)
+        self.precision = getattr(backend, "precision", "fp32")
+        log.info("backend %s, precision %s %s", self.backend_name, self.precision, getattr(backend, "precision_report", {}).get("prefix_img_s", ""))
         self.engine = Engine(backend, self.metrics, self.device)
         dsn = s.gallery_dsn.get_secret_value() if s.gallery_dsn else None
         store = open_store(s.galleries, dsn, timeout_s=s.gallery_db_timeout_s, pool_size=s.gallery_db_pool)

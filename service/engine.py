@@ -41,12 +41,17 @@ def make_backend(name: str, runtime, settings) -> tuple[str, Backend]:
     """The compute backend by name -> (resolved name, backend); `auto` picks the faster one on the
     runtime's device (`metalora.onnx_backend.resolve_backend`), `torch` is the runtime itself.
 
-    Raises ValueError for an unknown name and RuntimeError when `onnx` is asked for without onnxruntime.
+    On the ONNX CPU backend `settings.precision` picks the shared prefix's precision
+    (`metalora.lowp`). Raises ValueError for an unknown name or a precision the backend or CPU
+    cannot run, and RuntimeError when `onnx` is asked for without onnxruntime.
     """
     from metalora.onnx_backend import resolve_backend
 
     name = resolve_backend(name, runtime.device)
     if name == "torch":
+        precision = getattr(settings, "precision", "auto")
+        if precision not in ("auto", "fp32"):
+            raise ValueError(f"precision {precision!r} runs on the onnx backend (metalora.lowp); the torch backend is fp32")
         return name, runtime
     try:
         from metalora import onnx_backend

@@ -1,0 +1,213 @@
+"""Low-precision prefix (metalora/lowp.py), the precision setting, section (g) helpers and bench/gpu.sh.
+
+References: hand-written /proc/cpuinfo files, timm's own dynamic-padding prefix (exact), FP32
+results of the same images (accuracy drops), and arithmetic done here by hand (peak FLOP/s).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import ROOT, needs_shared
+
+ort = pytest.importorskip("onnxruntime")
+from metalora import lowp  # noqa: E402
+
+CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Gold 6338 CPU @ 2.00GHz
+cpu MHz\t\t: 2000.000
+flags\t\t: fpu sse sse2 avx avx2 fma avx512f avx512_vnni {extra}
+
+processor\t: 1
+"""
+
+
+def _cpuinfo(tmp_path: Path, extra: str = "") -> Path:
+    p = tmp_path / "cpuinfo"
+    p.write_text(CPUINFO.format(extra=extra))
+    return p
+
+
+def test_cpu_flags_and_info_are_read_from_the_file(tmp_path):
+    p = _cpuinfo(tmp_path, "amx_tile amx_int8")
+    assert {"avx512f", "avx512_vnni", "amx_int8"} <= lowp.cpu_flags(p)
+    info = lowp.cpu_info(p)
+    assert info["model"] == "Intel(R) Xeon(R) Gold 6338 CPU @ 2.00GHz"
+    assert info["isa"] == ["avx2", "fma", "avx512f", "avx512_vnni", "amx_tile", "amx_int8"]
+    assert lowp.cpu_flags(tmp_path / "absent") == frozenset()
+
+
+@pytest.mark.parametrize(
+    "precision, extra, ok",
+    [
+        ("bf16", "", False),  # no avx512_bf16 / amx_bf16: never assumed
+        ("bf16", "avx512_bf16", True),
+        ("bf16", "amx_bf16", True),
+        ("int8", "", True),
+        ("fp32", "", True),
+        ("fp8", "", False),
+    ],
+)
+def test_precision_availability_follows_the_cpu_flags(tmp_path, precision, extra, ok):
+    flags = lowp.cpu_flags(_cpuinfo(tmp_path, extra))
+    why = lowp.unavailable(precision, flags)
+    assert (why is None) == ok, why
+    assert ("bf16" in lowp.candidates(flags)) == bool(extra)
+
+
+def test_peak_fp32_derivation(tmp_path):
+    from bench.lowp import peak_fp32
+
+    p = _cpuinfo(tmp_path)
+    got = peak_fp32(2, lowp.cpu_flags(p), str(p))
+    assert got["peak_fp32_flop_s"] == pytest.approx(2 * 2.0e9 * 16 * 2 * 2)  # cores x Hz x AVX-512 lanes x FMA x 2 units
+    assert "2.00 GHz" in got["derivation"] and "16 FP32 lanes" in got["derivation"]
+    avx2 = frozenset({"avx2", "fma"})
+    assert peak_fp32(1, avx2, str(p))["peak_fp32_flop_s"] == pytest.approx(2.0e9 * 8 * 2 * 2)
+
+
+def test_precision_setting(monkeypatch):
+    from service.settings import Settings
+
+    assert Settings().precision == "auto"
+    monkeypatch.setenv("METALORA_PRECISION", "int8")
+    assert Settings().precision == "int8"
+    monkeypatch.setenv("METALORA_PRECISION", "fp8")
+    with pytest.raises(Exception, match="precision"):
+        Settings()
+
+
+def test_torch_backend_refuses_a_low_precision():
+    from service.engine import make_backend
+    from service.settings import Settings
+
+    class RT:
+        device = torch.device("cpu")
+
+    with pytest.raises(ValueError, match="onnx backend"):
+        make_backend("torch", RT(), Settings(precision="int8"))
+    assert make_backend("torch", RT(), Settings(precision="fp32"))[0] == "torch"
+
+
+def test_calibration_never_uses_test_images(monkeypatch, tmp_path):
+    monkeypatch.setenv("METALORA_SHARED", str(tmp_path / "no-shared"))  # the documented fallback
+    src = lowp.calibration_sources(64)
+    assert 56 <= len(src) <= 64  # per-class subsets round down
+    assert all(k in ("skimage", "spec") for k, _ in src)
+    assert all("split=train" in i for k, i in src if k == "spec")
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    from metalora.runtime import Runtime
+
+    return Runtime(device="cpu")
+
+
+@pytest.mark.slow
+def test_static_pad_prefix_is_exact_and_has_no_shape_ops(runtime, tmp_path):
+    import onnx
+
+    x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0)) * 2 - 1  # (2, 3, S, S)
+    bb = lowp.static_pad_copy(runtime.backbone, 224)
+    with torch.no_grad():
+        ref = runtime.backbone.float().prefix(x)
+        assert torch.equal(bb.prefix(x), ref)  # timm's dynamic SAME padding is the reference
+    path = lowp.export_static_prefix(runtime.backbone, tmp_path / "p.onnx", 224)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert not ops & {"Shape", "Ceil", "Gather"}, ops
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})[0]
+    assert np.abs(got - ref.numpy()).max() <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def int8_runners(runtime, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("onnx")
+    return {p: lowp.LowpRunner(runtime, p, cache_dir=cache, threads=torch.get_num_threads()) for p in ("fp32", "int8")}
+
+
+@pytest.mark.slow
+def test_int8_runner_matches_fp32_and_keeps_mixed_batches(runtime, int8_runners):
+    x = lowp.check_images(runtime.preprocessor)
+    checks = lowp.check_precision(runtime, int8_runners, x)
+    assert checks["fp32"]["cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert checks["int8"]["pass"], checks
+    # The int8 graph really is quantised: QDQ pairs that ORT turns into QLinearConv.
+    import onnx
+
+    path = int8_runners["int8"].prefix_graph()
+    assert sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(path)).graph.node) > 10
+    # A mixed batch through the low-precision runner answers per sample like a one-key batch.
+    xb = torch.from_numpy(x[:4])
+    mixed = int8_runners["int8"].run(xb, ["base", "base", "base", "base"])
+    one = int8_runners["int8"].run(xb[2:3], ["base"])
+    assert torch.allclose(mixed.logits[2], one.logits[0], atol=1e-3)
+    assert set(mixed.stages) == {"prefix", "adapters"}
+
+
+@pytest.mark.slow
+def test_auto_choice_is_cached_and_passes_its_check(runtime, tmp_path):
+    chosen, rep = lowp.choose_precision(runtime, "auto", cache_dir=tmp_path)
+    assert chosen in lowp.candidates() and rep["how"] == "measured"
+    assert rep["checks"][chosen]["pass"]
+    again, rep2 = lowp.choose_precision(runtime, "auto", cache_dir=tmp_path)
+    assert again == chosen and rep2["how"] == "cached"
+    with pytest.raises(ValueError):
+        lowp.choose_precision(runtime, "fp8")
+
+
+@pytest.mark.slow
+@needs_shared("imagenet-sample", "val.zip")
+@needs_shared("cifar10", "test.zip")
+@needs_shared("mnist", "test.zip")
+def test_int8_accuracy_drop_on_a_small_set(runtime, int8_runners, tmp_path):
+    """ImageNet-sample top-1 and every shipped adapter's k-NN@10 / head top-1, INT8 vs FP32.
+
+    The small set's tolerance is one image's worth per set beyond the 0.5-point target (a set of
+    n images moves in steps of 100/n points); the full-size figures are in docs/benchmarks.md.
+    """
+    st = lowp.evaluate_precisions(runtime, ["fp32", "int8"], imagenet=200, per_class=10, state_path=tmp_path / "s.json", cache_dir=int8_runners["int8"].cache_dir, log=lambda m: None)
+    table = lowp.accuracy_table(st)
+    assert set(table) == {"imagenet", "cifar10", "mnist", "digits", "mixed"}
+    for name, rows in table.items():
+        n = rows["int8"]["n"]
+        for d, v in rows["int8"].items():
+            if d.endswith("_drop_points"):
+                assert v <= 0.5 + 100 / n, (name, d, v, n)
+    assert json.loads((tmp_path / "s.json").read_text()) == st  # resumable state on disk
+
+
+def test_gpu_markdown_block_replaces_an_earlier_one(tmp_path):
+    from bench.gpu import BEGIN, END, kept_block, write_block
+
+    doc = tmp_path / "b.md"
+    doc.write_text("# Benchmarks\n\nCPU text\n")
+    write_block(doc, f"{BEGIN}\nfirst\n{END}\n")
+    write_block(doc, f"{BEGIN}\nsecond\n{END}\n")
+    text = doc.read_text()
+    assert text.count(BEGIN) == 1 and "second" in text and "first" not in text and "CPU text" in text
+    assert kept_block(doc).startswith(BEGIN) and "second" in kept_block(doc)
+
+
+@pytest.mark.slow
+def test_gpu_script_steps_run_on_cpu_at_tiny_sizes(tmp_path):
+    """bench/gpu.sh end to end in its CPU dry run: every step runs and the block is marked as CPU."""
+    env = {**os.environ, "METALORA_GPU_DRYRUN": "1", "METALORA_BIN": str(Path(sys.executable).parent), "METALORA_GPU_JSON": str(tmp_path / "gpu.json"), "METALORA_GPU_DOC": str(tmp_path / "b.md")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    p = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.loads((tmp_path / "gpu.json").read_text())
+    assert res["kind"] == "cpu-dry-run" and not res["errors"]
+    assert set(res["precision"]["images_per_s"]) == {"4", "8"}
+    assert res["onnx"]["providers"] == ["CPUExecutionProvider"]
+    assert all(r["ok"] > 0 and r["errors"] == 0 for r in res["http"]["sweep"].values())
+    assert "CPU dry run" in (tmp_path / "b.md").read_text()
