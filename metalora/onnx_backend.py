@@ -351,21 +351,12 @@ def _compare(runtime, keys, batch, rounds, threads, progress) -> dict:
 
 
 def create_backend(runtime, settings=None) -> OrtRunner:
-    """The service engine's hook (`service.engine.make_backend`): an OrtRunner over the runtime,
-    with the shared prefix in `settings.precision` (`metalora.lowp`; auto when not given).
+    """The service engine's hook (`service.engine.make_backend`): an OrtRunner over the runtime.
 
     Graphs are cached in `METALORA_ONNX_CACHE` (default ~/.cache/metalora/onnx); ORT uses as
     many intra-op threads as torch does, the setting the throughput comparison was made with.
-    On CUDA the plain OrtRunner runs (the low-precision paths are CPU ones).
     """
-    precision = getattr(settings, "precision", None) or "auto"
-    if torch.device(runtime.device).type != "cpu":
-        if precision not in ("auto", "fp32"):
-            raise ValueError(f"precision {precision!r} is a CPU path; on {runtime.device} use auto or fp32")
-        return OrtRunner(runtime, threads=torch.get_num_threads())
-    from .lowp import create_lowp_backend
-
-    return create_lowp_backend(runtime, precision, threads=torch.get_num_threads())
+    return OrtRunner(runtime, threads=torch.get_num_threads())
 
 
 def export_from_store(store, ref: str, out: str | Path | None = None, check: bool = True) -> dict:

@@ -53,7 +53,14 @@ def make_backend(name: str, runtime, settings) -> tuple[str, Backend]:
         if precision not in ("auto", "fp32"):
             raise ValueError(f"precision {precision!r} runs on the onnx backend (metalora.lowp); the torch backend is fp32")
         return name, runtime
+    precision = getattr(settings, "precision", "auto")
     try:
+        if torch.device(runtime.device).type == "cpu":
+            from metalora.lowp import create_lowp_backend
+
+            return name, create_lowp_backend(runtime, precision, threads=torch.get_num_threads())
+        if precision not in ("auto", "fp32"):
+            raise ValueError(f"precision {precision!r} is a CPU path; on {runtime.device} use auto or fp32")
         from metalora import onnx_backend
 
         return name, onnx_backend.create_backend(runtime, settings)
