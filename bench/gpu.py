@@ -150,7 +150,7 @@ def gpu_markdown(res: dict, json_path: str) -> str:
     if h:
         L += ["", "| concurrency | images/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|"]
         for c, r in h["sweep"].items():
-            L.append(f"| {c} | {r['images_per_s']:.1f} | {1e3 * r['p50_s']:.1f} | {1e3 * r['p99_s']:.1f} | {r['errors']} |")
+            L.append(f"| {c} | {r['images_per_s']:.1f} | {1e3 * r['p50_s']:.1f} | {1e3 * r['p99_s']:.1f} | {sum(r['errors'].values()) if isinstance(r['errors'], dict) else r['errors']} |")
     if res["errors"]:
         L += ["", "Failed steps: " + "; ".join(f"{k}: {v.splitlines()[0]}" for k, v in res["errors"].items())]
     L.append(END)

@@ -27,6 +27,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import statistics
 import time
 import warnings
@@ -209,10 +210,16 @@ def calibration_sources(n: int = 256, data: Path | None = None) -> list[tuple[st
     With ../shared/data: half ImageNet-sample photos (every 8th; the rest are held out for the
     top-1 check) and half the training splits the shipped adapters were trained on (CIFAR-10,
     MNIST, scikit-learn digits). Without it: scikit-learn's digits (train split) and, when
-    scikit-image is installed, its bundled photos, cropped several ways.
+    scikit-image is installed, its bundled photos, cropped several ways: a thin set for photos,
+    so a deployment should name its own images in METALORA_CALIBRATION_DATA (data specs, see
+    metalora.data, separated by ';'; a seeded sample of `n` when there are more).
     """
     from .data import DataSpec, list_items
 
+    own = os.environ.get("METALORA_CALIBRATION_DATA")
+    if own:  # the deployer's own images: data specs separated by ';' (ImageFolder dirs or zips)
+        out = [("spec", f"{s}#{it.id}") for s in own.split(";") if s.strip() for it in list_items(DataSpec.parse(s.strip()))]
+        return random.Random(0).sample(out, n) if len(out) > n else out
     data = data or shared_data_dir()
     out: list[tuple[str, str]] = []
     if data is not None:
