@@ -160,11 +160,12 @@ def test_int8_runner_matches_fp32_and_keeps_mixed_batches(runtime, int8_runners)
 
 
 @pytest.mark.slow
-def test_auto_choice_is_cached_and_passes_its_check(runtime, tmp_path):
-    chosen, rep = lowp.choose_precision(runtime, "auto", cache_dir=tmp_path)
+def test_auto_choice_is_cached_and_passes_its_check(runtime, int8_runners):
+    cache = int8_runners["int8"].cache_dir  # graphs already quantised there; no decision cached yet
+    chosen, rep = lowp.choose_precision(runtime, "auto", cache_dir=cache)
     assert chosen in lowp.candidates() and rep["how"] == "measured"
     assert rep["checks"][chosen]["pass"]
-    again, rep2 = lowp.choose_precision(runtime, "auto", cache_dir=tmp_path)
+    again, rep2 = lowp.choose_precision(runtime, "auto", cache_dir=cache)
     assert again == chosen and rep2["how"] == "cached"
     with pytest.raises(ValueError):
         lowp.choose_precision(runtime, "fp8")
