@@ -111,6 +111,7 @@ def lowp_throughput(batch: int = 32, rounds: int = 5, precisions: list[str] | No
         "threads": threads,
         "batch": len(x),
         "keys": keys,
+        "keys_names": names,
         "images_per_s": {k: round(v, 2) for k, v in img_s.items()},
         "speedup_vs_fp32_ort": {k: round(t.speedup(k, "fp32_ort"), 3) for k in runners},
         "best_low_precision": best,
@@ -190,7 +191,9 @@ def lowp_section(batch: int = 32, rounds: int = 5, http_window_s: float = 4.0, h
     out["http_limit_fraction"] = round(out["http"]["images_per_s"][chosen] * out["total_flops"] / out["peak_fp32_flop_s"], 4)
     # Accuracy: the full, resumable run's figures when it has finished; otherwise a small set.
     state = Path(accuracy_state) if accuracy_state else None
-    full = state is not None and state.is_file() and len(json.loads(state.read_text())) >= 15
+    measured = [p for p in out["images_per_s"] if p in ("fp32", "int8", "bf16")]
+    sets = ["imagenet", *out["keys_names"]]
+    full = state is not None and state.is_file() and all(f"{s}/{p}" in json.loads(state.read_text()) for s in sets for p in measured)
     if full:
         out["accuracy"] = accuracy_table(json.loads(state.read_text()))
         out["accuracy_set"] = f"full ({state})"

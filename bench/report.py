@@ -366,7 +366,7 @@ def _lowp_doc(g: dict | None, add) -> None:
     add("graph clean-up (TF-SAME pads made static so ORT folds and fuses them) that `--precision fp32` also gets.")
     add("")
     a = g.get("auto") or {}
-    add(f"`--precision auto` chose **{a.get('chosen')}** ({a.get('how')}); its start-up check on 16 held-out photos: "
+    add(f"`--precision auto` chose **{a.get('chosen')}** ({a.get('how')}); its start-up check on 32 fixed images (held-out photos and digit glyphs): "
         + "; ".join(f"{p}: top-1 agreement {c['agreement']:.3f}, embedding cosine {c['cosine']:.4f} ({'pass' if c['pass'] else 'FAIL'})" for p, c in (a.get("checks") or {}).items()) + ".")
     add("")
     h = g.get("http")
