@@ -486,12 +486,20 @@ def choose_precision(runtime, precision: str = "auto", cache_dir: Path | None = 
         rep = json.loads(path.read_text())
         return rep["chosen"], {**rep, "how": "cached"}
     threads = threads or torch.get_num_threads()
-    runners = {p: LowpRunner(runtime, p, cache_dir=cache_dir, threads=threads, data=data) for p in candidates()}
+    cands = candidates()
+    skipped = {}
+    kinds = {k for k, _ in calibration_sources(QuantConfig().calib_images, data)}
+    if "int8" in cands and not os.environ.get("METALORA_CALIBRATION_DATA") and not kinds & {"imagenet", "skimage"}:
+        # Calibrated on digit glyphs alone, int8 would be checked on glyphs alone too: not enough
+        # to trust it on photos, so `auto` leaves it out (an explicit --precision int8 still runs).
+        cands.remove("int8")
+        skipped["int8"] = "no photos to calibrate on (no ../shared/data, no scikit-image): set METALORA_CALIBRATION_DATA"
+    runners = {p: LowpRunner(runtime, p, cache_dir=cache_dir, threads=threads, data=data) for p in cands}
     x = check_images(runtime.preprocessor, data=data)
     checks = check_precision(runtime, runners, x)
     speed = time_prefixes({p: r for p, r in runners.items() if checks[p]["pass"]}, x)
     chosen = max(speed, key=speed.get)
-    rep = {"chosen": chosen, "checks": checks, "prefix_img_s": {k: round(v, 1) for k, v in speed.items()}, "cpu": info, "threads": threads}
+    rep = {"chosen": chosen, "checks": checks, "skipped": skipped, "prefix_img_s": {k: round(v, 1) for k, v in speed.items()}, "cpu": info, "threads": threads}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rep, indent=1) + "\n")
     if log:

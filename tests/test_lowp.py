@@ -220,3 +220,13 @@ def test_gpu_script_steps_run_on_cpu_at_tiny_sizes(tmp_path):
     assert res["onnx"]["providers"] == ["CPUExecutionProvider"]
     assert all(r["ok"] > 0 and not r["errors"] for r in res["http"]["sweep"].values())
     assert "CPU dry run" in (tmp_path / "b.md").read_text()
+
+
+@pytest.mark.slow
+def test_auto_leaves_int8_out_without_photos_to_calibrate_on(runtime, monkeypatch, tmp_path):
+    monkeypatch.setenv("METALORA_SHARED", str(tmp_path / "no-shared"))
+    monkeypatch.delenv("METALORA_CALIBRATION_DATA", raising=False)
+    monkeypatch.setitem(sys.modules, "skimage", None)  # scikit-image absent: digits are all that is left
+    assert {k for k, _ in lowp.calibration_sources(64)} == {"spec"}
+    chosen, rep = lowp.choose_precision(runtime, "auto", cache_dir=tmp_path)
+    assert chosen != "int8" and "int8" in rep["skipped"] and "int8" not in rep["checks"]
