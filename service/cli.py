@@ -20,7 +20,7 @@ def serve(
     port: Annotated[Optional[int], typer.Option(help="port [env METALORA_PORT; default 8000]")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto|cpu|cuda [env METALORA_DEVICE; default auto]")] = None,
     backend: Annotated[Optional[str], typer.Option(help="auto|torch|onnx [env METALORA_BACKEND; default auto: onnx on CPU, torch on CUDA]")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="auto|fp32|int8|bf16: the shared prefix on the ONNX CPU backend [env METALORA_PRECISION; default auto: the fastest one whose accuracy check passes]")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto|fp32|int8|bf16: the shared prefix on the ONNX CPU backend [env METALORA_PRECISION; default fp32; auto = the fastest one whose start-up accuracy check passes]")] = None,
 ):
     """Run the HTTP service (every setting also reads METALORA_* env vars; see docs/api.md)."""
     from pydantic import ValidationError

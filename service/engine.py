@@ -49,11 +49,11 @@ def make_backend(name: str, runtime, settings) -> tuple[str, Backend]:
 
     name = resolve_backend(name, runtime.device)
     if name == "torch":
-        precision = getattr(settings, "precision", "auto")
+        precision = getattr(settings, "precision", "fp32")
         if precision not in ("auto", "fp32"):
             raise ValueError(f"precision {precision!r} runs on the onnx backend (metalora.lowp); the torch backend is fp32")
         return name, runtime
-    precision = getattr(settings, "precision", "auto")
+    precision = getattr(settings, "precision", "fp32")
     try:
         if torch.device(runtime.device).type == "cpu":
             from metalora.lowp import create_lowp_backend
