@@ -1,4 +1,4 @@
-"""(g) Low precision: images/s per precision side by side, `lowp_speedup`, `limit_fraction`, accuracy.
+"""(h) Low precision: images/s per precision side by side, `lowp_speedup`, `limit_fraction`, accuracy.
 
 Run the long accuracy measurement once, resumable, in the background:
 
@@ -179,7 +179,7 @@ def lowp_http(precision: str, concurrency: int = 32, window_s: float = 4.0, roun
 
 
 def lowp_section(batch: int = 32, rounds: int = 5, http_window_s: float = 4.0, http_rounds: int = 2, accuracy_state: Path | None = None, quick: bool = False, log=print) -> dict:
-    """Section (g): throughput per precision, the choice `auto` makes, HTTP at c=32, accuracy."""
+    """Section (h): throughput per precision, the choice `auto` makes, HTTP at c=32, accuracy."""
     from metalora.lowp import accuracy_table, choose_precision
     from metalora.runtime import Runtime
 

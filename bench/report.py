@@ -348,10 +348,10 @@ def write_doc(res: dict, figs: dict[str, Path], path: Path, json_path: Path) -> 
 
 
 def _lowp_doc(g: dict | None, add) -> None:
-    """Section (g): precision table, lowp_speedup, limit_fraction with its derivation, accuracy."""
+    """Section (h): precision table, lowp_speedup, limit_fraction with its derivation, accuracy."""
     if not g:
         return
-    add("## (g) Low precision (CPU): FP32 vs INT8 vs BF16")
+    add("## (h) Low precision (CPU): FP32 vs INT8 vs BF16")
     add("")
     cpu = g["cpu"]
     add(f"{g['what']}. CPU: {cpu['model']}, ISA flags read at run time: {', '.join(cpu['isa']) or 'none'}.")
@@ -390,7 +390,7 @@ def _lowp_doc(g: dict | None, add) -> None:
                 add(f"| {name} | {p} | {_f(main, 4)} | {_f(r.get('head_top1'), 4)} | {r['n']} | {drops} | {r.get('pass', '–')} |")
         add("")
     add("```bash")
-    add("metalora bench --sections g --json out.json                 # this section")
+    add("metalora bench --sections h --json out.json                 # this section")
     add("python -m bench.lowp accuracy --state results/bench/lowp-accuracy.json   # full accuracy, resumable")
     add("metalora serve --precision int8                             # or auto | fp32 | bf16 (METALORA_PRECISION)")
     add("```")
