@@ -22,7 +22,10 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`metalora serve` configured through METALORA_* environment variables; a context manager."""
+    """`metalora serve` configured through METALORA_* environment variables; a context manager.
+
+    HTTP gets a free loopback port, and so does gRPC unless `grpc_port` is given (0 turns it off):
+    several servers at once never fight over the default 8001."""
 
     def __init__(self, store: Path, log: Path | None = None, device: str = "cpu", **settings):
         self.store = Path(store)
@@ -34,6 +37,9 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self.port = 0
         self.url = ""
+        self._grpc_port = settings.get("grpc_port")  # None: a free one at launch; 0: gRPC off
+        self.grpc_port = 0
+        self.grpc_url = ""
 
     def start(self, timeout_s: float = 300) -> "ServerProcess":
         return self.launch().wait_ready(timeout_s)
@@ -42,6 +48,9 @@ class ServerProcess:
         """Start the process without waiting (start several, then `wait_ready` on each)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_port = free_port() if self._grpc_port is None else int(self._grpc_port)
+        self.env["METALORA_GRPC_PORT"] = str(self.grpc_port)
+        self.grpc_url = f"127.0.0.1:{self.grpc_port}" if self.grpc_port else ""
         cli = Path(sys.executable).parent / "metalora"
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([str(cli), "serve", "--port", str(self.port)], env=self.env, stdout=self._log, stderr=subprocess.STDOUT)

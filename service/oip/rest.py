@@ -1,0 +1,202 @@
+"""`/v2`: the Open Inference Protocol over HTTP (KServe predict API v2, Triton's HTTP API).
+
+A thin translator: each route parses its wire format, calls `dataplane`, and writes the answer.
+Errors use the protocol's shape, `{"error": "<message>"}` (plus the stable `code` every error of
+this service carries), with 400 for any bad request (the protocol's status; `/v1` says 415/422),
+413 for a limit (images per request, pixels, body size),
+404 for an unknown model, 503 + Retry-After for overload, 504 for a missed deadline.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+
+from metalora.bundle import BundleError
+from metalora.images import ImageError
+
+from ..deps import AdminDep, ReadyDep, ServiceDep
+from ..errors import ServiceError
+from ..inputs import request_timeout
+from . import codec, dataplane
+from .schemas import (
+    InferRequestBody,
+    InferResponseBody,
+    ModelMetadata,
+    ModelReady,
+    ProtocolError,
+    RepositoryIndexRequest,
+    RepositoryModel,
+    ServerLive,
+    ServerMetadata,
+    ServerReady,
+)
+
+
+def protocol_error(e: Exception) -> JSONResponse:
+    """Any error of a /v2 route -> the protocol's JSON error with its HTTP status."""
+    if isinstance(e, BundleError):
+        e = ServiceError.from_bundle(e)
+    elif isinstance(e, ImageError):
+        e = ServiceError.from_image(e)
+    elif isinstance(e, RequestValidationError):
+        err = e.errors()[0] if e.errors() else {}
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        e = ServiceError(400, "invalid_request", f"{loc}: {err.get('msg', 'invalid request')}")
+    status = 400 if e.status in (415, 422) else e.status  # a bad tensor is a bad request, whatever /v1 calls it
+    return JSONResponse({"error": e.message, "code": e.code}, status_code=status, headers=e.headers or None)
+
+
+class ProtocolRoute(APIRoute):
+    """A route whose errors (its dependencies' too) come out in the protocol's shape."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except (ServiceError, BundleError, ImageError, RequestValidationError) as e:
+                return protocol_error(e)
+
+        return route
+
+
+ERRORS = {400: {"model": ProtocolError}, 404: {"model": ProtocolError}, 503: {"model": ProtocolError}}
+router = APIRouter(prefix="/v2", tags=["open inference protocol"], route_class=ProtocolRoute, responses=ERRORS)
+ModelPath = Annotated[str, Path(description="the adapter's name (`base` = the frozen backbone)", max_length=130)]
+VersionPath = Annotated[str, Path(description="the bundle version", max_length=64)]
+
+
+# ------------------------------------------------------------------------ server
+@router.get("", response_model=ServerMetadata)
+async def server_metadata() -> ServerMetadata:
+    """Server name, version and the protocol extensions it speaks."""
+    return ServerMetadata(**dataplane.server_metadata())
+
+
+@router.get("/health/live", response_model=ServerLive)
+async def server_live() -> ServerLive:
+    """Liveness: 200 while the process and its event loop live."""
+    return ServerLive(live=True)
+
+
+@router.get("/health/ready", response_model=ServerReady)
+async def server_ready(svc: ServiceDep):
+    """Readiness: 200 once the default adapters are loaded and warmed, else 503."""
+    return JSONResponse({"ready": svc.ready}, status_code=200 if svc.ready else 503)
+
+
+# ------------------------------------------------------------------------ models
+async def _model_ready(svc, name: str, version: str):
+    ready = dataplane.model_ready(svc, name, version)
+    if not ready:  # the protocol answers "not ready" with a 4xx
+        return JSONResponse({"error": f"model {name}{'@' + version if version else ''} is not loaded", "code": "not_loaded"}, status_code=400)
+    return ModelReady(name=name, ready=True)
+
+
+@router.get("/models/{model_name}/ready", response_model=ModelReady)
+async def model_ready(model_name: ModelPath, svc: ServiceDep):
+    """200 when the adapter's latest loaded version (or `base`) is on the device, 400 when not, 404 if unknown."""
+    return await _model_ready(svc, model_name, "")
+
+
+@router.get("/models/{model_name}/versions/{model_version}/ready", response_model=ModelReady)
+async def model_version_ready(model_name: ModelPath, model_version: VersionPath, svc: ServiceDep):
+    """200 when this bundle version is on the device, 400 when not, 404 if unknown."""
+    return await _model_ready(svc, model_name, model_version)
+
+
+@router.get("/models/{model_name}", response_model=ModelMetadata)
+async def model_metadata(model_name: ModelPath, svc: ServiceDep) -> ModelMetadata:
+    """Versions, inputs and outputs of an adapter (`base` included)."""
+    return ModelMetadata(**await dataplane.model_metadata(svc, model_name))
+
+
+@router.get("/models/{model_name}/versions/{model_version}", response_model=ModelMetadata)
+async def model_version_metadata(model_name: ModelPath, model_version: VersionPath, svc: ServiceDep) -> ModelMetadata:
+    """Inputs and outputs of one bundle version."""
+    return ModelMetadata(**await dataplane.model_metadata(svc, model_name, model_version))
+
+
+# ------------------------------------------------------------------------ infer
+INFER_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": InferRequestBody.model_json_schema()},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary", "description": f"JSON header then binary tensors; its length in {codec.HEADER_LENGTH}"}},
+        },
+    }
+}
+INFER_RESPONSES = {200: {"model": InferResponseBody, "description": f"JSON, followed by binary outputs when {codec.HEADER_LENGTH} is set"}}
+
+
+async def _infer(request: Request, svc, model_name: str, model_version: str) -> Response:
+    request.state.adapter = model_name
+    body = await request.body()
+    req = codec.parse_rest(model_name, model_version, body, request.headers.get(codec.HEADER_LENGTH))
+    resp = await dataplane.infer(svc, req, request_timeout(request, svc.settings))
+    out, header = codec.encode_rest(resp, req)
+    if header is None:
+        return Response(out, media_type="application/json")
+    return Response(out, media_type="application/octet-stream", headers={codec.HEADER_LENGTH: str(header)})
+
+
+@router.post("/models/{model_name}/infer", response_model=None, openapi_extra=INFER_DOC, responses=INFER_RESPONSES)
+async def infer(model_name: ModelPath, request: Request, svc: ReadyDep) -> Response:
+    """Run images through the adapter's latest version: `probabilities`, `embedding`, `label`."""
+    return await _infer(request, svc, model_name, "")
+
+
+@router.post("/models/{model_name}/versions/{model_version}/infer", response_model=None, openapi_extra=INFER_DOC, responses=INFER_RESPONSES)
+async def infer_version(model_name: ModelPath, model_version: VersionPath, request: Request, svc: ReadyDep) -> Response:
+    """Run images through one bundle version."""
+    return await _infer(request, svc, model_name, model_version)
+
+
+# ------------------------------------------------------------------------ model-repository extension
+async def _json_object(request: Request) -> dict:
+    """The optional JSON body of a repository request (tritonclient sends none for the index)."""
+    body = await request.body()
+    if not body.strip():
+        return {}
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        raise codec.bad("invalid_json", "the body is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise codec.bad("invalid_request", "the body must be a JSON object")
+    return doc
+
+
+@router.post("/repository/index", response_model=list[RepositoryModel], dependencies=[AdminDep], openapi_extra={"requestBody": {"content": {"application/json": {"schema": RepositoryIndexRequest.model_json_schema()}}}})
+async def repository_index(request: Request, svc: ReadyDep) -> list[RepositoryModel]:
+    """Every adapter version in the store (and `base`) with its state; admin token."""
+    doc = await _json_object(request)
+    return [RepositoryModel(**r) for r in dataplane.repository_index(svc, bool(doc.get("ready", False)))]
+
+
+@router.post("/repository/models/{model_name}/load", response_model=None, dependencies=[AdminDep])
+async def repository_load(model_name: ModelPath, request: Request, svc: ReadyDep) -> Response:
+    """Load an adapter (latest version, or `name@version`) onto the device; admin token."""
+    request.state.adapter = model_name
+    params = (await _json_object(request)).get("parameters") or {}
+    if set(params) - {"unload_dependents"}:
+        raise codec.bad("invalid_parameter", f"load takes no parameters here (no config or file overrides); got {sorted(params)}")
+    await dataplane.load(svc, model_name)
+    return Response(status_code=200)
+
+
+@router.post("/repository/models/{model_name}/unload", response_model=None, dependencies=[AdminDep])
+async def repository_unload(model_name: ModelPath, request: Request, svc: ReadyDep) -> Response:
+    """Unload an adapter (every loaded version, or `name@version`); requests in flight finish; admin token."""
+    request.state.adapter = model_name
+    await _json_object(request)
+    dataplane.unload(svc, model_name)
+    return Response(status_code=200)

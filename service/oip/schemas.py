@@ -1,0 +1,93 @@
+"""The JSON shapes of the Open Inference Protocol REST API (KServe predict API v2), for responses
+and the OpenAPI document. Parsing of infer bodies is `codec.parse_rest` (JSON + binary tail)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ProtocolError(BaseModel):
+    error: str = Field(description="what went wrong, for people")
+    code: str = Field(description="stable machine-readable code (a MetaLoRA addition; the protocol asks only for `error`)")
+
+
+class ServerLive(BaseModel):
+    live: bool
+
+
+class ServerReady(BaseModel):
+    ready: bool
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int] = Field(description="-1 = any size")
+
+
+class ModelMetadata(BaseModel):
+    name: str = Field(description="the adapter (`base` = the frozen backbone)")
+    versions: list[str] = Field(description="bundle versions in the store (none for `base`)")
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class InferInput(BaseModel):
+    name: str = Field(description="`image` (BYTES [N]) or `pixels` (UINT8 [N, H, W, 3])")
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = Field(None, description="`binary_data_size` when the data follows the JSON as binary")
+    data: list[Any] | None = Field(None, description="row-major elements, flat or nested; `image` elements are base64 strings in JSON")
+
+
+class InferRequestedOutput(BaseModel):
+    name: str = Field(description="`probabilities`, `embedding` or `label`")
+    parameters: dict[str, Any] | None = Field(None, description="`binary_data` (bool), `classification` (top-k, on `probabilities`)")
+
+
+class InferRequestBody(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="`binary_data_output`: every output as binary unless it says otherwise")
+    inputs: list[InferInput]
+    outputs: list[InferRequestedOutput] | None = Field(None, description="default: all three outputs")
+
+
+class InferOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = None
+
+
+class InferResponseBody(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[InferOutput]
+
+
+class RepositoryIndexRequest(BaseModel):
+    repository_name: str | None = None
+    ready: bool = Field(False, description="true: only models loaded now")
+
+
+class RepositoryModel(BaseModel):
+    name: str
+    version: str
+    state: str = Field(description="READY (on the device) or UNAVAILABLE")
+    reason: str

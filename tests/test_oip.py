@@ -1,0 +1,332 @@
+"""The Open Inference Protocol end to end: the real `tritonclient` (HTTP and gRPC) against a real
+`metalora serve` on the shipped model store, checked against the service's own `/v1` answers for
+the same images (the reference), and against what the photos show (a cat)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.launch import ServerProcess
+
+from .conftest import ROOT
+
+httpclient = pytest.importorskip("tritonclient.http")
+grpcclient = pytest.importorskip("tritonclient.grpc")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+TOKEN = "oip-test-admin-token-0123456789"
+AUTH_HTTP = {"Authorization": f"Bearer {TOKEN}"}
+AUTH_GRPC = {"authorization": f"Bearer {TOKEN}"}
+CAT_NEIGHBOURS = {"tiger cat", "tabby", "tabby cat", "Egyptian cat"}
+MAX_IMAGES = 4
+MAX_PIXELS = 1_000_000
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
+
+
+def _file(arr: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photos() -> dict[str, bytes]:
+    """The cat photo (skimage's chelsea) as JPEG and PNG, and a second photo."""
+    import skimage.data as sd
+
+    cat = sd.chelsea()
+    return {"cat.jpg": _file(cat, "JPEG"), "cat.png": _file(cat, "PNG"), "coffee.png": _file(np.asarray(Image.fromarray(sd.coffee()).resize((200, 150))), "PNG")}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The shipped store; mnist is left unloaded for the repository tests; a 150 ms batching delay
+    lets a /v1 and a gRPC request meet in one batch; top_k up to 1000 so /v1 can list every base class."""
+    log = tmp_path_factory.mktemp("oip") / "server.log"
+    srv = ServerProcess(
+        ROOT / "model_store", log, device="cpu", backend="torch", admin_token=TOKEN, adapters="cifar10,digits", lru_capacity=4, max_delay_ms=150,
+        max_images=MAX_IMAGES, max_pixels=MAX_PIXELS, max_top_k=1000, gallery_dir=tmp_path_factory.mktemp("galleries"),
+    ).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    client = httpclient.InferenceServerClient(server.url.removeprefix("http://"), network_timeout=120)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def grpcc(server):
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    yield client
+    client.close()
+
+
+def _image_input(mod, raws: list[bytes], binary: bool = True):
+    inp = mod.InferInput("image", [len(raws)], "BYTES")
+    if binary or mod is grpcclient:
+        inp.set_data_from_numpy(np.array(raws, dtype=object), **({"binary_data": True} if mod is httpclient else {}))
+    else:  # JSON carries text: base64, as /v1 JSON does
+        inp.set_data_from_numpy(np.array([base64.b64encode(r).decode() for r in raws], dtype=object), binary_data=False)
+    return inp
+
+
+def _pixels_input(mod, arrs: list[np.ndarray], binary: bool = True):
+    x = np.stack(arrs).astype(np.uint8)  # (N, H, W, 3)
+    inp = mod.InferInput("pixels", list(x.shape), "UINT8")
+    inp.set_data_from_numpy(x, **({"binary_data": binary} if mod is httpclient else {}))
+    return inp
+
+
+def _v1(server, model: str, raws: list[bytes], top_k: int) -> tuple[list[dict], np.ndarray]:
+    """The reference: /v1/predict (every class) and /v1/embed for the same files."""
+    images = [base64.b64encode(r).decode() for r in raws]
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        pred = c.post("/v1/predict", json={"adapter": model, "images": images, "top_k": top_k})
+        emb = c.post("/v1/embed", json={"adapter": model, "images": images})
+    assert pred.status_code == 200 and emb.status_code == 200, (pred.text, emb.text)
+    return [r["predictions"] for r in pred.json()["results"]], np.array([r["embedding"] for r in emb.json()["results"]])
+
+
+def _dense(preds: list[dict], classes: int) -> np.ndarray:
+    out = np.zeros(classes)
+    for p in preds:
+        out[p["index"]] = p["score"]
+    return out
+
+
+def _metrics(server) -> dict:
+    text = httpx.get(server.url + "/metrics").text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+# ------------------------------------------------------------------------ metadata
+def test_server_and_model_metadata_over_http_and_grpc(http, grpcc):
+    assert http.is_server_live() and http.is_server_ready() and grpcc.is_server_live() and grpcc.is_server_ready()
+    for meta in (http.get_server_metadata(), grpcc.get_server_metadata(as_json=True)):
+        assert meta["name"] == "metalora-serve"
+        assert {"binary_tensor_data", "classification", "model_repository"} <= set(meta["extensions"])
+    for model, classes, versions in (("cifar10", 10, ["1"]), ("base", 1000, [])):
+        for meta in (http.get_model_metadata(model), grpcc.get_model_metadata(model, as_json=True)):
+            assert meta["name"] == model and meta.get("versions", []) == versions
+            shapes = {t["name"]: (t["datatype"], [int(d) for d in t["shape"]]) for t in meta["outputs"]}
+            assert shapes == {"probabilities": ("FP32", [-1, classes]), "embedding": ("FP32", [-1, 1280]), "label": ("BYTES", [-1])}
+            assert {t["name"]: t["datatype"] for t in meta["inputs"]} == {"image": "BYTES", "pixels": "UINT8"}
+    assert http.is_model_ready("cifar10") and http.is_model_ready("cifar10", "1") and http.is_model_ready("base")
+    assert grpcc.is_model_ready("cifar10") and not grpcc.is_model_ready("mnist")
+    assert not http.is_model_ready("mnist")  # in the store, not loaded
+
+
+# ------------------------------------------------------------------------ the cat, and /v1 as the reference
+@pytest.mark.parametrize("model, want, top", [("cifar10", {"cat"}, 2), ("base", CAT_NEIGHBOURS, 1)])
+@pytest.mark.parametrize("client", ["http", "grpc"])
+def test_cat_photo_is_a_cat_and_matches_v1(server, http, grpcc, photos, model, want, top, client):
+    """The cat is a cat (base: top-1 a cat breed; cifar10: "cat" in its top 2, because the shipped
+    adapter's head puts "dog" first on this photo, 0.39 vs 0.36, on /v1 too), and every number
+    equals what /v1/predict and /v1/embed say for the same files."""
+    mod, cl = (httpclient, http) if client == "http" else (grpcclient, grpcc)
+    raws = [photos["cat.jpg"], photos["coffee.png"]]
+    classes = 10 if model == "cifar10" else 1000
+    outputs = [mod.InferRequestedOutput(n) for n in ("probabilities", "embedding", "label")]
+    res = cl.infer(model, [_image_input(mod, raws)], outputs=outputs)
+    probs, emb, label = res.as_numpy("probabilities"), res.as_numpy("embedding"), res.as_numpy("label")
+    assert probs.shape == (2, classes) and probs.dtype == np.float32 and emb.shape == (2, 1280)
+    topk = cl.infer(model, [_image_input(mod, raws[:1])], outputs=[mod.InferRequestedOutput("probabilities", class_count=top)]).as_numpy("probabilities")
+    said = [s.decode().split(":", 2)[2] for s in topk[0]]
+    assert want & set(said), f"{model} says {said} for the cat"
+    preds, ref_emb = _v1(server, model, raws, top_k=classes)
+    for i in range(2):
+        np.testing.assert_allclose(probs[i], _dense(preds[i], classes), atol=1e-5)
+        assert label[i].decode() == preds[i][0]["label"]
+    np.testing.assert_allclose(emb, ref_emb, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    resp = res.get_response() if client == "http" else res.get_response(as_json=True)
+    assert resp["model_name"] == model and resp.get("model_version", "") == ("1" if model == "cifar10" else "")
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_http_binary_data_on_and_off_give_the_same_answer(http, photos, binary):
+    raws = [photos["cat.png"]]
+    outputs = [httpclient.InferRequestedOutput(n, binary_data=binary) for n in ("probabilities", "embedding", "label")]
+    res = http.infer("cifar10", [_image_input(httpclient, raws, binary)], outputs=outputs)
+    for o in res.get_response()["outputs"]:
+        assert ("binary_data_size" in o.get("parameters", {})) == binary and ("data" in o) != binary
+    ref = http.infer("cifar10", [_image_input(httpclient, raws, True)])  # no outputs named: all, binary
+    np.testing.assert_allclose(res.as_numpy("probabilities"), ref.as_numpy("probabilities"), atol=1e-6)
+    np.testing.assert_allclose(res.as_numpy("embedding"), ref.as_numpy("embedding"), atol=1e-6)
+
+
+@pytest.mark.parametrize("client, binary", [("http", True), ("http", False), ("grpc", True)])
+def test_uint8_pixels_equal_the_encoded_file(http, grpcc, photos, client, binary):
+    """Already-decoded RGB pixels give what the lossless PNG of the same pixels gives."""
+    mod, cl = (httpclient, http) if client == "http" else (grpcclient, grpcc)
+    pix = np.asarray(Image.open(io.BytesIO(photos["coffee.png"])).convert("RGB"))  # (150, 200, 3)
+    outputs = [mod.InferRequestedOutput("probabilities", **({"binary_data": binary} if mod is httpclient else {}))]
+    a = cl.infer("digits", [_pixels_input(mod, [pix, pix[::-1].copy()], binary)], outputs=outputs).as_numpy("probabilities")
+    b = cl.infer("digits", [_image_input(mod, [photos["coffee.png"], _file(pix[::-1].copy(), "PNG")])], outputs=outputs).as_numpy("probabilities")
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    assert not np.allclose(a[0], a[1])  # the flipped photo is a different input, not a copy
+
+
+@pytest.mark.parametrize("client, binary", [("http", True), ("http", False), ("grpc", True)])
+def test_classification_extension_matches_v1_top_k(server, http, grpcc, photos, client, binary):
+    mod, cl = (httpclient, http) if client == "http" else (grpcclient, grpcc)
+    kw = {"binary_data": binary} if mod is httpclient else {}
+    res = cl.infer("base", [_image_input(mod, [photos["cat.jpg"]])], outputs=[mod.InferRequestedOutput("probabilities", class_count=3, **kw)])
+    got = res.as_numpy("probabilities")
+    assert got.shape == (1, 3)
+    preds, _ = _v1(server, "base", [photos["cat.jpg"]], top_k=3)
+    for s, p in zip(got[0], preds[0]):
+        value, index, label = (s.decode() if isinstance(s, bytes) else s).split(":", 2)
+        assert (int(index), label) == (p["index"], p["label"])
+        assert abs(float(value) - p["score"]) < 1e-5
+
+
+# ------------------------------------------------------------------------ repository extension
+@pytest.mark.parametrize("client", ["http", "grpc"])
+def test_load_and_unload_through_the_repository_api(http, grpcc, client):
+    cl = http if client == "http" else grpcc
+    index = cl.get_model_repository_index(headers=AUTH_HTTP if client == "http" else AUTH_GRPC)
+    rows = index if client == "http" else [{"name": m.name, "version": m.version, "state": m.state} for m in index.models]
+    states = {(r["name"], r["version"]): r["state"] for r in rows}
+    assert states[("cifar10", "1")] == "READY" and states[("mnist", "1")] == "UNAVAILABLE" and states[("base", "")] == "READY"
+    auth = AUTH_HTTP if client == "http" else AUTH_GRPC
+    cl.load_model("mnist", headers=auth)
+    assert cl.is_model_ready("mnist")
+    cl.unload_model("mnist", headers=auth)
+    assert not cl.is_model_ready("mnist")
+    cl.unload_model("mnist", headers=auth)  # idempotent, as the protocol's unload is
+    for headers in (None, {"authorization": "Bearer wrong-token-0123456789"}):
+        with pytest.raises(InferenceServerException) as e:
+            cl.load_model("mnist", headers=headers)
+        assert e.value.status() in ("401", "StatusCode.UNAUTHENTICATED")
+    assert not cl.is_model_ready("mnist")
+
+
+# ------------------------------------------------------------------------ errors
+def _http_error(fn) -> tuple[str, str]:
+    with pytest.raises(InferenceServerException) as e:
+        fn()
+    return e.value.status(), e.value.message()
+
+
+@pytest.mark.parametrize("client", ["http", "grpc"])
+def test_bad_inputs_and_unknown_models(http, grpcc, photos, client):
+    mod, cl = (httpclient, http) if client == "http" else (grpcclient, grpcc)
+    bad = "400" if client == "http" else "StatusCode.INVALID_ARGUMENT"
+    not_found = "404" if client == "http" else "StatusCode.NOT_FOUND"
+    img = _image_input(mod, [photos["cat.png"]])
+    status, msg = _http_error(lambda: cl.infer("no-such-adapter", [img]))
+    assert status == not_found and "no-such-adapter" in msg
+    assert _http_error(lambda: cl.get_model_metadata("no-such-adapter"))[0] == not_found
+    assert _http_error(lambda: cl.infer("cifar10", [img], model_version="99"))[0] == not_found
+    wrong = mod.InferInput("tensor", [1], "BYTES")
+    wrong.set_data_from_numpy(np.array([b"x"], dtype=object))
+    assert _http_error(lambda: cl.infer("cifar10", [wrong]))[0] == bad
+    junk = _image_input(mod, [b"definitely not an image"])
+    status, msg = _http_error(lambda: cl.infer("cifar10", [junk]))
+    assert status == bad and "image" in msg
+    f32 = mod.InferInput("pixels", [1, 2, 2, 3], "FP32")
+    f32.set_data_from_numpy(np.zeros((1, 2, 2, 3), np.float32))
+    assert _http_error(lambda: cl.infer("cifar10", [f32]))[0] == bad
+    out = [mod.InferRequestedOutput("logits")]
+    assert _http_error(lambda: cl.infer("cifar10", [img], outputs=out))[0] == bad
+    many = _image_input(mod, [photos["cat.png"]] * (MAX_IMAGES + 1))
+    assert _http_error(lambda: cl.infer("cifar10", [many]))[0] in ("413", "StatusCode.INVALID_ARGUMENT")
+    huge = _pixels_input(mod, [np.zeros((1001, 1000, 3), np.uint8)])
+    assert _http_error(lambda: cl.infer("cifar10", [huge]))[0] in ("413", "StatusCode.INVALID_ARGUMENT")
+    assert cl.is_server_ready()  # and the server is fine after all that
+
+
+def test_http_errors_have_the_protocol_shape(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        r = c.post("/v2/models/cifar10/infer", content=b"{not json")
+        assert r.status_code == 400 and set(r.json()) == {"error", "code"} and r.json()["code"] == "invalid_json"
+        r = c.post("/v2/models/no-such-adapter/infer", json={"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["eA=="]}]})
+        assert r.status_code == 404 and isinstance(r.json()["error"], str)
+        r = c.post("/v2/repository/index")
+        assert r.status_code == 401 and r.json()["code"] == "unauthorized"
+
+
+# ------------------------------------------------------------------------ one engine
+def test_v1_and_grpc_requests_for_different_adapters_share_a_batch(server, grpcc, photos):
+    """The batcher is one object: a /v1 request (cifar10) and a gRPC request (digits) sent together
+    land in one engine batch that holds both adapters (metalora_batch_adapters sees a 2)."""
+
+    def hist():
+        m = _metrics(server)
+        return {dict(k)["le"]: v for (n, k), v in m.items() if n == "metalora_batch_adapters_bucket"}
+
+    def v1(_):
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            return c.post("/v1/predict", json={"adapter": "cifar10", "images": [base64.b64encode(photos["cat.png"]).decode()]}).status_code
+
+    def over_grpc(_):
+        return grpcclient.InferenceServerClient(server.grpc_url).infer("digits", [_image_input(grpcclient, [photos["cat.png"]])]).as_numpy("label")
+
+    for attempt in range(3):  # both within the 150 ms batching window; a slow start can miss it once
+        before = hist()
+        with ThreadPoolExecutor(2) as pool:
+            a, b = pool.submit(v1, 0), pool.submit(over_grpc, 0)
+            assert a.result() == 200 and b.result() is not None
+        after = hist()
+        if after["+Inf"] - before["+Inf"] == 1:
+            break
+    assert after["+Inf"] - before["+Inf"] == 1, "the two requests ran in separate batches"
+    assert after["1.0"] - before["1.0"] == 0, "that batch held one adapter only"
+
+
+def test_metrics_count_v2_and_grpc_with_their_own_endpoints(server, http, grpcc, photos):
+    http.infer("cifar10", [_image_input(httpclient, [photos["cat.png"]])])
+    grpcc.infer("cifar10", [_image_input(grpcclient, [photos["cat.png"]])])
+    m = _metrics(server)
+    counts = {dict(k)["endpoint"]: v for (n, k), v in m.items() if n == "metalora_requests_total" and dict(k)["adapter"] == "cifar10" and dict(k)["code"] == "200"}
+    assert counts.get("/v2/models/{model_name}/infer", 0) >= 1
+    assert counts.get("/inference.GRPCInferenceService/ModelInfer", 0) >= 1
+    errors = {dict(k)["endpoint"] for (n, k), v in m.items() if n == "metalora_requests_total" and dict(k)["code"] == "404"}
+    assert "/inference.GRPCInferenceService/ModelInfer" in errors  # the unknown-model test's NOT_FOUND, counted as a 404
+
+
+# ------------------------------------------------------------------------ overload over gRPC
+def test_grpc_overload_is_unavailable_with_a_retry_hint(tmp_path, photos):
+    """A 2-image queue held for 1.5 s: concurrent gRPC requests beyond it get UNAVAILABLE and the
+    retry hint (retry-after, grpc-retry-pushback-ms), and the server recovers."""
+    from service.oip import proto
+
+    pb = proto.messages()
+    with ServerProcess(ROOT / "model_store", tmp_path / "tight.log", device="cpu", backend="torch", adapters="cifar10", max_queue=2, max_delay_ms=1500, max_batch_size=64, gallery_dir=tmp_path / "g") as srv:
+        channel = grpc.insecure_channel(srv.grpc_url)
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer", request_serializer=pb.ModelInferRequest.SerializeToString, response_deserializer=pb.ModelInferResponse.FromString)
+        req = pb.ModelInferRequest(model_name="cifar10")
+        req.inputs.add(name="image", datatype="BYTES", shape=[1]).contents.bytes_contents.append(photos["cat.png"])
+
+        def one(_):
+            try:
+                infer(req, timeout=60)
+                return "OK", {}
+            except grpc.RpcError as e:
+                return e.code().name, dict(e.trailing_metadata() or ())
+
+        with ThreadPoolExecutor(8) as pool:
+            outcomes = list(pool.map(one, range(8)))
+        codes = [c for c, _ in outcomes]
+        assert set(codes) <= {"OK", "UNAVAILABLE"} and 1 <= codes.count("OK") <= 2 and codes.count("UNAVAILABLE") >= 6, codes
+        for code, md in outcomes:
+            if code == "UNAVAILABLE":
+                assert md.get("retry-after") == "1" and md.get("grpc-retry-pushback-ms") == "1000"
+        time.sleep(0.1)
+        assert one(0)[0] == "OK"
+        channel.close()
