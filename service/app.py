@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from . import errors
 from .container import Service
 from .middleware import LimitsAndMetrics
+from .oip import grpc_server, rest as oip_rest
 from .routes import adapters, console, inference, operations
 from .settings import Settings
 
@@ -28,12 +29,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await service.start()
+        grpc = await grpc_server.start(service)  # None when METALORA_GRPC_PORT=0
         warm = asyncio.create_task(service.warm())
         warm.add_done_callback(partial(_log_failure, service))
         try:
             yield
         finally:
             warm.cancel()
+            if grpc is not None:
+                await grpc.stop(grace=5)
             await service.stop()
 
     app = FastAPI(
@@ -44,7 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.service = service
     errors.install(app)
-    for module in (inference, adapters, operations, console):
+    for module in (inference, adapters, operations, console, oip_rest):
         app.include_router(module.router)
     app.include_router(console.thumbnails)
     app.add_middleware(LimitsAndMetrics, service=service)

@@ -22,17 +22,23 @@ async def get_ready_service(request: Request) -> Service:
     return svc
 
 
+def check_admin(settings, authorization: str) -> None:
+    """The admin bearer token check, for HTTP and gRPC alike: no token configured -> 403 for
+    everyone; a wrong or missing token -> 401."""
+    token = settings.admin_token
+    if token is None:
+        raise ServiceError(403, "admin_disabled", "admin routes are disabled: set METALORA_ADMIN_TOKEN to enable them")
+    scheme, _, given = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
+        raise ServiceError(401, "unauthorized", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+
+
 async def require_admin(request: Request) -> None:
-    """Bearer token check: no token configured -> 403 for everyone; a wrong or missing token -> 401.
+    """`check_admin` on the Authorization header.
 
     Dependencies are `async def` so FastAPI runs them on the loop, not via a thread hand-off.
     """
-    token = request.app.state.service.settings.admin_token
-    if token is None:
-        raise ServiceError(403, "admin_disabled", "admin routes are disabled: set METALORA_ADMIN_TOKEN to enable them")
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
-        raise ServiceError(401, "unauthorized", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+    check_admin(request.app.state.service.settings, request.headers.get("authorization", ""))
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]

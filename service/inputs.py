@@ -10,8 +10,11 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+
+import numpy as np
 import torch
 from fastapi import Request
+from PIL import Image
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
@@ -28,12 +31,15 @@ from .settings import Settings
 TIMEOUT_HEADER = "x-timeout-ms"
 
 
-def decode_one(preprocessor: Preprocessor, raw: bytes | str, i: int, max_pixels: int) -> torch.Tensor:
-    """One image (file bytes, or base64 / a data: URL as str) -> the model input (3, S, S).
+def decode_one(preprocessor: Preprocessor, raw: bytes | str | np.ndarray, i: int, max_pixels: int) -> torch.Tensor:
+    """One image (file bytes, base64 / a data: URL as str, or already-decoded RGB pixels as a
+    (H, W, 3) uint8 array from the Open Inference Protocol) -> the model input (3, S, S).
 
     Raises ServiceError 422 `invalid_base64`, or the image error of `metalora.images` as a 4xx
     naming `images[i]`. Runs on the decoder pool, never on the event loop.
     """
+    if isinstance(raw, np.ndarray):  # the caller checked shape, dtype and max_pixels
+        return preprocessor(Image.fromarray(raw, "RGB"))
     if isinstance(raw, str):
         if raw.startswith("data:"):
             raw = raw.partition(",")[2]

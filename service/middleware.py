@@ -4,12 +4,25 @@ from __future__ import annotations
 
 import time
 
+from starlette.responses import JSONResponse
+
 from . import errors
 from .container import Service
 
 
 class _BodyTooLarge(Exception):
     pass
+
+
+PROBES = {"/metrics", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"}
+
+
+def _refusal(scope, status: int, code: str, message: str):
+    """The middleware's own error, in the shape of the API the path belongs to (`/v2`: the Open
+    Inference Protocol's `{"error": "..."}`)."""
+    if scope.get("path", "").startswith("/v2"):
+        return JSONResponse({"error": message, "code": code}, status_code=status)
+    return errors.error_response(status, code, message)
 
 
 class LimitsAndMetrics:
@@ -28,7 +41,7 @@ class LimitsAndMetrics:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             code = "body_too_large" if length.isdigit() else "bad_content_length"
-            resp = errors.error_response(413 if length.isdigit() else 400, code, f"request body is over the {limit}-byte limit" if length.isdigit() else "bad Content-Length")
+            resp = _refusal(scope, 413 if length.isdigit() else 400, code, f"request body is over the {limit}-byte limit" if length.isdigit() else "bad Content-Length")
             self.svc.metrics.rejected.labels("body_too_large").inc()
             await resp(scope, receive, send)
             self._observe(scope, state, resp.status_code, t0)
@@ -55,13 +68,13 @@ class LimitsAndMetrics:
             self.svc.metrics.rejected.labels("body_too_large").inc()
             if not status["started"]:
                 status["code"] = 413
-                await errors.error_response(413, "body_too_large", f"request body is over the {limit}-byte limit")(scope, receive, send)
+                await _refusal(scope, 413, "body_too_large", f"request body is over the {limit}-byte limit")(scope, receive, send)
         self._observe(scope, state, status["code"], t0)
 
     def _observe(self, scope, state, code, t0):
         route = scope.get("route")
         endpoint = getattr(route, "path", None) or "unmatched"
-        if endpoint in ("/metrics", "/healthz", "/readyz"):
+        if endpoint in PROBES:
             return  # probes and scrapes would drown the request counts
         adapter = self.svc.metrics.label(state.get("adapter"))
         self.svc.metrics.requests.labels(endpoint, adapter, str(code)).inc()

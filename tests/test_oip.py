@@ -30,6 +30,7 @@ AUTH_GRPC = {"authorization": f"Bearer {TOKEN}"}
 CAT_NEIGHBOURS = {"tiger cat", "tabby", "tabby cat", "Egyptian cat"}
 MAX_IMAGES = 4
 MAX_PIXELS = 1_000_000
+MAX_BODY = 8_000_000
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 
@@ -55,7 +56,7 @@ def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("oip") / "server.log"
     srv = ServerProcess(
         ROOT / "model_store", log, device="cpu", backend="torch", admin_token=TOKEN, adapters="cifar10,digits", lru_capacity=4, max_delay_ms=150,
-        max_images=MAX_IMAGES, max_pixels=MAX_PIXELS, max_top_k=1000, gallery_dir=tmp_path_factory.mktemp("galleries"),
+        max_images=MAX_IMAGES, max_pixels=MAX_PIXELS, max_body_bytes=MAX_BODY, max_top_k=1000, gallery_dir=tmp_path_factory.mktemp("galleries"),
     ).start()
     yield srv
     srv.stop()
@@ -259,6 +260,16 @@ def test_http_errors_have_the_protocol_shape(server):
         assert r.status_code == 404 and isinstance(r.json()["error"], str)
         r = c.post("/v2/repository/index")
         assert r.status_code == 401 and r.json()["code"] == "unauthorized"
+        r = c.post("/v2/models/cifar10/infer", content=b"x" * (MAX_BODY + 1))  # the middleware's refusal, in the protocol's shape too
+        assert r.status_code == 413 and r.json() == {"error": f"request body is over the {MAX_BODY}-byte limit", "code": "body_too_large"}
+
+
+def test_grpc_message_over_the_body_limit_is_refused(grpcc):
+    big = grpcclient.InferInput("pixels", [3, 1000, 1000, 3], "UINT8")  # 9 MB > the 8 MB limit
+    big.set_data_from_numpy(np.zeros((3, 1000, 1000, 3), np.uint8))
+    status, _ = _http_error(lambda: grpcc.infer("cifar10", [big]))
+    assert status == "StatusCode.RESOURCE_EXHAUSTED"
+    assert grpcc.is_server_ready()
 
 
 # ------------------------------------------------------------------------ one engine
