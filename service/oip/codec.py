@@ -264,7 +264,7 @@ def classify(values: np.ndarray, k: int, labels: list[str]) -> np.ndarray:
     for i in range(n):
         for j, idx in enumerate(order[i]):
             label = labels[idx] if idx < len(labels) else ""
-            out[i, j] = f"{np.float32(values[i, idx])}:{int(idx)}:{label}".encode()
+            out[i, j] = f"{np.float32(values[i, idx])!s}:{int(idx)}:{label}".encode()
     return out
 
 
