@@ -23,6 +23,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     METALORA_HOST=0.0.0.0 \
     METALORA_PORT=8000 \
+    METALORA_GRPC_PORT=8001 \
     METALORA_STORE=/app/model_store
 WORKDIR /app
 
@@ -48,7 +49,7 @@ COPY --chown=10001:10001 model_store/ model_store/
 RUN install -d -o 10001 -g 10001 model_store/galleries /home/metalora/.cache /home/metalora/.cache/metalora
 
 USER 10001:10001
-EXPOSE 8000
+EXPOSE 8000 8001
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('METALORA_PORT', '8000'), timeout=4)"]
 ENTRYPOINT ["metalora"]

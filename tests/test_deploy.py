@@ -286,18 +286,26 @@ def test_k8s_manifests_validate(overlay, tmp_path):
 
 
 def test_kserve_inferenceservice(tmp_path):
-    """The InferenceService CRD has no schema in the validator: its predictor container is
-    validated strictly as a Pod's container, the rest checked here."""
-    isvc = yaml.safe_load((ROOT / "deploy/kserve/inferenceservice.yaml").read_text())
-    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1" and isvc["kind"] == "InferenceService"
-    c = isvc["spec"]["predictor"]["containers"][0]
+    """The InferenceService and ServingRuntime CRDs have no schema in the validator: the runtime's
+    container is validated strictly as a Pod's container, the rest checked here (protocol v2 on
+    HTTP and gRPC, KServe's default ports, the protocol's own health routes as probes)."""
+    docs = {d["kind"]: d for d in yaml.safe_load_all((ROOT / "deploy/kserve/inferenceservice.yaml").read_text())}
+    isvc, runtime = docs["InferenceService"], docs["ServingRuntime"]
+    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1" and runtime["apiVersion"] == "serving.kserve.io/v1alpha1"
+    model = isvc["spec"]["predictor"]["model"]
+    assert model["protocolVersion"] == "v2" and model["runtime"] == runtime["metadata"]["name"]
+    assert model["modelFormat"]["name"] in {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
+    assert {"v2", "grpc-v2"} <= set(runtime["spec"]["protocolVersions"])
+    c = runtime["spec"]["containers"][0]
+    assert c["name"] == "kserve-container"
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "isvc-predictor"}, "spec": {"containers": [copy.deepcopy(c)]}}
     f = tmp_path / "pod.yaml"
     f.write_text(yaml.safe_dump(pod))
     assert "passed" in _validate([f])
-    port = int(next(e["value"] for e in c["env"] if e["name"] == "METALORA_PORT"))
-    assert port == c["ports"][0]["containerPort"] == 8080  # KServe's default container port
-    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz" and c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert int(env["METALORA_PORT"]) == c["ports"][0]["containerPort"] == 8080  # KServe's default HTTP port
+    assert int(env["METALORA_GRPC_PORT"]) == 8081  # KServe's default gRPC port
+    assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready" and c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     dep = yaml.safe_load((ROOT / "deploy/k8s/base/deployment.yaml").read_text())
     assert c["image"].split(":")[0] == dep["spec"]["template"]["spec"]["containers"][0]["image"].split(":")[0]
 
