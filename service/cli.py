@@ -18,6 +18,7 @@ def serve(
     store: Annotated[Optional[Path], typer.Option(help="model store [env METALORA_STORE; default: the repository's model_store/]")] = None,
     host: Annotated[Optional[str], typer.Option(help="bind address [env METALORA_HOST; default 127.0.0.1]")] = None,
     port: Annotated[Optional[int], typer.Option(help="port [env METALORA_PORT; default 8000]")] = None,
+    grpc_port: Annotated[Optional[int], typer.Option(help="Open Inference Protocol gRPC port, 0 = off [env METALORA_GRPC_PORT; default 8001]")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto|cpu|cuda [env METALORA_DEVICE; default auto]")] = None,
     backend: Annotated[Optional[str], typer.Option(help="auto|torch|onnx [env METALORA_BACKEND; default auto: onnx on CPU, torch on CUDA]")] = None,
     precision: Annotated[Optional[str], typer.Option(help="auto|fp32|int8|bf16: the shared prefix on the ONNX CPU backend [env METALORA_PRECISION; default fp32; auto = the fastest one whose start-up accuracy check passes]")] = None,
@@ -25,7 +26,7 @@ def serve(
     """Run the HTTP service (every setting also reads METALORA_* env vars; see docs/api.md)."""
     from pydantic import ValidationError
 
-    given = {k: v for k, v in dict(store=store, host=host, port=port, device=device, backend=backend, precision=precision).items() if v is not None}
+    given = {k: v for k, v in dict(store=store, host=host, port=port, grpc_port=grpc_port, device=device, backend=backend, precision=precision).items() if v is not None}
     try:
         settings = Settings(**given)
     except ValidationError as e:

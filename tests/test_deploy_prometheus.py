@@ -68,7 +68,7 @@ def service(tmp_path_factory):
     shutil.copytree(ROOT / "model_store" / "backbones", tmp / "store" / "backbones")
     port = _free_port()
     log = tmp / "serve.log"
-    env = {**os.environ, "METALORA_STORE": str(tmp / "store"), "METALORA_BACKEND": "torch", "METALORA_ONNX_CACHE": str(tmp / "onnx")}
+    env = {**os.environ, "METALORA_STORE": str(tmp / "store"), "METALORA_BACKEND": "torch", "METALORA_ONNX_CACHE": str(tmp / "onnx"), "METALORA_GRPC_PORT": "0"}  # no gRPC: 8001 may be taken
     env.pop("METALORA_ADMIN_TOKEN", None)
     cli = Path(sys.executable).parent / "metalora"
     with open(log, "wb") as out:

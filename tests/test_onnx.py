@@ -203,7 +203,7 @@ def test_serve_backend_onnx_matches_torch(runtime, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "METALORA_STORE": str(runtime.store.root), "METALORA_ADAPTERS": "tr-all,cp-head", "METALORA_ONNX_CACHE": str(tmp_path / "onnx")}
+    env = {**os.environ, "METALORA_STORE": str(runtime.store.root), "METALORA_ADAPTERS": "tr-all,cp-head", "METALORA_ONNX_CACHE": str(tmp_path / "onnx"), "METALORA_GRPC_PORT": "0"}
     env.pop("METALORA_ADMIN_TOKEN", None)
     log = tmp_path / "serve.log"
     cli = Path(sys.executable).parent / "metalora"

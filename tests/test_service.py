@@ -376,7 +376,7 @@ def test_admin_routes_refused_without_configured_token(tmp_path):
 
     shutil.copytree(ROOT / "model_store" / "backbones", tmp_path / "backbones")
     port = free_port()
-    settings = Settings(store=tmp_path, port=port, device="cpu", backend="torch", admin_token=None, warmup=False, gallery_dir=tmp_path / "g")
+    settings = Settings(store=tmp_path, port=port, grpc_port=0, device="cpu", backend="torch", admin_token=None, warmup=False, gallery_dir=tmp_path / "g")
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
