@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -274,28 +275,35 @@ def test_grpc_message_over_the_body_limit_is_refused(grpcc):
 
 # ------------------------------------------------------------------------ one engine
 def test_v1_and_grpc_requests_for_different_adapters_share_a_batch(server, grpcc, photos):
-    """The batcher is one object: a /v1 request (cifar10) and a gRPC request (digits) sent together
-    land in one engine batch that holds both adapters (metalora_batch_adapters sees a 2)."""
+    """The batcher is one object: a /v1 request (cifar10) and a gRPC request (digits) released
+    together land in one engine batch that holds both adapters (metalora_batch_adapters sees a 2)."""
 
     def hist():
         m = _metrics(server)
         return {dict(k)["le"]: v for (n, k), v in m.items() if n == "metalora_batch_adapters_bucket"}
 
-    def v1(_):
-        with httpx.Client(base_url=server.url, timeout=60) as c:
-            return c.post("/v1/predict", json={"adapter": "cifar10", "images": [base64.b64encode(photos["cat.png"]).decode()]}).status_code
+    web = httpx.Client(base_url=server.url, timeout=60)
+    body = {"adapter": "cifar10", "images": [base64.b64encode(photos["cat.png"]).decode()]}
+    grpc_input = _image_input(grpcclient, [photos["cat.png"]])
+    for attempt in range(5):  # both within the 150 ms batching window; a loaded machine can miss it
+        go = threading.Barrier(2)
 
-    def over_grpc(_):
-        return grpcclient.InferenceServerClient(server.grpc_url).infer("digits", [_image_input(grpcclient, [photos["cat.png"]])]).as_numpy("label")
+        def v1():
+            go.wait()
+            return web.post("/v1/predict", json=body).status_code
 
-    for attempt in range(3):  # both within the 150 ms batching window; a slow start can miss it once
+        def over_grpc():
+            go.wait()
+            return grpcc.infer("digits", [grpc_input]).as_numpy("label")
+
         before = hist()
         with ThreadPoolExecutor(2) as pool:
-            a, b = pool.submit(v1, 0), pool.submit(over_grpc, 0)
+            a, b = pool.submit(v1), pool.submit(over_grpc)
             assert a.result() == 200 and b.result() is not None
         after = hist()
         if after["+Inf"] - before["+Inf"] == 1:
             break
+    web.close()
     assert after["+Inf"] - before["+Inf"] == 1, "the two requests ran in separate batches"
     assert after["1.0"] - before["1.0"] == 0, "that batch held one adapter only"
 
