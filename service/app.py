@@ -15,7 +15,8 @@ from fastapi import FastAPI
 from . import errors
 from .container import Service
 from .middleware import LimitsAndMetrics
-from .oip import grpc_server, rest as oip_rest
+from .oip import grpc_server
+from .oip import rest as oip_rest
 from .routes import adapters, console, inference, operations
 from .settings import Settings
 

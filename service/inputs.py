@@ -14,8 +14,8 @@ import math
 import numpy as np
 import torch
 from fastapi import Request
-from PIL import Image
 from fastapi.exceptions import RequestValidationError
+from PIL import Image
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException

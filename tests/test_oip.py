@@ -23,7 +23,7 @@ from .conftest import ROOT
 
 httpclient = pytest.importorskip("tritonclient.http")
 grpcclient = pytest.importorskip("tritonclient.grpc")
-from tritonclient.utils import InferenceServerException  # noqa: E402
+from tritonclient.utils import InferenceServerException
 
 TOKEN = "oip-test-admin-token-0123456789"
 AUTH_HTTP = {"Authorization": f"Bearer {TOKEN}"}
@@ -288,11 +288,11 @@ def test_v1_and_grpc_requests_for_different_adapters_share_a_batch(server, grpcc
     for attempt in range(5):  # both within the 150 ms batching window; a loaded machine can miss it
         go = threading.Barrier(2)
 
-        def v1():
+        def v1(go=go):
             go.wait()
             return web.post("/v1/predict", json=body).status_code
 
-        def over_grpc():
+        def over_grpc(go=go):
             go.wait()
             return grpcc.infer("digits", [grpc_input]).as_numpy("label")
 

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 
 tritonclient = pytest.importorskip("tritonclient")
-import tritonclient.grpc as grpcclient  # noqa: E402
-import tritonclient.http as httpclient  # noqa: E402
-from tritonclient.grpc import _utils as grpc_utils  # noqa: E402
-from tritonclient.grpc import service_pb2 as triton_pb2  # noqa: E402
-from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor  # noqa: E402
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.grpc import _utils as grpc_utils
+from tritonclient.grpc import service_pb2 as triton_pb2
+from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
-from service.errors import ServiceError  # noqa: E402
-from service.oip import codec, proto  # noqa: E402
-from service.oip.codec import InferRequest, InferResponse, RequestedOutput, Tensor  # noqa: E402
+from service.errors import ServiceError
+from service.oip import codec, proto
+from service.oip.codec import InferRequest, InferResponse, RequestedOutput, Tensor
 
 RNG = np.random.default_rng(0)
 

@@ -22,7 +22,8 @@ size limit is the HTTP middleware's and the gRPC server's maximum message size.
 from __future__ import annotations
 
 import asyncio
-from importlib.metadata import PackageNotFoundError, version as package_version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 
 import numpy as np
 
@@ -120,7 +121,7 @@ def _images(svc, req: InferRequest) -> tuple[str, list]:
     else:
         if len(t.shape) != 4 or t.shape[3] != 3:
             raise bad("invalid_shape", f"input 'pixels' has shape [N, H, W, 3] (RGB), got {list(t.shape)}")
-        n, h, w, _ = t.shape
+        _, h, w, _ = t.shape
         if h == 0 or w == 0:
             raise bad("invalid_shape", "input 'pixels' has an empty image")
         if h * w > s.max_pixels:
