@@ -320,9 +320,10 @@ def test_metrics_count_v2_and_grpc_with_their_own_endpoints(server, http, grpcc,
 
 
 # ------------------------------------------------------------------------ overload over gRPC
-def test_grpc_overload_is_unavailable_with_a_retry_hint(tmp_path, photos):
+def test_overload_is_unavailable_or_503_with_a_retry_hint(tmp_path, photos):
     """A 2-image queue held for 1.5 s: concurrent gRPC requests beyond it get UNAVAILABLE and the
-    retry hint (retry-after, grpc-retry-pushback-ms), and the server recovers."""
+    retry hint (retry-after, grpc-retry-pushback-ms), /v2 requests 503 with Retry-After in the
+    protocol's shape, and the server recovers."""
     from service.oip import proto
 
     pb = proto.messages()
@@ -346,6 +347,16 @@ def test_grpc_overload_is_unavailable_with_a_retry_hint(tmp_path, photos):
         for code, md in outcomes:
             if code == "UNAVAILABLE":
                 assert md.get("retry-after") == "1" and md.get("grpc-retry-pushback-ms") == "1000"
+        body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(photos["cat.png"]).decode()]}]}
+
+        def rest(_):
+            return httpx.post(f"{srv.url}/v2/models/cifar10/infer", json=body, timeout=60)
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(rest, range(8)))
+        full = [r for r in answers if r.status_code == 503]
+        assert len(full) >= 6 and {r.status_code for r in answers} <= {200, 503}, [r.status_code for r in answers]
+        assert all(r.headers.get("retry-after") == "1" and r.json()["code"] == "overloaded" and isinstance(r.json()["error"], str) for r in full)
         time.sleep(0.1)
         assert one(0)[0] == "OK"
         channel.close()
