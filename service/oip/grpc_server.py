@@ -162,9 +162,10 @@ def build_server(svc, host: str, port: int) -> grpc.aio.Server:
         for name, (req, resp) in proto.methods().items()
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(proto.SERVICE, handlers),))
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"  # IPv6 in brackets
+    bound = server.add_insecure_port(address)
     if bound == 0:
-        raise RuntimeError(f"gRPC could not bind {host}:{port}")
+        raise RuntimeError(f"gRPC could not bind {address}")
     return server
 
 
