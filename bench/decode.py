@@ -132,6 +132,7 @@ def bench_imagenet(limit: int | None = None, batch: int = 25) -> dict:
 # ---------------------------------------------------------------- memory: one decode per fresh process
 WORST = {  # name -> how to make a file of `pixels` pixels (aspect 4:3 unless said)
     "jpeg-rgb-q90": lambda w, h: _flat_file("RGB", w, h, "JPEG", quality=90),
+    "jpeg-progressive-q90": lambda w, h: _flat_file("RGB", w, h, "JPEG", quality=90, progressive=True),
     "png-rgba8": lambda w, h: _flat_file("RGBA", w, h, "PNG", compress_level=1),
     "png-palette-transparent": lambda w, h: _flat_file("P", w, h, "PNG", transparency=0, compress_level=1),
     "png-grey16": lambda w, h: _flat_file("I;16", w, h, "PNG", compress_level=1),

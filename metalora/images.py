@@ -210,8 +210,8 @@ def _decode(data: bytes, max_pixels: int, max_aspect_ratio: float, min_short: fl
             img.load()
             # Read after load: Pillow's TIFF plugin applies the tag itself while loading and drops it.
             orientation = _orientation(img)
-            if (img.size[0] >= img.size[1]) != (w >= h):
-                w, h = h, w  # the plugin turned it
+            if factor == 1 and w != h and img.size == (h, w):
+                w, h = h, w  # the plugin turned it (TIFF; no plugin that turns also drafts)
             size = (h, w) if orientation >= 5 else (w, h)  # upright full-resolution size; 5..8 swap the axes
             img = _resamplable(img)
             if min_short is not None:
