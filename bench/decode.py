@@ -1,7 +1,7 @@
 """Decode benchmarks and accuracy checks for metalora.images (issue 10).
 
     python -m bench.decode photo  [--repeats 9] [--json out.json]      # 12 MP q90 JPEG: decode+preprocess before vs after
-    python -m bench.decode imagenet [--limit N] [--json out.json]      # 1,000 ImageNet-sample photos: tensor diff, top-1 with each path
+    python -m bench.decode imagenet [--limit N] [--upscale K] [--json out.json]  # ImageNet-sample photos: tensor diff, top-1 with each path
     python -m bench.decode memory [--max-pixels 40000000] [--json ...] # peak RSS of one decode, worst files, each in a fresh process
 
 "Before" is the decode of commit 58e2a14 (`Image.open(...).convert("RGB")` at full resolution,
@@ -88,8 +88,13 @@ def bench_photo(repeats: int = 9) -> dict:
 
 
 @torch.inference_mode()
-def bench_imagenet(limit: int | None = None, batch: int = 25) -> dict:
-    """Both paths over the ImageNet sample: per-photo tensor differences and top-1/top-5 with each."""
+def bench_imagenet(limit: int | None = None, batch: int = 25, upscale: int = 1) -> dict:
+    """Both paths over the ImageNet sample: per-photo tensor differences and top-1/top-5 with each.
+
+    `upscale` > 1 first enlarges each photo that many times (bicubic) and re-encodes it as a
+    quality-90 JPEG in memory, a stand-in for camera-sized files: the sample's own photos (about
+    500 x 375) are too small for any reduction, so at 1 both paths give the same tensor.
+    """
     from tqdm import tqdm
 
     from metalora.backbones import create_backbone
@@ -106,6 +111,8 @@ def bench_imagenet(limit: int | None = None, batch: int = 25) -> dict:
         for i in tqdm(range(0, len(members), batch), desc="imagenet-sample", unit="batch"):
             chunk = members[i : i + batch]
             raws = [z.read(m) for m in chunk]
+            if upscale > 1:
+                raws = [_enlarge(r, upscale) for r in raws]
             y = torch.tensor([index[Path(m).parent.name] for m in chunk])
             xs = {"full": torch.stack([full(r) for r in raws]), "fast": torch.stack([fast(r) for r in raws])}  # (B, 3, 224, 224)
             shrunk += sum(fast.decode(r).factor > 1 for r in raws)
@@ -119,6 +126,7 @@ def bench_imagenet(limit: int | None = None, batch: int = 25) -> dict:
     n = len(maxd)
     return {
         "n": n,
+        "upscale": upscale,
         "shrunk": shrunk,
         "diff": {"max": round(max(maxd), 4), "mean": round(statistics.fmean(meand), 5), "p99_of_max": round(float(np.quantile(maxd, 0.99)), 4)},
         "top1_full": round(100 * hits["full"][0] / n, 2),
@@ -127,6 +135,13 @@ def bench_imagenet(limit: int | None = None, batch: int = 25) -> dict:
         "top5_fast": round(100 * hits["fast"][1] / n, 2),
         "top1_drop_points": round(100 * (hits["full"][0] - hits["fast"][0]) / n, 2),
     }
+
+
+def _enlarge(data: bytes, k: int) -> bytes:
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    b = io.BytesIO()
+    img.resize((img.width * k, img.height * k), Image.Resampling.BICUBIC).save(b, "JPEG", quality=90)
+    return b.getvalue()
 
 
 # ---------------------------------------------------------------- memory: one decode per fresh process
@@ -195,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("args", nargs="*")
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--upscale", type=int, default=1, help="imagenet: enlarge each photo this many times first (camera-sized files)")
     ap.add_argument("--max-pixels", type=int, default=40_000_000)
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
@@ -203,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     torch.set_num_threads(1) if a.what == "photo" else None
     t0 = time.time()
-    res = {"photo": lambda: bench_photo(a.repeats), "imagenet": lambda: bench_imagenet(a.limit), "memory": lambda: bench_memory(a.max_pixels)}[a.what]()
+    res = {"photo": lambda: bench_photo(a.repeats), "imagenet": lambda: bench_imagenet(a.limit, upscale=a.upscale), "memory": lambda: bench_memory(a.max_pixels)}[a.what]()
     res = {"section": a.what, **res, "machine": machine(), "wall_s": round(time.time() - t0, 1), "utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
     text = json.dumps(res, indent=2)
     print(text)
