@@ -6,6 +6,8 @@ import time
 
 from . import errors
 from .container import Service
+from .inputs import ARRIVED
+from .metrics import UNCOUNTED
 
 
 class _BodyTooLarge(Exception):
@@ -25,6 +27,7 @@ class LimitsAndMetrics:
         t0 = time.perf_counter()
         status = {"code": 500, "started": False}
         state = scope.setdefault("state", {})
+        state[ARRIVED] = time.monotonic()  # the request's deadline counts from here, decode included
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             code = "body_too_large" if length.isdigit() else "bad_content_length"
@@ -61,8 +64,8 @@ class LimitsAndMetrics:
     def _observe(self, scope, state, code, t0):
         route = scope.get("route")
         endpoint = getattr(route, "path", None) or "unmatched"
-        if endpoint in ("/metrics", "/healthz", "/readyz"):
-            return  # probes and scrapes would drown the request counts
+        if endpoint in UNCOUNTED:
+            return
         adapter = self.svc.metrics.label(state.get("adapter"))
         self.svc.metrics.requests.labels(endpoint, adapter, str(code)).inc()
         self.svc.metrics.request_duration.labels(endpoint, adapter).observe(time.perf_counter() - t0)
