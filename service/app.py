@@ -47,7 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (inference, adapters, operations, console):
         app.include_router(module.router)
     app.include_router(console.thumbnails)
-    service.metrics.init_endpoints(sorted({r.path for r in app.routes if getattr(r, "include_in_schema", False)}))
+    service.metrics.init_endpoints(sorted(app.openapi()["paths"]))  # the route templates the middleware labels with
     app.add_middleware(LimitsAndMetrics, service=service)
     return app
 
