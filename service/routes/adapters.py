@@ -29,10 +29,11 @@ from ..schemas import (
     ItemId,
     LoadResponse,
     UnloadResponse,
+    error_responses,
 )
 from ..thumbnails import thumbnail_of_base64
 
-router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
+router = APIRouter(prefix="/v1/adapters", tags=["adapters"], responses=error_responses(400, 401, 403, 404, 409, 413, 415, 422, 503, 504))
 
 
 @router.get("", response_model=AdapterList)

@@ -25,9 +25,10 @@ from ..schemas import (
     PredictResponse,
     PredictResult,
     Prediction,
+    error_responses,
 )
 
-router = APIRouter(prefix="/v1", tags=["inference"])
+router = APIRouter(prefix="/v1", tags=["inference"], responses=error_responses(400, 404, 409, 413, 415, 422, 503, 504))
 
 
 def seed_by_layer(entry, seed) -> dict[str, list[float]] | None:
