@@ -24,6 +24,7 @@ TARGETS = {
     "gallery_put_p99_ms_1m": ("<=", 50),
     "gallery_batch_items_per_s": (">=", 5000),
     "gallery_recall_at_10_during_writes": (">=", 0.95),
+    "photo_vs_small_c32": (">=", 0.7),
 }
 
 
@@ -33,7 +34,7 @@ class BenchConfig:
 
     quick: bool = False
     device: str = "cpu"
-    sections: str = "abcdefg"
+    sections: str = "abcdefgh"
     overhead_batch: int = 16
     overhead_repeats: int = 10
     hetero_batch: int = 64
@@ -59,6 +60,9 @@ class BenchConfig:
     gallery_batch_size: int = 1000
     gallery_queries: int = 200
     gallery_postgres: bool = True
+    photo_window_s: float = 8.0
+    photo_rounds: int = 5
+    photo_size: tuple[int, int] = (4032, 3024)  # 12 MP, a phone's photo
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -82,6 +86,8 @@ class BenchConfig:
             gallery_sizes=(10_000, 100_000),
             gallery_puts=200,
             gallery_queries=100,
+            photo_window_s=4.0,
+            photo_rounds=3,
         )
         base.update(kw)
         return cls(**base)
@@ -101,7 +107,7 @@ def _section(name: str, fn, log) -> tuple[dict | None, str | None]:
 
 
 def run_bench(cfg: BenchConfig, json_path: Path, plots_dir: Path | None = None, doc_path: Path | None = None, log=print) -> dict:
-    from . import gallery, kernels, knn, many, onnx, serving
+    from . import gallery, kernels, knn, many, onnx, photos, serving
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -144,6 +150,9 @@ def run_bench(cfg: BenchConfig, json_path: Path, plots_dir: Path | None = None, 
         out["gallery_put_p99_ms_1m"] = g["put_p99_ms_largest"]
         out["gallery_batch_items_per_s"] = g["batch_items_per_s"]
         out["gallery_recall_at_10_during_writes"] = g["recall_at_10_during_writes"]
+    h = run("photos", "h", lambda: photos.photos_vs_small(cfg.photo_window_s, cfg.photo_rounds, photo_size=tuple(cfg.photo_size)))
+    if h:
+        out["photo_vs_small_c32"] = h["photo_vs_small_c32"]
 
     out["targets"] = {
         k: check(out[k], op, target) if out[k] is not None else {"value": None, "target": f"{op} {target}", "pass": None, "note": "not measured in this run"}
