@@ -2,7 +2,7 @@
 
     python -m bench.decode photo  [--repeats 9] [--json out.json]      # 12 MP q90 JPEG: decode+preprocess before vs after
     python -m bench.decode imagenet [--limit N] [--upscale K] [--json out.json]  # ImageNet-sample photos: tensor diff, top-1 with each path
-    python -m bench.decode memory [--max-pixels 40000000] [--json ...] # peak RSS of one decode, worst files, each in a fresh process
+    python -m bench.decode memory [NAME ...] [--max-pixels 40000000] [--json ...]  # peak RSS of one decode, worst files, each in a fresh process
 
 "Before" is the decode of commit 58e2a14 (`Image.open(...).convert("RGB")` at full resolution,
 then timm's eval transform); "full" is today's path with `shrink=False` (viewer-correct, full
@@ -17,7 +17,6 @@ import argparse
 import io
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -152,7 +151,7 @@ WORST = {  # name -> how to make a file of `pixels` pixels (aspect 4:3 unless sa
     "png-palette-transparent": lambda w, h: _flat_file("P", w, h, "PNG", transparency=0, compress_level=1),
     "png-grey16": lambda w, h: _flat_file("I;16", w, h, "PNG", compress_level=1),
     "tiff-float32": lambda w, h: _flat_file("F", w, h, "TIFF"),
-    "png-rgb8-aspect-20": lambda w, h: _flat_file("RGB", int((w * h * 20) ** 0.5), int((w * h / 20) ** 0.5), "PNG", compress_level=1),
+    "png-rgb8-aspect-20": lambda w, h: _flat_file("RGB", 20 * int((w * h / 20) ** 0.5), int((w * h / 20) ** 0.5), "PNG", compress_level=1),  # at the limit
 }
 
 
@@ -170,27 +169,41 @@ def _flat_file(mode: str, w: int, h: int, fmt: str, **kw) -> bytes:
     return b.getvalue()
 
 
+def _status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    raise KeyError(field)
+
+
 def _child(path: str, shrink: bool, max_pixels: int) -> None:
-    """Runs in a fresh interpreter: RSS after imports, then peak RSS of one decode + preprocess."""
+    """Runs in a fresh interpreter: resident memory before, and the peak (VmHWM) during one decode + preprocess.
+
+    The peak is reset first (`5 > /proc/self/clear_refs`): ru_maxrss would carry the parent's
+    peak across exec, VmHWM after the reset is this decode's own.
+    """
     from metalora.images import Preprocessor
 
     pre = Preprocessor(CFG, shrink=shrink)
     pre(Image.new("RGB", (8, 8)))  # warm the code paths that allocate once
     data = Path(path).read_bytes()
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    Path("/proc/self/clear_refs").write_text("5")
+    base = _status_mib("VmRSS")
     t = time.perf_counter()
     pre(data, max_pixels)
     dt = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"base_mib": base / 1024, "peak_mib": peak / 1024, "delta_mib": (peak - base) / 1024, "seconds": dt}))
+    peak = _status_mib("VmHWM")
+    print(json.dumps({"base_mib": base, "peak_mib": peak, "delta_mib": peak - base, "seconds": dt}))
 
 
-def bench_memory(max_pixels: int = 40_000_000) -> dict:
+def bench_memory(max_pixels: int = 40_000_000, only: list[str] | None = None) -> dict:
     w = int((max_pixels * 4 / 3) ** 0.5)
     h = max_pixels // w
     out = {"pixels": w * h, "size": [w, h], "files": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name, make in WORST.items():
+            if only and name not in only:
+                continue
             p = Path(tmp) / name
             p.write_bytes(make(w, h))
             row = {"bytes": p.stat().st_size}
@@ -219,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     torch.set_num_threads(1) if a.what == "photo" else None
     t0 = time.time()
-    res = {"photo": lambda: bench_photo(a.repeats), "imagenet": lambda: bench_imagenet(a.limit, upscale=a.upscale), "memory": lambda: bench_memory(a.max_pixels)}[a.what]()
+    res = {"photo": lambda: bench_photo(a.repeats), "imagenet": lambda: bench_imagenet(a.limit, upscale=a.upscale), "memory": lambda: bench_memory(a.max_pixels, a.args or None)}[a.what]()
     res = {"section": a.what, **res, "machine": machine(), "wall_s": round(time.time() - t0, 1), "utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
     text = json.dumps(res, indent=2)
     print(text)
