@@ -167,9 +167,8 @@ def _bits(img: Image.Image) -> int:
     return b - 1 if (signed or b == 32) else b  # mode I is int32: 32 stored bits hold 31 of magnitude
 
 
-def _to_srgb(img: Image.Image, bits: int) -> Image.Image:
+def _to_srgb(img: Image.Image, bits: int, icc: bytes | None) -> Image.Image:
     """Any decoded mode -> opaque 8-bit sRGB `RGB` (ICC profile applied, alpha over BACKGROUND)."""
-    icc = img.info.get("icc_profile")
     if img.mode in ("I", "F"):
         img = _scale_32bit(img, bits)
         icc = None  # a profile describes the stored values, not our rescaled ones
@@ -213,14 +212,14 @@ def _decode(data: bytes, max_pixels: int, max_aspect_ratio: float, min_short: fl
             if factor == 1 and w != h and img.size == (h, w):
                 w, h = h, w  # the plugin turned it (TIFF; no plugin that turns also drafts)
             size = (h, w) if orientation >= 5 else (w, h)  # upright full-resolution size; 5..8 swap the axes
+            bits, icc = _bits(img), img.info.get("icc_profile")  # the file's, before new images drop its tags
             img = _resamplable(img)
             if min_short is not None:
                 f = int(min(img.size) / (REDUCING_GAP * min_short))
                 if f >= 2:
                     img = img.reduce(f)
                     factor *= f
-            bits = _bits(img)
-            img = _to_srgb(img, bits)
+            img = _to_srgb(img, bits, icc)
         except ImageError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

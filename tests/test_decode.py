@@ -317,3 +317,13 @@ def test_refusals(data, code, status):
     with pytest.raises(ImageError) as e:
         PRE(data)
     assert (e.value.code, e.value.status) == (code, status)
+
+
+def test_reduced_int16_tiff_keeps_its_bit_depth():
+    """Found in review: BitsPerSample was read after `reduce`, whose new image has no TIFF tags,
+    so a large signed 16-bit TIFF came out 65536 times too dark."""
+    big = photo().convert("L").resize((1400, 1000), Image.Resampling.BICUBIC)
+    data = tiff(np.int16, 32767 / 255)(big)
+    assert PRE.decode(data).factor > 1
+    d = (PRE(data) - reference(big)).abs()
+    assert float(d.max()) <= 0.1 and float(d.mean()) <= 0.01, f"max {float(d.max()):.4f} mean {float(d.mean()):.5f}"

@@ -36,10 +36,11 @@ WRITERS = {
     "CMYK": ["TIFF", "JPEG"],
     "I;16": ["PNG", "TIFF"],
     "I": ["TIFF"],
+    "int16": ["TIFF"],  # a signed 16-bit TIFF (tifffile): Pillow opens it as `I` with BitsPerSample 16
     "F": ["TIFF"],
 }
 LOSSY = {"JPEG", "AVIF"}
-sides = st.integers(1, 48) | st.sampled_from([223, 224, 255, 256, 257, 700, 1500])
+sides = st.integers(1, 48) | st.sampled_from([223, 224, 255, 256, 257, 700, 1500])  # 700+ are reduced
 
 
 def save(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -85,6 +86,13 @@ def flat_images(draw):
     elif mode == "I":
         v = draw(st.integers(-(2**31), 2**31 - 1))
         img, want = Image.new("I", (w, h), v), (max(v, 0) / (2**31 - 1) * 255,) * 3  # int32 TIFF: 31 bits of magnitude
+    elif mode == "int16":
+        import tifffile
+
+        v = draw(st.integers(-(2**15), 2**15 - 1))
+        b = io.BytesIO()
+        tifffile.imwrite(b, np.full((h, w), v, np.int16))
+        return b.getvalue(), fmt, (w, h), np.array((max(v, 0) / 32767 * 255,) * 3)
     else:  # F: nominal [0, 1], outside clipped
         v = draw(st.floats(-2.0, 3.0, allow_nan=False, width=32))
         img, want = Image.new("F", (w, h), v), (min(max(v, 0.0), 1.0) * 255,) * 3
