@@ -322,7 +322,7 @@ def test_refusals(data, code, status):
 def test_reduced_int16_tiff_keeps_its_bit_depth():
     """Found in review: BitsPerSample was read after `reduce`, whose new image has no TIFF tags,
     so a large signed 16-bit TIFF came out 65536 times too dark."""
-    big = photo().convert("L").resize((1400, 1000), Image.Resampling.BICUBIC)
+    big = photo().convert("L").resize((1600, 1200), Image.Resampling.BICUBIC)
     data = tiff(np.int16, 32767 / 255)(big)
     assert PRE.decode(data).factor > 1
     d = (PRE(data) - reference(big)).abs()
