@@ -1,4 +1,4 @@
-"""`metalora bench`: run sections (a)–(g), check the targets, write JSON, PNG plots and docs/benchmarks.md."""
+"""`metalora bench`: run sections (a)–(h), check the targets, write JSON, PNG plots and docs/benchmarks.md."""
 
 from __future__ import annotations
 
