@@ -16,7 +16,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="MetaLoRA Ser
 def bench_cmd(
     json_path: Annotated[Path, typer.Option("--json", help="write the results here (JSON)")],
     quick: Annotated[bool, typer.Option("--quick", help="small sizes: under 5 minutes on 2 CPU cores")] = False,
-    sections: Annotated[str, typer.Option(help="which of a b c d e f g h to run (a overhead, b mixed batches, c HTTP, d k-NN, e many adapters, f ONNX Runtime vs torch, g gallery writes, h low precision: fp32/int8/bf16, lowp_speedup, limit_fraction; CPU only)")] = "abcdefgh",
+    sections: Annotated[str, typer.Option(help="which of a b c d e f g h i to run (a overhead, b mixed batches, c HTTP, d k-NN, e many adapters, f ONNX Runtime vs torch, g gallery writes, h low precision: fp32/int8/bf16, lowp_speedup, limit_fraction; CPU only; i phone photos vs small images over HTTP)")] = "abcdefghi",
     device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "cpu",
     rounds: Annotated[Optional[int], typer.Option(min=2, help="rounds per paired comparison (longer, steadier runs)")] = None,
     knn_sizes: Annotated[Optional[str], typer.Option(help="gallery sizes, comma-separated (full run: 10000,100000,1000000)")] = None,

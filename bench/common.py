@@ -28,6 +28,7 @@ def machine() -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cpu": _cpu_model(),
+        "isa": _isa_flags(),
     }
     try:
         info["loadavg_at_start"] = [round(x, 2) for x in os.getloadavg()]
@@ -46,6 +47,18 @@ def _cpu_model() -> str:
     except OSError:  # pragma: no cover
         pass
     return platform.processor() or "unknown"
+
+
+def _isa_flags() -> list[str]:
+    """The vector-ISA flags this CPU reports (what the kernels can use), read at run time."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+                return sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "sse4", "f16c", "vnni")))
+    except OSError:  # pragma: no cover
+        pass
+    return []
 
 
 def sync(device: torch.device | str | None = None) -> None:

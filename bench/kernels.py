@@ -30,12 +30,12 @@ def randomized_adapter(bb, fmt: str, n_classes: int = 10, seed: int = 0, ranks=N
 
 
 def _images(n: int, bb, device) -> torch.Tensor:
-    from metalora.images import Preprocessor, decode_image
+    from metalora.images import Preprocessor
 
     from .common import sample_images
 
     pre = Preprocessor(bb.preprocess)
-    x = torch.stack([pre(decode_image(b)) for b in sample_images(n)])  # (N, 3, 224, 224)
+    x = torch.stack([pre(b) for b in sample_images(n)])  # (N, 3, 224, 224)
     return x.to(device).contiguous(memory_format=torch.channels_last)
 
 

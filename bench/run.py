@@ -1,4 +1,4 @@
-"""`metalora bench`: run sections (a)–(g), check the targets, write JSON, PNG plots and docs/benchmarks.md."""
+"""`metalora bench`: run sections (a)–(i), check the targets, write JSON, PNG plots and docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ TARGETS = {
     "gallery_batch_items_per_s": (">=", 5000),
     "gallery_recall_at_10_during_writes": (">=", 0.95),
     "lowp_speedup": (">=", 2.0),
+    "photo_vs_small_c32": (">=", 0.7),
 }
 
 
@@ -34,7 +35,7 @@ class BenchConfig:
 
     quick: bool = False
     device: str = "cpu"
-    sections: str = "abcdefgh"
+    sections: str = "abcdefghi"
     overhead_batch: int = 16
     overhead_repeats: int = 10
     hetero_batch: int = 64
@@ -65,6 +66,9 @@ class BenchConfig:
     lowp_http_window_s: float = 6.0
     lowp_http_rounds: int = 3
     lowp_accuracy_state: str = "results/bench/lowp-accuracy.json"
+    photo_window_s: float = 8.0
+    photo_rounds: int = 5
+    photo_size: tuple[int, int] = (4032, 3024)  # 12 MP, a phone's photo
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -91,6 +95,8 @@ class BenchConfig:
             lowp_rounds=5,
             lowp_http_window_s=4.0,
             lowp_http_rounds=2,
+            photo_window_s=4.0,
+            photo_rounds=3,
         )
         base.update(kw)
         return cls(**base)
@@ -112,7 +118,7 @@ def _section(name: str, fn, log) -> tuple[dict | None, str | None]:
 def run_bench(cfg: BenchConfig, json_path: Path, plots_dir: Path | None = None, doc_path: Path | None = None, log=print) -> dict:
     from metalora.lowp import cpu_info
 
-    from . import gallery, kernels, knn, lowp, many, onnx, serving
+    from . import gallery, kernels, knn, lowp, many, onnx, photos, serving
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -161,6 +167,9 @@ def run_bench(cfg: BenchConfig, json_path: Path, plots_dir: Path | None = None, 
         if g:
             out["lowp_speedup"] = g["lowp_speedup"]
             out["limit_fraction"] = g["limit_fraction_chosen"]
+    h = run("photos", "i", lambda: photos.photos_vs_small(cfg.photo_window_s, cfg.photo_rounds, photo_size=tuple(cfg.photo_size)))
+    if h:
+        out["photo_vs_small_c32"] = h["photo_vs_small_c32"]
 
     out["targets"] = {
         k: check(out[k], op, target) if out[k] is not None else {"value": None, "target": f"{op} {target}", "pass": None, "note": "not measured in this run"}

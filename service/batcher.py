@@ -32,6 +32,8 @@ class WorkItem:
     release: Callable[[], None] = lambda: None  # called once when the item leaves the system
     future: asyncio.Future = field(default=None)  # resolved with the engine's result for this item
     enqueued: float = 0.0
+    started: bool = False  # handed to the engine
+    dropped: bool = False  # given up by its request (deadline or client gone) and already counted
 
 
 RunBatch = Callable[[list[WorkItem]], Awaitable[list[Any]]]
@@ -78,6 +80,17 @@ class Batcher:
         self.metrics.queue_depth.set(self.pending)
         return [it.future for it in items]
 
+    def drop(self, items: list[WorkItem], reason: str) -> None:
+        """Its request gave up: items not yet handed to the engine are never computed (counted under `reason`)."""
+        n = 0
+        for it in items:
+            if not it.started and not it.future.done():
+                it.dropped = True
+                it.future.cancel()
+                n += 1
+        if n:
+            self.metrics.rejected.labels(reason).inc(n)
+
     async def _collect(self) -> list[WorkItem]:
         batch = [await self.queue.get()]
         until = time.monotonic() + self.max_delay_s
@@ -102,8 +115,9 @@ class Batcher:
             now = time.monotonic()
             live = []
             for it in batch:
-                if it.future.done():  # the client went away: nothing to compute
-                    self.metrics.rejected.labels("cancelled").inc()
+                if it.future.done():  # its request gave up on it: nothing to compute
+                    if not it.dropped:
+                        self.metrics.rejected.labels("cancelled").inc()
                     self._fail(it, None)
                 elif now > it.deadline:
                     self.metrics.rejected.labels("deadline").inc()
@@ -113,6 +127,7 @@ class Batcher:
             if not live:
                 continue
             for it in live:
+                it.started = True
                 self.metrics.queue_wait.observe(now - it.enqueued)
             try:
                 results = await self.run_batch(live)

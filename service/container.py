@@ -22,14 +22,15 @@ from .adapters import AdapterRegistry, Entry
 from .batcher import Batcher, WorkItem
 from .engine import Engine, ItemResult, make_backend
 from .errors import ServiceError
-from .inputs import decode_one
 from .galleries import open_store
+from .inputs import Watch, decode_one
 from .knn import GalleryEmpty, GalleryStore
 from .metrics import Metrics
 from .settings import Settings
 from .thumbnails import ThumbnailStore
 
 log = logging.getLogger("metalora.service")
+_DROPPED = {"deadline_exceeded": "deadline", "client_closed_request": "cancelled"}  # error code -> rejected reason
 
 
 class Service:
@@ -99,19 +100,36 @@ class Service:
         await asyncio.to_thread(self.galleries.close)
 
     # ---------------------------------------------------------------- images in, results out
-    async def decode(self, raws: list[bytes | str]) -> list[torch.Tensor]:
-        loop = asyncio.get_running_loop()
-        t0 = time.perf_counter()
-        futs = [loop.run_in_executor(self.decode_pool, decode_one, self.runtime.preprocessor, r, i, self.settings.max_pixels) for i, r in enumerate(raws)]
-        out = await asyncio.gather(*futs, return_exceptions=True)
-        self.metrics.inference.labels("decode").observe(time.perf_counter() - t0)
-        for o in out:
-            if isinstance(o, BaseException):
-                raise o
-        return out
+    async def decode(self, raws: list[bytes | str], watch: Watch) -> list[torch.Tensor]:
+        """Raw images -> model inputs (N, 3, S, S) on the decoder pool, within the request's deadline.
 
-    async def compute(self, xs: list[torch.Tensor], refs: list[str], timeout_s: float) -> tuple[list[Entry], list[ItemResult]]:
-        """Images × adapters through the batcher; results image-major (image 0 with every adapter, ...)."""
+        A deadline passing during decode is 504 (images not started are skipped; counted as
+        rejected `deadline`), a client hanging up is 499 (counted as `cancelled`).
+        """
+        loop = asyncio.get_running_loop()
+        s = self.settings
+        if watch.left() <= 0:
+            self.metrics.rejected.labels("deadline").inc(len(raws))
+            raise watch.expired("before decoding")
+        t0 = time.perf_counter()
+        futs = [loop.run_in_executor(self.decode_pool, decode_one, self.runtime.preprocessor, r, i, s.max_pixels, s.max_aspect_ratio) for i, r in enumerate(raws)]
+        try:
+            return await watch.wait(futs, "decode")
+        except ServiceError as e:
+            if e.code in _DROPPED:
+                for f in futs:
+                    f.cancel()  # images not started are skipped; one being decoded finishes unread
+                self.metrics.rejected.labels(_DROPPED[e.code]).inc(len(raws))
+            raise
+        finally:
+            self.metrics.inference.labels("decode").observe(time.perf_counter() - t0)
+
+    async def compute(self, xs: list[torch.Tensor], refs: list[str], watch: Watch) -> tuple[list[Entry], list[ItemResult]]:
+        """Images × adapters through the batcher; results image-major (image 0 with every adapter, ...).
+
+        The deadline is the request's (from its arrival): items still queued when it passes are
+        dropped by the batcher, and an answer that would come later is a 504, never a late 200.
+        """
         entries: list[Entry] = []
         try:
             for ref in refs:
@@ -119,18 +137,18 @@ class Service:
             n = len(xs) * len(entries)
             if n > self.batcher.max_queue:
                 raise ServiceError(413, "too_many_images", f"{len(xs)} images × {len(entries)} adapters = {n} items, more than the queue holds ({self.batcher.max_queue})")
-            deadline = time.monotonic() + timeout_s
-            items = [WorkItem(x, e.key, deadline, partial(self.registry.release, e)) for x in xs for e in entries]
+            items = [WorkItem(x, e.key, watch.deadline, partial(self.registry.release, e)) for x in xs for e in entries]
             futures = self.batcher.submit(items)
         except BaseException:
             for e in entries:
                 self.registry.release(e, len(xs))
             raise
-        results = await asyncio.gather(*futures, return_exceptions=True)
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
-        return entries, results
+        try:
+            return entries, await watch.wait(futures, "the queue or the batch")
+        except ServiceError as e:
+            if e.code in _DROPPED:
+                self.batcher.drop(items, _DROPPED[e.code])
+            raise
 
     def labels(self, entry: Entry) -> list[str]:
         return self.runtime.base_labels if entry.key == BASE else entry.labels

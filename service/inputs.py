@@ -7,9 +7,11 @@ raw image into the model's input tensor. The deadline header is read here too.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import math
+import time
 
 import numpy as np
 import torch
@@ -20,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from metalora.images import ImageError, Preprocessor, decode_image
+from metalora.images import ImageError, Preprocessor
 
 from .adapters import AdapterRegistry
 from .errors import ServiceError
@@ -31,7 +33,7 @@ from .settings import Settings
 TIMEOUT_HEADER = "x-timeout-ms"
 
 
-def decode_one(preprocessor: Preprocessor, raw: bytes | str | np.ndarray, i: int, max_pixels: int) -> torch.Tensor:
+def decode_one(preprocessor: Preprocessor, raw: bytes | str | np.ndarray, i: int, max_pixels: int, max_aspect_ratio: float) -> torch.Tensor:
     """One image (file bytes, base64 / a data: URL as str, or already-decoded RGB pixels as a
     (H, W, 3) uint8 array from the Open Inference Protocol) -> the model input (3, S, S).
 
@@ -48,13 +50,71 @@ def decode_one(preprocessor: Preprocessor, raw: bytes | str | np.ndarray, i: int
         except (binascii.Error, ValueError):
             raise ServiceError(422, "invalid_base64", f"images[{i}] is not valid base64") from None
     try:
-        return preprocessor(decode_image(raw, max_pixels))  # (3, S, S)
+        return preprocessor(raw, max_pixels, max_aspect_ratio)  # (3, S, S); the decode bounded by S, not the file
     except ImageError as e:
         raise ServiceError.from_image(e, i) from None
 
 
+ARRIVED = "arrived"  # scope["state"] key: time.monotonic() when the request reached the server (set by the middleware)
+
+
+class Watch:
+    """One request's deadline, counted from its arrival, and whether its client is still connected.
+
+    `wait(futures)` waits for the request's work (decode or batcher futures) and raises instead of
+    answering late: 504 `deadline_exceeded` when the deadline passes first, 499
+    `client_closed_request` when the client hangs up first. The caller then drops the work that
+    has not started (`Service.decode`, `Service.compute`).
+    Wait only after the body is read: it listens on the request's receive channel meanwhile.
+    With `request=None` (gRPC: no ASGI channel) it watches the deadline alone, counted from now.
+    """
+
+    def __init__(self, request: Request | None, timeout_s: float):
+        arrived = request.scope.get("state", {}).get(ARRIVED, time.monotonic()) if request is not None else time.monotonic()
+        self.deadline = arrived + timeout_s
+        self.timeout_s = timeout_s
+        self._request = request
+
+    async def _listen(self) -> None:
+        if self._request is None:
+            await asyncio.get_running_loop().create_future()  # never done: no disconnect to see
+        while (await self._request.receive())["type"] != "http.disconnect":
+            pass
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def expired(self, what: str) -> ServiceError:
+        return ServiceError(504, "deadline_exceeded", f"the request's deadline ({self.timeout_s * 1000:.0f} ms from its arrival) passed {what}; it was not answered")
+
+    async def wait(self, futures: list[asyncio.Future], stage: str) -> list:
+        """Results of `futures` in order (exceptions re-raised), or 504 / 499 as above."""
+        gone = asyncio.get_running_loop().create_task(self._listen())
+        try:
+            pending = set(futures)
+            while pending:
+                left = self.left()
+                if left <= 0:
+                    _abandon(futures)
+                    raise self.expired(f"during {stage}")
+                done, pending = await asyncio.wait(pending | {gone}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                if gone in done:
+                    _abandon(futures)
+                    raise ServiceError(499, "client_closed_request", "the client closed the connection before the answer")
+                pending.discard(gone)
+        finally:
+            gone.cancel()
+        return [f.result() for f in futures]  # raises the first failure, in order
+
+
+def _abandon(futures: list[asyncio.Future]) -> None:
+    """Nobody reads these any more: no "exception was never retrieved" log when they fail later."""
+    for f in futures:
+        f.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+
 def request_timeout(request: Request, settings: Settings) -> float:
-    """The request's deadline: the server's, or shorter when the client sends X-Timeout-Ms."""
+    """The request's time budget in seconds: the server's, or shorter when the client sends X-Timeout-Ms."""
     limit = settings.request_timeout_s
     raw = request.headers.get(TIMEOUT_HEADER)
     if raw is None:

@@ -16,6 +16,13 @@ BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 BATCH_ADAPTER_BUCKETS = (1, 2, 3, 4, 6, 8, 16, 32)
 LOAD_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
+# Label values known in advance: each series exists (at zero) from start-up, so an alert or a
+# dashboard panel on it reads 0 on a healthy server, not "no data".
+REJECT_REASONS = ("queue_full", "deadline", "cancelled", "body_too_large")
+STAGES = ("decode", "forward", "prefix", "adapters", "knn")
+TIERS = ("device", "pinned", "store")
+UNCOUNTED = ("/metrics", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready")  # probes and scrapes would drown the request counts
+
 OTHER = "other"
 FANOUT = "fanout"  # the label of a request that names several adapters
 disable_created_metrics()  # `_created` series double the scrape and no dashboard here reads them
@@ -44,6 +51,19 @@ class Metrics:
         self.adapters_loaded = Gauge("metalora_adapters_loaded", "Adapters per tier (device, pinned, store)", ["tier"], registry=r)
         self.adapter_load = Histogram("metalora_adapter_load_seconds", "Time to verify and load a bundle onto the device", buckets=LOAD_BUCKETS_S, registry=r)
         self.gallery_items = Gauge("metalora_gallery_items", "Items in an adapter's k-NN gallery", ["adapter"], registry=r)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
+        for stage in STAGES:
+            self.inference.labels(stage)
+        for tier in TIERS:
+            self.adapters_loaded.labels(tier)
+
+    def init_endpoints(self, endpoints: list[str]) -> None:
+        """Request series of each route template (adapter `none`, code 200) at zero from start-up."""
+        for ep in endpoints:
+            if ep not in UNCOUNTED:
+                self.requests.labels(ep, "none", "200")
+                self.request_duration.labels(ep, "none")
 
     def admit(self, name: str) -> None:
         """Give `name` its own label value while there is room (only names that resolved in the store)."""

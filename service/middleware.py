@@ -8,13 +8,12 @@ from starlette.responses import JSONResponse
 
 from . import errors
 from .container import Service
+from .inputs import ARRIVED
+from .metrics import UNCOUNTED
 
 
 class _BodyTooLarge(Exception):
     pass
-
-
-PROBES = {"/metrics", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"}
 
 
 def _refusal(scope, status: int, code: str, message: str):
@@ -38,6 +37,7 @@ class LimitsAndMetrics:
         t0 = time.perf_counter()
         status = {"code": 500, "started": False}
         state = scope.setdefault("state", {})
+        state[ARRIVED] = time.monotonic()  # the request's deadline counts from here, decode included
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             code = "body_too_large" if length.isdigit() else "bad_content_length"
@@ -74,7 +74,7 @@ class LimitsAndMetrics:
     def _observe(self, scope, state, code, t0):
         route = scope.get("route")
         endpoint = getattr(route, "path", None) or "unmatched"
-        if endpoint in PROBES:
+        if endpoint in UNCOUNTED:
             return  # probes and scrapes would drown the request counts
         adapter = self.svc.metrics.label(state.get("adapter"))
         self.svc.metrics.requests.labels(endpoint, adapter, str(code)).inc()

@@ -260,3 +260,33 @@ class Ready(BaseModel):
     failed: dict[str, str]
 
 
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable, machine-readable error code (the table in docs/api.md)")
+    message: str = Field(description="for people")
+
+
+class ErrorResponse(BaseModel):
+    """The one error shape of every non-2xx answer."""
+
+    error: ErrorDetail
+
+
+_STATUS = {
+    400: "malformed request framing (e.g. a bad Content-Length)",
+    401: "missing or wrong bearer token",
+    403: "admin routes are disabled (no METALORA_ADMIN_TOKEN)",
+    404: "no such adapter, version, loaded adapter or gallery item",
+    409: "the stored bundle or gallery cannot be served as asked",
+    413: "body, image or request over a size limit",
+    415: "a body or image in a format that is not accepted",
+    422: "a request that does not fit the schema or the limits, or an unusable image",
+    503: "overloaded, still warming or shutting down (see Retry-After)",
+    504: "the request's deadline passed (from its arrival) before its answer",
+}
+
+
+def error_responses(*statuses: int) -> dict:
+    """OpenAPI `responses` for these statuses, each with the ErrorResponse body."""
+    return {s: {"model": ErrorResponse, "description": _STATUS[s]} for s in statuses}

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from metalora.images import DEFAULT_MAX_PIXELS
+from metalora.images import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_PIXELS
 from metalora.store import DEFAULT_STORE
 
 # Tokens that ship in examples and templates; a server must never run with one of them.
@@ -40,6 +40,7 @@ class Settings(BaseSettings):
 
     max_body_bytes: int = Field(32 * 2**20, ge=1024, description="request body limit -> 413")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="per image, read from the header before decoding -> 413")
+    max_aspect_ratio: float = Field(DEFAULT_MAX_ASPECT_RATIO, ge=1, le=10_000, description="long side / short side per image, from the header -> 422 extreme_aspect_ratio")
     max_images: int = Field(64, ge=1, le=4096, description="images per request")
     max_top_k: int = Field(100, ge=1)
     max_k: int = Field(100, ge=1, description="neighbours per k-NN query")

@@ -34,6 +34,9 @@ TINY = dict(
     gallery_batches=2,
     gallery_batch_size=50,
     gallery_queries=10,
+    photo_window_s=0.5,
+    photo_rounds=2,
+    photo_size=(640, 480),
 )
 
 
@@ -52,7 +55,8 @@ def test_bench_tiny_run_writes_json_plots_and_report(tmp_path):
     # the headline figures: 16 adapters do not fit a batch of 8, so hetero/vs_peft at 16 are honestly "not measured"
     assert _positive(data["adapter_overhead"]) and _positive(data["serving_efficiency_c32"])
     assert data["hetero_ratio_16"] is None and data["targets"]["hetero_ratio_16"]["pass"] is None
-    for sec in ("overhead", "hetero", "serving", "knn", "many_adapters", "gallery"):
+    assert _positive(data["photo_vs_small_c32"]) and 0 <= data["photos"]["photo_decode_share"] <= 1
+    for sec in ("overhead", "hetero", "serving", "knn", "many_adapters", "gallery", "photos"):
         assert data[sec] is not None, sec
     assert all(_positive(v) for v in data["overhead"]["ratio"].values())
     for key in ("hetero_ratio_cp", "hetero_ratio_lora", "vs_peft_lora", "vs_peft_cp"):

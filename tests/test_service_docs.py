@@ -44,3 +44,20 @@ def test_unsafe_admin_tokens_are_refused():
     assert Settings(admin_token="").admin_token is None
     assert Settings(admin_token="x" * 20).admin_token.get_secret_value() == "x" * 20
     assert Settings(adapters="a, b@2", pinned="b@2").adapters == ["a", "b@2"]
+
+
+def test_supported_image_formats_are_listed_exactly():
+    """README and docs/api.md name the formats the decoder accepts, no more and no fewer."""
+    from metalora.images import SUPPORTED_FORMATS
+
+    listed = "`" + "`, `".join(sorted(SUPPORTED_FORMATS)[:-1]) + "`"
+    assert f"{listed} or `{sorted(SUPPORTED_FORMATS)[-1]}`" in (ROOT / "README.md").read_text()
+    assert f"**Formats** (Pillow's names): {listed}, `{sorted(SUPPORTED_FORMATS)[-1]}`." in DOC
+
+
+def test_every_image_error_code_is_documented():
+    src = (ROOT / "metalora" / "images.py").read_text()
+    codes = set(re.findall(r'ImageError\(\s*"([a-z_]+)"', src))
+    assert {"extreme_aspect_ratio", "unsupported_image", "image_too_large"} <= codes
+    for code in codes:
+        assert f"`{code}`" in DOC, f"image error code {code} is missing from docs/api.md"

@@ -161,11 +161,12 @@ def prepare(svc, req: InferRequest) -> tuple[str, list]:
     return ref, items
 
 
-async def infer(svc, req: InferRequest, timeout_s: float) -> InferResponse:
-    """Run one protocol request through the service's decoder pool and micro-batcher."""
+async def infer(svc, req: InferRequest, watch) -> InferResponse:
+    """Run one protocol request through the service's decoder pool and micro-batcher, within
+    `watch`'s deadline (`service.inputs.Watch`: 504 past it, 499 when an HTTP client hangs up)."""
     ref, items = prepare(svc, req)
-    xs = await svc.decode(items)
-    entries, results = await svc.compute(xs, [ref], timeout_s)
+    xs = await svc.decode(items, watch)
+    entries, results = await svc.compute(xs, [ref], watch)
     (entry,) = entries
     labels = svc.labels(entry)
     outs = _outputs(req, svc.settings.max_top_k)

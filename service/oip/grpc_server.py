@@ -28,6 +28,7 @@ from metalora.images import ImageError
 
 from ..deps import check_admin
 from ..errors import ServiceError
+from ..inputs import Watch
 from . import codec, dataplane, proto
 
 log = logging.getLogger("metalora.service")
@@ -89,7 +90,7 @@ class Servicer:
         if remaining is not None:  # the client's deadline, when it set one, is the request's
             timeout = min(timeout, max(remaining, 0.0))
         req = codec.parse_grpc(request)
-        resp = await dataplane.infer(svc, req, timeout)
+        resp = await dataplane.infer(svc, req, Watch(None, timeout))
         return codec.encode_grpc(resp, self.pb)
 
     async def RepositoryIndex(self, request, context):

@@ -22,7 +22,7 @@ from metalora.images import ImageError
 
 from ..deps import AdminDep, ReadyDep, ServiceDep
 from ..errors import ServiceError
-from ..inputs import request_timeout
+from ..inputs import Watch, request_timeout
 from . import codec, dataplane
 from .schemas import (
     InferRequestBody,
@@ -141,7 +141,7 @@ async def _infer(request: Request, svc, model_name: str, model_version: str) -> 
     request.state.adapter = model_name
     body = await request.body()
     req = codec.parse_rest(model_name, model_version, body, request.headers.get(codec.HEADER_LENGTH))
-    resp = await dataplane.infer(svc, req, request_timeout(request, svc.settings))
+    resp = await dataplane.infer(svc, req, Watch(request, request_timeout(request, svc.settings)))
     out, header = codec.encode_rest(resp, req)
     if header is None:
         return Response(out, media_type="application/json")

@@ -15,7 +15,7 @@ from ..container import Service
 from ..deps import AdminDep, ReadyDep, RefPath
 from ..errors import ServiceError
 from ..galleries import Item
-from ..inputs import request_timeout
+from ..inputs import Watch, request_timeout
 from ..schemas import (
     AdapterInfo,
     AdapterList,
@@ -29,10 +29,11 @@ from ..schemas import (
     ItemId,
     LoadResponse,
     UnloadResponse,
+    error_responses,
 )
 from ..thumbnails import thumbnail_of_base64
 
-router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
+router = APIRouter(prefix="/v1/adapters", tags=["adapters"], responses=error_responses(400, 401, 403, 404, 409, 413, 415, 422, 503, 504))
 
 
 @router.get("", response_model=AdapterList)
@@ -115,8 +116,9 @@ async def _vectors(svc: Service, key: str, request: Request, items: list) -> lis
     raws = [it.image for it in items if it.vector is None]
     embedded: list[np.ndarray] = []
     if raws:
-        xs = await svc.decode(raws)
-        _, results = await svc.compute(xs, [key], request_timeout(request, svc.settings))
+        watch = Watch(request, request_timeout(request, svc.settings))
+        xs = await svc.decode(raws, watch)
+        _, results = await svc.compute(xs, [key], watch)
         embedded = [r.embedding.numpy() for r in results]
     it_emb = iter(embedded)
     return [np.asarray(it.vector, dtype=np.float32) if it.vector is not None else next(it_emb) for it in items]

@@ -17,6 +17,7 @@ from metalora.runtime import BASE
 
 from ..deps import ReadyDep, RefPath
 from ..errors import ServiceError, error_body
+from ..schemas import error_responses
 from ..thumbnails import media_type
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
@@ -24,7 +25,7 @@ STATIC_TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=
 THUMBNAIL_CACHE = "public, max-age=60"  # short: replacing an item keeps its id; the ETag makes re-checks cheap
 
 router = APIRouter(include_in_schema=False)
-thumbnails = APIRouter(prefix="/v1/adapters", tags=["adapters"])
+thumbnails = APIRouter(prefix="/v1/adapters", tags=["adapters"], responses=error_responses(400, 409, 422, 503))
 
 
 def _static(name: str) -> FileResponse:

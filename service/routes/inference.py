@@ -11,7 +11,7 @@ from metalora.runtime import BASE
 
 from ..deps import ReadyDep
 from ..errors import ServiceError
-from ..inputs import openapi_body, parse_images_body, request_timeout
+from ..inputs import Watch, openapi_body, parse_images_body, request_timeout
 from ..knn import vote
 from ..schemas import (
     EmbedRequest,
@@ -25,9 +25,10 @@ from ..schemas import (
     PredictResponse,
     PredictResult,
     Prediction,
+    error_responses,
 )
 
-router = APIRouter(prefix="/v1", tags=["inference"])
+router = APIRouter(prefix="/v1", tags=["inference"], responses=error_responses(400, 404, 409, 413, 415, 422, 503, 504))
 
 
 def seed_by_layer(entry, seed) -> dict[str, list[float]] | None:
@@ -42,10 +43,10 @@ def seed_by_layer(entry, seed) -> dict[str, list[float]] | None:
 async def predict(request: Request, svc: ReadyDep) -> PredictResponse:
     """Class scores for each image × adapter (`base` = the backbone's ImageNet head)."""
     req, raws = await parse_images_body(request, PredictRequest, svc.settings, svc.registry)
-    timeout = request_timeout(request, svc.settings)
+    watch = Watch(request, request_timeout(request, svc.settings))
     if req.top_k > svc.settings.max_top_k:
         raise ServiceError(422, "invalid_top_k", f"top_k is at most {svc.settings.max_top_k}")
-    entries, results = await svc.compute(await svc.decode(raws), req.adapters, timeout)
+    entries, results = await svc.compute(await svc.decode(raws, watch), req.adapters, watch)
     out = []
     for j, res in enumerate(results):
         e = entries[j % len(entries)]
@@ -62,8 +63,8 @@ async def predict(request: Request, svc: ReadyDep) -> PredictResponse:
 async def embed(request: Request, svc: ReadyDep) -> EmbedResponse:
     """L2-normalised embeddings of each image × adapter."""
     req, raws = await parse_images_body(request, EmbedRequest, svc.settings, svc.registry)
-    timeout = request_timeout(request, svc.settings)
-    entries, results = await svc.compute(await svc.decode(raws), req.adapters, timeout)
+    watch = Watch(request, request_timeout(request, svc.settings))
+    entries, results = await svc.compute(await svc.decode(raws, watch), req.adapters, watch)
     out = []
     for j, res in enumerate(results):
         e = entries[j % len(entries)]
@@ -76,7 +77,7 @@ async def embed(request: Request, svc: ReadyDep) -> EmbedResponse:
 async def knn(request: Request, svc: ReadyDep) -> KnnResponse:
     """Nearest gallery items (cosine) and their majority vote, for images or query vectors."""
     req, raws = await parse_images_body(request, KnnRequest, svc.settings, svc.registry)
-    timeout = request_timeout(request, svc.settings)
+    watch = Watch(request, request_timeout(request, svc.settings))
     if req.k > svc.settings.max_k:
         raise ServiceError(422, "invalid_k", f"k is at most {svc.settings.max_k}")
     if BASE in req.adapters:
@@ -91,7 +92,7 @@ async def knn(request: Request, svc: ReadyDep) -> KnnResponse:
             raise ServiceError(422, "invalid_vector", "vectors must be finite and non-zero")
         pairs = [(key, q)]
     else:
-        entries, results = await svc.compute(await svc.decode(raws), req.adapters, timeout)
+        entries, results = await svc.compute(await svc.decode(raws, watch), req.adapters, watch)
         pairs = [(entries[j % len(entries)].key, res.embedding.numpy()[None]) for j, res in enumerate(results)]
     out = []
     t0 = time.perf_counter()

@@ -7,9 +7,9 @@ from fastapi.responses import JSONResponse, Response
 
 from ..deps import ServiceDep
 from ..metrics import CONTENT_TYPE
-from ..schemas import Health, Ready
+from ..schemas import Health, Ready, error_responses
 
-router = APIRouter(tags=["operations"])
+router = APIRouter(tags=["operations"], responses=error_responses(400))
 
 
 @router.get("/healthz", response_model=Health)
@@ -18,7 +18,7 @@ async def healthz() -> Health:
     return Health(status="ok")
 
 
-@router.get("/readyz", response_model=Ready, responses={503: {"description": "still loading or warming"}})
+@router.get("/readyz", response_model=Ready, responses={503: {"model": Ready, "description": "still loading or warming (the same body, status not ready)"}})
 async def readyz(svc: ServiceDep):
     """Readiness: 200 once the default adapters are loaded and one batch has run through them."""
     reg = getattr(svc, "registry", None)
