@@ -163,10 +163,10 @@ def run_bench(cfg: BenchConfig, json_path: Path, plots_dir: Path | None = None, 
         out["gallery_batch_items_per_s"] = g["batch_items_per_s"]
         out["gallery_recall_at_10_during_writes"] = g["recall_at_10_during_writes"]
     if cfg.device == "cpu":  # the low-precision paths are CPU ones
-        g = run("lowp", "h", lambda: lowp.lowp_section(cfg.lowp_batch, cfg.lowp_rounds, cfg.lowp_http_window_s, cfg.lowp_http_rounds, ROOT / cfg.lowp_accuracy_state, cfg.quick, log=log))
-        if g:
-            out["lowp_speedup"] = g["lowp_speedup"]
-            out["limit_fraction"] = g["limit_fraction_chosen"]
+        lp = run("lowp", "h", lambda: lowp.lowp_section(cfg.lowp_batch, cfg.lowp_rounds, cfg.lowp_http_window_s, cfg.lowp_http_rounds, ROOT / cfg.lowp_accuracy_state, cfg.quick, log=log))
+        if lp:
+            out["lowp_speedup"] = lp["lowp_speedup"]
+            out["limit_fraction"] = lp["limit_fraction_chosen"]
     h = run("photos", "i", lambda: photos.photos_vs_small(cfg.photo_window_s, cfg.photo_rounds, photo_size=tuple(cfg.photo_size)))
     if h:
         out["photo_vs_small_c32"] = h["photo_vs_small_c32"]
