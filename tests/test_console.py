@@ -304,10 +304,15 @@ def test_console_in_chromium(server, page, files):
 @pytest.mark.slow
 def test_console_is_keyboard_usable_and_fits_400px(server, page, files):
     with screenshot_on_failure(page, "400px"):
+        # Subscribe to file choosers before the page loads: Playwright turns interception on with a
+        # fire-and-forget message, so a listener added only by expect_file_chooser can lose the race
+        # with the key press on a loaded machine (the dialog then opens natively and never reports).
+        page.on("filechooser", lambda _chooser: None)
         page.set_viewport_size({"width": 400, "height": 800})
         page.goto(server.url + "/")
         _choose(page, {"base", "cifar10"})
         page.focus("#drop")
+        assert page.evaluate("() => document.activeElement.id") == "drop"
         with page.expect_file_chooser() as fc:
             page.keyboard.press("Enter")
         fc.value.set_files([str(files["cat"]), str(files["coffee"])])  # two images × two adapters

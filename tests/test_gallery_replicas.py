@@ -121,7 +121,6 @@ def test_batch_is_all_or_nothing_and_reaches_the_other_replica(replicas, pg):
     assert httpx.post(f"{a.url}/v1/adapters/alpha/gallery", json={"items": items}, timeout=30).status_code == 401  # admin token
 
 
-@pytest.mark.xfail(strict=False, reason="known flaky: in one of three clean-clone CI runs a replica had not converged after 5 s; under investigation (closing note, issue 13)")
 def test_concurrent_writes_of_one_id_converge_on_the_last_commit(replicas, pg):
     a, b = replicas
     errors = []

@@ -419,22 +419,32 @@ def test_database_down_answers_503_and_recovers(make_pg_store, models, pg):
 
 
 @needs_pg
-def test_listener_outlives_a_failing_callback(make_pg_store):
-    writer, follower = make_pg_store(), make_pg_store()
+def test_listener_outlives_a_failing_callback_and_retries_it_without_a_later_write(make_pg_store):
+    from service.galleries.postgres import PostgresStore
+
+    writer = make_pg_store()
+    follower = PostgresStore(make_pg_store.dsn, resync_s=3600)  # the periodic resync must not be what repairs it
     writer.open("pets@1", DIM, lambda: None)
     calls = []
 
     def on_change(key, seq):
-        calls.append((key, seq))
+        calls.append((key, seq, time.monotonic()))
         if len(calls) == 1:
             raise RuntimeError("one gallery's trouble")
 
-    follower.follow(on_change, lambda: [])
-    assert follower.listening.wait(10)
-    for i in range(2):
-        writer.put("pets@1", [Item(f"x{i}", "cat", np.ones(DIM, np.float32))])
-        time.sleep(0.2)
-    t0 = time.monotonic()
-    while len(calls) < 2 and time.monotonic() - t0 < 5:
-        time.sleep(0.02)
-    assert calls == [("pets@1", 1), ("pets@1", 2)]
+    try:
+        follower.follow(on_change, lambda: [])
+        assert follower.listening.wait(10)
+        writer.put("pets@1", [Item("x0", "cat", np.ones(DIM, np.float32))])
+        t0 = time.monotonic()
+        while len(calls) < 2 and time.monotonic() - t0 < 5:
+            time.sleep(0.02)
+        assert [c[:2] for c in calls] == [("pets@1", 1), ("pets@1", 1)], calls  # the failed one, then its retry
+        assert calls[1][2] - calls[0][2] < 1.0  # retried promptly, with no other write to trigger it
+        writer.put("pets@1", [Item("x1", "cat", np.ones(DIM, np.float32))])
+        t0 = time.monotonic()
+        while len(calls) < 3 and time.monotonic() - t0 < 5:
+            time.sleep(0.02)
+        assert [c[:2] for c in calls] == [("pets@1", 1), ("pets@1", 1), ("pets@1", 2)]  # the listener lives on
+    finally:
+        follower.close()

@@ -30,6 +30,7 @@ from .store import AbstractStore, Change, Item, Seed, Snapshot, StoreUnavailable
 log = logging.getLogger("metalora.galleries")
 
 CHANNEL = "metalora_gallery"
+RETRY_S = 0.2  # a failed catch-up is tried again this soon (the periodic resync is only the last safety net)
 _SCHEMA_LOCK = 0x6D6C6F7261  # advisory lock id: replicas starting together create the tables once
 
 _SCHEMA = """
@@ -157,30 +158,34 @@ class PostgresStore(AbstractStore):
             self._listener = threading.Thread(target=self._listen, args=(on_change, keys), name="gallery-listen", daemon=True)
             self._listener.start()
 
-    def _catch_up(self, on_change, keys) -> None:
+    def _catch_up(self, on_change, keys, retry: dict[str, int | None]) -> None:
         wanted = set(keys())
         if not wanted:
             return
         for key, seq in self.last_seqs().items():
             if key in wanted:
-                _notify(on_change, key, seq)
+                _notify(on_change, key, seq, retry)
 
     def _listen(self, on_change, keys) -> None:
         backoff = 0.1
+        retry: dict[str, int | None] = {}  # catch-ups that failed (pool timeout, DB blip): retried within RETRY_S, not at the next resync
         while not self._stop.is_set():
             try:
                 with psycopg.connect(self.dsn, autocommit=True, **self._connect) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     self.listening.set()
-                    self._catch_up(on_change, keys)  # what happened while we were away
+                    self._catch_up(on_change, keys, retry)  # what happened while we were away
                     backoff, next_sync = 0.1, time.monotonic() + self.resync_s
                     while not self._stop.is_set():
-                        for n in conn.notifies(timeout=1.0, stop_after=256):
+                        # psycopg >= 3.3 queues notifications that arrive between these calls (while a
+                        # catch-up runs, or during the SELECT 1 below) and yields them here, so none is lost.
+                        for n in conn.notifies(timeout=RETRY_S if retry else 1.0, stop_after=256):
                             key, _, seq = n.payload.rpartition(":")
-                            _notify(on_change, key, int(seq) if seq.isdigit() else None)
+                            _notify(on_change, key, int(seq) if seq.isdigit() else None, retry)
+                        _retry(on_change, retry)
                         if time.monotonic() >= next_sync:
                             conn.execute("SELECT 1")  # notices a dead connection even when nothing is written
-                            self._catch_up(on_change, keys)
+                            self._catch_up(on_change, keys, retry)
                             next_sync = time.monotonic() + self.resync_s
             except (psycopg.Error, StoreUnavailable) as e:
                 if self._stop.is_set():
@@ -198,12 +203,26 @@ class PostgresStore(AbstractStore):
         self.pool.close()
 
 
-def _notify(on_change, key: str, seq: int | None) -> None:
-    """Hand a change to the service; a failure is logged and repaired by the next periodic catch-up."""
+def _notify(on_change, key: str, seq: int | None, retry: dict[str, int | None]) -> None:
+    """Hand a change to the service; a failure is logged and the key goes to `retry` (tried again within RETRY_S)."""
     try:
         on_change(key, seq)
     except Exception as e:  # noqa: BLE001 - the listener thread must outlive any one gallery's trouble
-        log.warning("gallery catch-up of %s failed (%s); retrying at the next resync", key, getattr(e, "message", e))
+        if key not in retry:
+            log.warning("gallery catch-up of %s failed (%s); retrying in %.1f s", key, getattr(e, "message", e), RETRY_S)
+        old = retry.get(key, seq)
+        retry[key] = None if old is None or seq is None else max(old, seq)
+
+
+def _retry(on_change, retry: dict[str, int | None]) -> None:
+    """Try the failed catch-ups again; those that fail stay (logged once, when they first failed)."""
+    for key, seq in list(retry.items()):
+        try:
+            on_change(key, seq)
+        except Exception:  # noqa: BLE001 - still down; the next round tries again
+            continue
+        retry.pop(key, None)
+        log.info("gallery catch-up of %s succeeded on retry", key)
 
 
 def _bump(conn, a: str, v: str, n: int, key: str) -> int:
