@@ -233,6 +233,53 @@ def _cache_key(spec: DataSpec, backbone: Backbone) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def cache_path(spec: DataSpec, backbone: Backbone, cache_dir: str | Path | None = None) -> Path:
+    """Where `prefix_features` keeps one spec's features (`<name>-<key>.safetensors`)."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return cache_dir / "prefix" / f"{backbone.identity.name}-{_cache_key(spec, backbone)}.safetensors"
+
+
+def resolve_feature_backend(backend: str, device: str | torch.device) -> str:
+    """`auto` -> `onnx` (ONNX Runtime) on CPU when onnxruntime imports, `torch` on CUDA or without it."""
+    if backend not in ("auto", "torch", "onnx"):
+        raise ValueError(f"feature backend must be auto, torch or onnx, got {backend!r}")
+    if backend != "auto":
+        return backend
+    if torch.device(device).type != "cpu":
+        return "torch"
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:  # pragma: no cover - a dependency of the project
+        return "torch"
+    return "onnx"
+
+
+def _prefix_fn(backbone: Backbone, backend: str, device):
+    """x (B, 3, S, S) float32 -> prefix features (B, C, H, W) fp16 on the CPU."""
+    if backend == "torch":
+        def run(x):
+            x = x.to(device).contiguous(memory_format=torch.channels_last)
+            return backbone.prefix(x).to("cpu", torch.float16).contiguous()
+        return run
+    import onnxruntime as ort
+
+    from .onnx_backend import default_cache_dir as onnx_cache_dir
+    from .onnx_backend import export_onnx, graph_digest, providers_for
+
+    size = int(backbone.preprocess.input_size)
+    graph = onnx_cache_dir() / f"{backbone.identity.name}-prefix-{graph_digest(backbone, None, size, 'prefix')}.onnx"
+    if not graph.exists():
+        export_onnx(backbone.cpu(), None, graph, size, part="prefix")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(graph), opts, providers=providers_for(device))
+
+    def run(x):
+        (h,) = sess.run(["features"], {"image": x.float().numpy()})
+        return torch.from_numpy(h).to(torch.float16)
+    return run
+
+
 @torch.inference_mode()
 def prefix_features(
     spec: DataSpec,
@@ -241,35 +288,80 @@ def prefix_features(
     batch_size: int = 32,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    backend: str = "auto",
+    chunk_size: int = 2048,
+    decode_threads: int = 2,
 ) -> FeatureSet:
-    """Frozen prefix features of one spec, computed once and then read from the cache."""
+    """Frozen prefix features of one spec, computed once and then read from the cache.
+
+    Computed in chunks of `chunk_size` images, each committed to `<entry>.parts/` as it
+    finishes, so an interrupted run resumes at the first missing chunk; the chunks become one
+    cache entry at the end. `backend`: `onnx` (ONNX Runtime, the fastest here on CPU), `torch`,
+    or `auto` (onnx on CPU, torch on CUDA). Both store fp16; they agree to fp16 rounding.
+    Images are decoded and preprocessed by `decode_image` + `Preprocessor`, the service's path.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = cache_dir / "prefix" / f"{backbone.identity.name}-{_cache_key(spec, backbone)}.safetensors"
+    path = cache_path(spec, backbone, cache_dir)
     if path.is_file():
         t = load_file(str(path))
         meta = json.loads(bytes(t["meta_utf8"].tolist()).decode("utf-8"))
         return _relabel(FeatureSet(t["h"], meta["labels"], meta["ids"], [spec.text], []), spec)
     items = list_items(spec)
+    backend = resolve_feature_backend(backend, device)
     pre = Preprocessor(backbone.preprocess)
-    feats = []
-    bar = tqdm(total=len(items), desc=f"prefix {spec.name}", unit="img", disable=not progress)
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
+    run = _prefix_fn(backbone, backend, device)
+    parts = path.with_suffix(".parts")
+    parts.mkdir(parents=True, exist_ok=True)
+    starts = list(range(0, len(items), chunk_size))
+
+    def chunk_file(i: int) -> Path:
+        return parts / f"{i:05d}.safetensors"
+
+    def chunk_ok(i: int, start: int) -> bool:
+        f = chunk_file(i)
+        if not f.is_file():
+            return False
+        ids = json.loads(bytes(load_file(str(f))["ids_utf8"].tolist()).decode("utf-8"))
+        return ids == [it.id for it in items[start : start + chunk_size]]
+
+    done = [chunk_ok(i, s) for i, s in enumerate(starts)]
+    n_done = sum(min(chunk_size, len(items) - s) for s, d in zip(starts, done) if d)
+    bar = tqdm(total=len(items), initial=n_done, desc=f"prefix {spec.name} [{backend}]", unit="img", disable=not progress, smoothing=0.1)
+
+    def load(it: Item) -> torch.Tensor:
         # The service's own decode path: grey (MNIST, digits) becomes RGB exactly as it does there.
-        x = torch.stack([pre(it.read()) for it in chunk])  # (B, 3, S, S)
-        x = x.to(device).contiguous(memory_format=torch.channels_last)
-        feats.append(backbone.prefix(x).to("cpu", torch.float16).contiguous())  # (B, C, H, W)
-        bar.update(len(chunk))
+        return pre(it.read())  # (3, S, S)
+
+    with ThreadPoolExecutor(max(1, decode_threads)) as pool:
+        for i, start in enumerate(starts):
+            if done[i]:
+                continue
+            chunk = items[start : start + chunk_size]
+            feats = []
+            nxt = pool.map(load, chunk[:batch_size])
+            for b in range(0, len(chunk), batch_size):
+                x = torch.stack(list(nxt))  # (B, 3, S, S)
+                if b + batch_size < len(chunk):  # decode the next batch while this one runs
+                    nxt = pool.map(load, chunk[b + batch_size : b + 2 * batch_size])
+                feats.append(run(x))  # (B, C, H, W) fp16
+                bar.update(x.shape[0])
+            ids = json.dumps([it.id for it in chunk]).encode("utf-8")
+            tmp = chunk_file(i).with_suffix(f".tmp{os.getpid()}")
+            save_file({"h": torch.cat(feats), "ids_utf8": torch.frombuffer(bytearray(ids), dtype=torch.uint8)}, str(tmp))
+            os.replace(tmp, chunk_file(i))  # a chunk is either whole on disk or absent
     bar.close()
-    h = torch.cat(feats)
+    h = torch.cat([load_file(str(chunk_file(i)))["h"] for i in range(len(starts))])  # (N, C, H, W)
     labels, ids = [it.label for it in items], [it.id for it in items]
-    meta = json.dumps({"labels": labels, "ids": ids, "spec": spec.identity()}).encode("utf-8")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = json.dumps({"labels": labels, "ids": ids, "spec": spec.identity(), "backend": backend}).encode("utf-8")
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     save_file({"h": h, "meta_utf8": torch.frombuffer(bytearray(meta), dtype=torch.uint8)}, str(tmp))
     os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache entry
+    for i in range(len(starts)):
+        chunk_file(i).unlink(missing_ok=True)
+    parts.rmdir() if not any(parts.iterdir()) else None
     return _relabel(FeatureSet(h, labels, ids, [spec.text], []), spec)
 
 

@@ -83,6 +83,7 @@ class Galleries:
         if -1 in idx:
             raise ServiceError(409, "bad_gallery", f"{key}: the gallery store holds labels the adapter does not have ({snap.labels[idx.index(-1)]!r})")
         index = LiveIndex(key, labels, self.dim, self.exact_max, snap.source)
+        index.threshold = (read_manifest(self.models.resolve(key)[2]).get("calibration") or {}).get("knn_threshold")
         index.load(snap.ids, np.asarray(idx, dtype=np.int32), snap.vectors)
         index.cursor = snap.cursor
         if snap.seeded:
