@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from metalora.adapters import Adapter, AdapterConfig
 from metalora.bundle import Gallery, load_bundle, save_bundle
 from metalora.calibration import ece, fit_temperature, knn_threshold, softmax_t
-from metalora.data import DataSpec, cache_path, list_items, prefix_features
+from metalora.data import DataSpec, cache_path, list_items, partial_features, prefix_features
 from metalora.runtime import Runtime
 from metalora.train import TrainConfig, holdout_split, train
 
@@ -84,13 +84,16 @@ def test_cache_resumes_from_committed_chunks_and_onnx_matches_torch(backbone, tm
     onnx = prefix_features(spec, backbone, cache_dir=tmp_path / "b", backend="onnx", chunk_size=4, progress=False)
     assert onnx.ids == ref.ids and onnx.labels == ref.labels
     torch.testing.assert_close(onnx.h.float(), ref.h.float(), atol=2e-2, rtol=1e-2)
-    # An interrupted run: chunk 1 (images 4..7) is on disk, marked with zeros so a recompute would show.
+    # An interrupted run: chunk 1 is on disk, marked with zeros so a recompute would show. Chunks
+    # go round-robin over the classes (one image a class here), so chunk 1 holds the classes 4..7.
     path = cache_path(spec, backbone, tmp_path / "c")
     parts = path.with_suffix(".parts")
     parts.mkdir(parents=True)
     ids = json.dumps([it.id for it in list_items(spec)][4:8]).encode()
     save_file({"h": torch.zeros(4, 192, 7, 7, dtype=torch.float16), "ids_utf8": torch.frombuffer(bytearray(ids), dtype=torch.uint8)},
               str(parts / "00001.safetensors"))
+    part = partial_features(spec, backbone, cache_dir=tmp_path / "c")  # what an unfinished run has so far
+    assert part.labels == ["4", "5", "6", "7"] and part.h.shape == (4, 192, 7, 7)
     # A stale chunk 2 whose ids do not match the data is recomputed, not trusted.
     save_file({"h": torch.zeros(2, 192, 7, 7, dtype=torch.float16), "ids_utf8": torch.frombuffer(bytearray(b'["x", "y"]'), dtype=torch.uint8)},
               str(parts / "00002.safetensors"))
@@ -98,6 +101,28 @@ def test_cache_resumes_from_committed_chunks_and_onnx_matches_torch(backbone, tm
     assert torch.equal(got.h[4:8], torch.zeros(4, 192, 7, 7, dtype=torch.float16))  # reused
     assert torch.equal(got.h[:4], ref.h[:4]) and torch.equal(got.h[8:], ref.h[8:])  # computed
     assert path.is_file() and not parts.exists()  # one entry, the chunks cleaned up
+    assert got.ids == ref.ids and got.labels == ref.labels
+
+
+def test_a_subset_reads_the_whole_sets_chunks(backbone, tmp_path):
+    """`per_class=2,pick=first` of a 3-class × 4-image folder is exactly the whole set's first chunk
+    of 6 (chunks go round-robin over the classes): it is read from there while the rest is missing."""
+    rng = np.random.default_rng(0)
+    for c in "abc":
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
+    whole = DataSpec.parse(str(tmp_path / "data"))
+    order = [f"{c}/{i}.png" for i in range(2) for c in "abc"]  # round-robin: a0 b0 c0 a1 b1 c1
+    parts = cache_path(whole, backbone, tmp_path / "cache").with_suffix(".parts")
+    parts.mkdir(parents=True)
+    marker = torch.arange(6, dtype=torch.float16)[:, None, None, None].expand(6, 192, 7, 7).contiguous()
+    save_file({"h": marker, "ids_utf8": torch.frombuffer(bytearray(json.dumps(order).encode()), dtype=torch.uint8)},
+              str(parts / "00000.safetensors"))
+    sub = prefix_features(DataSpec.parse(f"{tmp_path / 'data'}?per_class=2,pick=first"), backbone, cache_dir=tmp_path / "cache",
+                          backend="torch", progress=False)
+    assert sub.ids == ["a/0.png", "a/1.png", "b/0.png", "b/1.png", "c/0.png", "c/1.png"]
+    assert [float(sub.h[i, 0, 0, 0]) for i in range(6)] == [float(order.index(i)) for i in sub.ids]
 
 
 # ------------------------------------------------------------------ training writes the calibration
@@ -120,7 +145,7 @@ def test_train_with_holdout_stores_a_calibration(backbone, tmp_path):
 
     fs = load_features([TRAIN], backbone, cache_dir=cache, progress=False)
     _, hold = holdout_split(fs.labels, 0.34, 0)
-    emb, logits, _ = embed_features(model_for(backbone), res["adapter"], fs.take(hold))
+    emb, _, _ = embed_features(model_for(backbone), res["adapter"], fs.take(hold))
     g = Gallery.from_tensors(load_file(str(out / "gallery.safetensors")))
     near = (emb.float() @ g.embeddings.float().T).max(1).values.numpy()
     assert cal["knn_threshold"] == pytest.approx(float(np.quantile(near, 0.05)), abs=2e-3)
