@@ -258,7 +258,8 @@ def train(
             row["heldout_loss"] = float(F.cross_entropy(hl.float(), y_hold))
         history.append(row)
         if progress:
-            print(json.dumps(row), flush=True)
+            held = f"  held-out top-1 {row['heldout_head_top1']:.4f}" if "heldout_head_top1" in row else ""
+            print(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['loss']:.4f}  train acc {row['train_acc']:.4f}{held}", flush=True)
         if ckpt is not None:
             _save_ckpt(ckpt, adapter, opt, {"epoch": epoch + 1, "run_hash": run_hash, "history": history, "config": asdict(cfg)})
 
