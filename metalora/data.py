@@ -309,7 +309,7 @@ def prefix_features(
     finishes, so an interrupted run resumes at the first missing chunk; the chunks become one
     cache entry at the end. `backend`: `onnx` (ONNX Runtime, the fastest here on CPU), `torch`,
     or `auto` (onnx on CPU, torch on CUDA). Both store fp16; they agree to fp16 rounding.
-    Images are decoded and preprocessed by `decode_image` + `Preprocessor`, the service's path.
+    Images are decoded and preprocessed by the backbone's `Preprocessor`, the service's path.
     """
     from concurrent.futures import ThreadPoolExecutor
 
