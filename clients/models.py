@@ -16,8 +16,9 @@ class _Seeded(_Model):
     @model_serializer(mode="wrap")
     def _omit_unsent_seed(self, handler: SerializerFunctionWrapHandler):
         d = handler(self)
-        if "seed" not in self.model_fields_set:
-            d.pop("seed", None)
+        for k in ("seed", "unknown"):
+            if k not in self.model_fields_set:
+                d.pop(k, None)
         return d
 
 
@@ -32,6 +33,7 @@ class PredictResult(_Seeded):
     version: str
     predictions: list[Prediction]
     seed: dict[str, list[float]] | None = None  # c(x) per adapted layer, with include_seed=True
+    unknown: bool | None = None  # true: below the bundle's k-NN threshold (likely none of its classes); None: no threshold
 
     @property
     def top(self) -> Prediction:
@@ -52,12 +54,13 @@ class Neighbor(_Model):
     score: float
 
 
-class KnnResult(_Model):
+class KnnResult(_Seeded):
     adapter: str
     version: str
     neighbors: list[Neighbor]
     label: str | None = None
     votes: dict[str, int] = Field(default_factory=dict)
+    unknown: bool | None = None  # true: nearest neighbour below the bundle's k-NN threshold; None: no threshold
 
 
 class AdapterSummary(_Model):

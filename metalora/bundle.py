@@ -140,8 +140,12 @@ def save_bundle(
     metrics: dict | None = None,
     gallery: Gallery | None = None,
     preprocess: dict | None = None,
+    calibration: dict | None = None,
 ) -> dict:
-    """Write `adapter` (+ optional gallery) as a bundle directory; returns the manifest."""
+    """Write `adapter` (+ optional gallery) as a bundle directory; returns the manifest.
+
+    `calibration` (metalora.calibration): the head temperature and the k-NN "unknown" threshold.
+    """
     check_name(name)
     check_name(str(version), "version")
     path = Path(path)
@@ -159,6 +163,7 @@ def save_bundle(
         "preprocess": preprocess or backbone.preprocess.to_dict(),
         "training": training or {},
         "metrics": metrics or {},
+        **({"calibration": calibration} if calibration else {}),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "files": {},
     }

@@ -81,6 +81,9 @@ def train(
     seed: Annotated[int, typer.Option()] = 0,
     eval_data: Annotated[Optional[list[str]], typer.Option(help="test data spec(s): k-NN/head accuracy goes into the manifest")] = None,
     gallery_per_class: Annotated[Optional[int], typer.Option(help="gallery items per class (default: every training image)")] = None,
+    holdout_frac: Annotated[float, typer.Option(min=0.0, max=0.9, help="share of each class held out of training to fit the head temperature and the k-NN 'unknown' threshold (0: no calibration)")] = 0.0,
+    false_reject_rate: Annotated[float, typer.Option(min=0.0, max=0.5, help="share of held-out images the k-NN threshold rejects")] = 0.05,
+    ood_data: Annotated[Optional[list[str]], typer.Option(help="other tasks' test data: the manifest records the share the threshold rejects")] = None,
     name: Annotated[Optional[str], typer.Option(help="bundle name (default: the parent directory of --out)")] = None,
     version: Annotated[Optional[str], typer.Option(help="bundle version (default: the last part of --out)")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="checkpoint directory (default: runs/ckpt/<name>-<version>)")] = None,
@@ -99,14 +102,15 @@ def train(
     cfg = TrainConfig(
         data=data, format=format, ranks=tuple(rank) if rank else None, budget=budget,
         targets=targets or list(DEFAULT_TARGETS), epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-        gallery_per_class=gallery_per_class,
+        gallery_per_class=gallery_per_class, holdout_frac=holdout_frac, false_reject_rate=false_reject_rate,
     )
     name = name or out.resolve().parent.name
     version = version or out.name
     ckpt = checkpoint or Path("runs") / "ckpt" / f"{name}-{version}"
     try:
         res = run_train(cfg, create_backbone(backbone), out=out, name=name, version=version, eval_data=eval_data,
-                        ckpt_dir=ckpt, resume=resume, device=resolve_device(device), cache_dir=cache_dir, baseline=baseline)
+                        ckpt_dir=ckpt, resume=resume, device=resolve_device(device), cache_dir=cache_dir, baseline=baseline,
+                        ood_data=ood_data)
     except (ValueError, FileNotFoundError) as e:
         raise typer.BadParameter(str(e)) from None
     res.pop("adapter")
@@ -119,6 +123,43 @@ def train(
             head = f", head top-1 {m['head_top1']:.4f}" if m.get("head_top1") is not None else ""
             base = f", frozen backbone k-NN {m['baseline_knn_top1']:.4f}" if "baseline_knn_top1" in m else ""
             typer.echo(f"k-NN top-1 (k={m['k']}) {m['knn_top1']:.4f}{head}{base} on n={m['n']}")
+        c = res.get("calibration")
+        if c:
+            ece = f", test ECE {m['ece']:.4f} -> {m['ece_calibrated']:.4f}" if "ece_calibrated" in m else ""
+            typer.echo(f"temperature {c['temperature']:.3f}, k-NN threshold {c['knn_threshold']:.4f} ({c['false_reject_rate']:g} of held-out rejected){ece}")
+            for spec, r in (m.get("ood_rejection") or {}).items():
+                typer.echo(f"  out-of-domain {spec}: {r:.4f} rejected as unknown")
+
+
+@app.command("cache-features")
+def cache_features(
+    data: Annotated[list[str], typer.Option(help="data spec, repeatable (same syntax as train --data); computed in the order given")],
+    backend: Annotated[str, typer.Option(help="auto (ONNX Runtime on CPU, torch on CUDA) | onnx | torch")] = "auto",
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    chunk_size: Annotated[int, typer.Option(min=1, help="images per chunk committed to disk (resume skips finished chunks)")] = 2048,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="prefix-feature cache (default: $METALORA_CACHE or ~/.cache/metalora)")] = None,
+    backbone: Annotated[str, typer.Option(help="registered backbone")] = "efficientnet_lite0",
+    device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
+):
+    """Compute the frozen prefix features of data sets into the cache, resumably, with a progress bar."""
+    import time
+
+    from .backbones import create_backbone
+    from .data import DataSpec, cache_path, prefix_features
+
+    bb = create_backbone(backbone).to(resolve_device(device))
+    for text in data:
+        try:
+            spec = DataSpec.parse(text)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
+        t0 = time.perf_counter()
+        fs = prefix_features(spec, bb, cache_dir=cache_dir, batch_size=batch_size, device=resolve_device(device),
+                             backend=backend, chunk_size=chunk_size)
+        path = cache_path(spec, bb, cache_dir)
+        typer.echo(f"{text}: {len(fs)} images, {tuple(fs.h.shape[1:])} fp16, {path.stat().st_size / 2**20:.1f} MiB "
+                   f"at {path}, {time.perf_counter() - t0:.1f} s this call", err=False)
+        del fs
 
 
 @app.command("eval")
@@ -133,6 +174,7 @@ def eval_cmd(
     device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
     out: Annotated[Optional[Path], typer.Option(help="also write the JSON result to this file")] = None,
     per_class: Annotated[bool, typer.Option(help="include per-class figures in the printed text")] = False,
+    ood: Annotated[bool, typer.Option(help="the data is out-of-domain: measure only the share the bundle's k-NN threshold calls unknown")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ):
     """k-NN top-1 (K=10, cosine, similarity-weighted vote) and head top-1 of an adapter on test data."""
@@ -142,7 +184,7 @@ def eval_cmd(
 
     try:
         res = evaluate(adapter, data, create_backbone(backbone), k=k, gallery_data=gallery_data, store=store,
-                       device=resolve_device(device), cache_dir=cache_dir, progress=not as_json)
+                       device=resolve_device(device), cache_dir=cache_dir, progress=not as_json, ood=ood)
     except (ValueError, FileNotFoundError, BundleError) as e:
         raise typer.BadParameter(str(e)) from None
     if out is not None:
@@ -151,7 +193,14 @@ def eval_cmd(
     if as_json:
         typer.echo(json.dumps(res, indent=2))
         return
+    if ood:
+        typer.echo(f"{res['adapter']}: {res['unknown_rate']:.4f} of n={res['n']} out-of-domain images rejected as unknown")
+        return
     head = f"  head top-1 {res['head_top1']:.4f}" if res["head_top1"] is not None else ""
+    if "ece" in res:
+        head += f"  ECE {res['ece']:.4f}" + (f" -> {res['ece_calibrated']:.4f} (T)" if "ece_calibrated" in res else "")
+    if "unknown_rate" in res:
+        head += f"  unknown {res['unknown_rate']:.4f}"
     typer.echo(f"{res['adapter']}: k-NN top-1 {res['knn_top1']:.4f} (k={k}, {res['vote']}){head}  n={res['n']}")
     if per_class:
         for lab, d in res["per_class"].items():

@@ -23,6 +23,11 @@ VOTE = "similarity-weighted"
 
 def knn_predict(gallery_emb: torch.Tensor, gallery_labels: torch.Tensor, query: torch.Tensor, k: int, n_classes: int) -> torch.Tensor:
     """Predicted class per query (Q,) from a similarity-weighted vote of the k nearest items."""
+    return knn_search(gallery_emb, gallery_labels, query, k, n_classes)[0]
+
+
+def knn_search(gallery_emb: torch.Tensor, gallery_labels: torch.Tensor, query: torch.Tensor, k: int, n_classes: int) -> tuple[torch.Tensor, np.ndarray]:
+    """(predicted class per query (Q,), cosine similarity of each query's nearest item (Q,))."""
     import faiss
 
     g = np.ascontiguousarray(gallery_emb.float().numpy())  # (N, D), L2-normalised
@@ -33,7 +38,7 @@ def knn_predict(gallery_emb: torch.Tensor, gallery_labels: torch.Tensor, query: 
     sims, idx = index.search(q, k)  # (Q, k) each
     votes = torch.zeros(q.shape[0], n_classes, dtype=torch.float64)  # (Q, classes)
     votes.scatter_add_(1, gallery_labels[torch.from_numpy(idx)].long(), torch.from_numpy(sims).double())
-    return votes.argmax(1)
+    return votes.argmax(1), sims[:, 0]
 
 
 def _accuracy_table(names: list[str], truth: list[str], knn: list[str], head: list[str] | None) -> dict:
@@ -58,13 +63,30 @@ def evaluate_features(
     gallery: Gallery,
     k: int = 10,
     device="cpu",
+    calibration: dict | None = None,
+    ood: bool = False,
 ) -> dict:
-    """k-NN top-1 (and the head's top-1 for an adapter) on cached test features."""
+    """k-NN top-1 (and the head's top-1 for an adapter) on cached test features.
+
+    With a bundle's `calibration` (metalora.calibration): also the head's ECE before and after
+    the temperature and `unknown_rate`, the fraction of test images whose nearest gallery item is
+    below the k-NN threshold. `ood`: the test images belong to none of the adapter's classes, so
+    only `unknown_rate` (the out-of-domain rejection rate) is measured.
+    """
+    from .calibration import ece, softmax_t, unknown_rate
+
+    if ood:
+        if not calibration or calibration.get("knn_threshold") is None:
+            raise ValueError("out-of-domain evaluation needs a bundle with a k-NN threshold (calibration.knn_threshold)")
+        emb, _, _ = embed_features(model, adapter, test, device=device)
+        _, near = knn_search(gallery.embeddings, gallery.labels, emb, 1, len(gallery_labels))
+        return {"n": len(test), "ood": True, "unknown_rate": unknown_rate(near, calibration["knn_threshold"]),
+                "knn_threshold": calibration["knn_threshold"]}
     unknown = sorted(set(test.labels) - set(gallery_labels))
     if unknown:
-        raise ValueError(f"test labels {unknown[:5]} are not in the adapter's/gallery's labels {gallery_labels[:5]}…")
+        raise ValueError(f"test labels {unknown[:5]} are not in the adapter's/gallery's labels {gallery_labels[:5]}… (out-of-domain data: use ood)")
     emb, logits, _ = embed_features(model, adapter, test, device=device)
-    pred = knn_predict(gallery.embeddings, gallery.labels, emb, k, len(gallery_labels))
+    pred, near = knn_search(gallery.embeddings, gallery.labels, emb, k, len(gallery_labels))
     knn = [gallery_labels[i] for i in pred.tolist()]
     head = None
     if adapter is not None and logits is not None:
@@ -82,6 +104,13 @@ def evaluate_features(
     }
     if len(set(test.tasks)) > 1:
         res["per_task"] = _accuracy_table(test.tasks, test.labels, knn, head)
+    if head is not None:
+        y = np.array([adapter.config.labels.index(lab) for lab in test.labels])
+        res["ece"] = ece(softmax_t(logits), y)
+        if calibration and calibration.get("temperature"):
+            res["ece_calibrated"] = ece(softmax_t(logits, calibration["temperature"]), y)
+    if calibration and calibration.get("knn_threshold") is not None:
+        res["unknown_rate"] = unknown_rate(near, calibration["knn_threshold"])
     return res
 
 
@@ -95,6 +124,7 @@ def evaluate(
     device="cpu",
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    ood: bool = False,
 ) -> dict:
     """Evaluate `base`, a store ref (`name[@version]`) or a bundle directory on test data.
 
@@ -125,7 +155,8 @@ def evaluate(
         emb, _, _ = embed_features(model, adapter, gfs, device=device)
         gallery = Gallery(emb, torch.tensor([labels.index(lab) for lab in gfs.labels]), gfs.ids)
     test = load_features(data, backbone, cache_dir=cache_dir, device=device, progress=progress)
-    res = evaluate_features(model, adapter, labels, test, gallery, k=k, device=device)
+    res = evaluate_features(model, adapter, labels, test, gallery, k=k, device=device,
+                            calibration=(manifest or {}).get("calibration"), ood=ood)
     return {
         "adapter": ref,
         "format": manifest["adapter"]["format"] if manifest else None,
@@ -133,5 +164,6 @@ def evaluate(
         "data": data,
         "gallery": "bundle" if gallery_data is None else gallery_data,
         "manifest_metrics": (manifest or {}).get("metrics") or None,
+        "calibration": (manifest or {}).get("calibration") or None,
         **res,
     }

@@ -48,9 +48,36 @@ class TrainConfig:
     alpha: float = 8.0
     mapping_hidden: int = 64
     gallery_per_class: int | None = None  # None: every training image goes into the gallery
+    holdout_frac: float = 0.0  # seeded stratified share of the training images kept out to calibrate
+    false_reject_rate: float = 0.05  # of the held-out images, for the k-NN "unknown" threshold
 
     def run_hash(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=list).encode()).hexdigest()[:16]
+        d = asdict(self)
+        if not self.holdout_frac:  # runs without calibration hash as they did before these fields
+            d.pop("holdout_frac")
+            d.pop("false_reject_rate")
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+
+def holdout_split(labels: list[str], frac: float, seed: int) -> tuple[list[int], list[int]]:
+    """(fit indices, held-out indices): `frac` of each class (rounded, at least one when frac > 0), seeded."""
+    import random
+
+    if not 0.0 <= frac < 1.0:
+        raise ValueError(f"holdout_frac must be in [0, 1), got {frac}")
+    if frac == 0:
+        return list(range(len(labels))), []
+    by: dict[str, list[int]] = {}
+    for i, lab in enumerate(labels):
+        by.setdefault(lab, []).append(i)
+    rng = random.Random(seed * 7919 + 17)
+    hold: list[int] = []
+    for lab in sorted(by):
+        members = by[lab]
+        n = max(1, round(len(members) * frac)) if len(members) > 1 else 0
+        hold += rng.sample(members, n)
+    held = set(hold)
+    return [i for i in range(len(labels)) if i not in held], sorted(hold)
 
 
 def count_params(backbone: Backbone, fmt: str, ranks, targets, alpha: float = 8.0, mapping_hidden: int = 64) -> int:
@@ -151,6 +178,7 @@ def train(
     stop_after_epoch: int | None = None,
     baseline: bool = False,
     thumbnails: bool = True,
+    ood_data: list[str] | None = None,
 ) -> dict:
     """Train, evaluate (when `eval_data` is given) and write a bundle to `out`; returns a summary.
 
@@ -167,7 +195,12 @@ def train(
     backbone = backbone.to(dev)
     train_fs = load_features(cfg.data, backbone, cache_dir=cache_dir, device=dev, progress=progress)
     labels = train_fs.classes
+    fit_idx, hold_idx = holdout_split(train_fs.labels, cfg.holdout_frac, cfg.seed)
+    hold_fs = train_fs.take(hold_idx) if hold_idx else None
+    if hold_idx:
+        train_fs = train_fs.take(fit_idx)
     y = torch.tensor([labels.index(lab) for lab in train_fs.labels])  # (N,)
+    y_hold = torch.tensor([labels.index(lab) for lab in hold_fs.labels]) if hold_fs is not None else None
 
     if cfg.ranks is None:
         if cfg.budget is not None:
@@ -217,9 +250,16 @@ def train(
             loss_sum += float(loss.detach()) * len(idx)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
         bar.close()
-        history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "train_acc": correct / seen})
+        row = {"epoch": epoch + 1, "loss": loss_sum / seen, "train_acc": correct / seen}
+        if hold_fs is not None:  # the learning curve on held-out training images
+            adapter.eval()
+            _, hl, _ = embed_features(model, adapter, hold_fs, device=dev)
+            row["heldout_head_top1"] = float((hl.argmax(1) == y_hold).float().mean())
+            row["heldout_loss"] = float(F.cross_entropy(hl.float(), y_hold))
+        history.append(row)
         if progress:
-            print(f"epoch {epoch + 1}/{cfg.epochs}: loss {loss_sum / seen:.4f}  train acc {correct / seen:.4f}", flush=True)
+            held = f"  held-out top-1 {row['heldout_head_top1']:.4f}" if "heldout_head_top1" in row else ""
+            print(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['loss']:.4f}  train acc {row['train_acc']:.4f}{held}", flush=True)
         if ckpt is not None:
             _save_ckpt(ckpt, adapter, opt, {"epoch": epoch + 1, "run_hash": run_hash, "history": history, "config": asdict(cfg)})
 
@@ -229,11 +269,28 @@ def train(
     gallery = Gallery(emb[keep], y[keep], [train_fs.ids[i] for i in keep])
     if thumbnails and out is not None:
         gallery.thumbnails = thumbnails_for(cfg.data, gallery.ids)
+    calibration = None
+    if hold_fs is not None:
+        from .calibration import ece, fit_temperature, knn_threshold, nearest_similarity, softmax_t
+
+        h_emb, h_logits, _ = embed_features(model, adapter, hold_fs, device=dev)
+        temp = fit_temperature(h_logits, y_hold)
+        near = nearest_similarity(gallery.embeddings, h_emb)
+        calibration = {
+            "temperature": temp,
+            "knn_threshold": knn_threshold(near, cfg.false_reject_rate),
+            "knn_score": "cosine similarity of the nearest gallery item; below the threshold the result is unknown",
+            "false_reject_rate": cfg.false_reject_rate,
+            "fitted_on": f"{len(hold_fs)} held-out training images ({cfg.holdout_frac:g} of each class, seed {cfg.seed}), not in the gallery or training",
+            "heldout_ece": ece(softmax_t(h_logits), y_hold),
+            "heldout_ece_calibrated": ece(softmax_t(h_logits, temp), y_hold),
+            "method": "temperature scaling (Guo et al., ICML 2017), ECE with 15 equal-width bins",
+        }
 
     metrics = {}
     if eval_data:
         test_fs = load_features(eval_data, backbone, cache_dir=cache_dir, device=dev, progress=progress)
-        res = evaluate_features(model, adapter, labels, test_fs, gallery, k=10, device=dev)
+        res = evaluate_features(model, adapter, labels, test_fs, gallery, k=10, device=dev, calibration=calibration)
         metrics = {
             "knn_top1": res["knn_top1"],
             "head_top1": res["head_top1"],
@@ -244,6 +301,14 @@ def train(
             "gallery_items": len(gallery.ids),
             "per_task": res.get("per_task"),
         }
+        for key in ("ece", "ece_calibrated", "unknown_rate"):
+            if key in res:
+                metrics[key if key != "unknown_rate" else "test_false_reject_rate"] = res[key]
+        for spec in ood_data or []:
+            ood_fs = load_features([spec], backbone, cache_dir=cache_dir, device=dev, progress=progress)
+            r = evaluate_features(model, adapter, labels, ood_fs, gallery, device=dev, calibration=calibration, ood=True)
+            metrics.setdefault("ood_rejection", {})[spec] = r["unknown_rate"]
+            del ood_fs
         if baseline:
             b_emb, _, _ = embed_features(model, None, train_fs, device=dev)
             b_res = evaluate_features(model, None, labels, test_fs, Gallery(b_emb[keep], y[keep], gallery.ids), k=10, device=dev)
@@ -263,12 +328,13 @@ def train(
         "objective": "cross-entropy on the adapter's head; k-NN on the L2-normalised pooled tail embedding",
         "run_hash": run_hash,
     }
-    summary = {"training": training, "metrics": metrics, "out": str(out) if out else None}
+    summary = {"training": training, "metrics": metrics, "calibration": calibration, "out": str(out) if out else None}
     if out is not None:
         out = Path(out)
         name = name or out.parent.name
         version = out.name if version is None else version
-        save_bundle(out, adapter.cpu(), backbone.cpu(), name=name, version=version, training=training, metrics=metrics, gallery=gallery)
+        save_bundle(out, adapter.cpu(), backbone.cpu(), name=name, version=version, training=training, metrics=metrics, gallery=gallery,
+                    calibration=calibration)
         adapter.to(dev)
         backbone.to(dev)
     summary["adapter"] = adapter

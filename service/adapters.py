@@ -36,6 +36,8 @@ class Entry:
     load_seconds: float = 0.0
     labels: list[str] = field(default_factory=list)  # kept here so answers never need the runtime after an unload
     seed_dims: dict[str, int] = field(default_factory=dict)  # adapted layer -> its part of the seed (empty: no seed)
+    temperature: float = 1.0  # the manifest's calibration: probabilities are softmax(logits / T)
+    knn_threshold: float | None = None  # nearest-gallery cosine below this -> "unknown" (None: never)
     last_used: float = field(default_factory=time.monotonic)
 
     @property
@@ -131,7 +133,9 @@ class AdapterRegistry:
             self.metrics.adapter_load.observe(dt)
             self.failed.pop(key, None)
             adapter = self.runtime.model.adapters[key]
-            entry = Entry(key, load_seconds=dt, labels=list(self.runtime.labels(key)), seed_dims=dict(adapter.seed_dims) if adapter.seed_dim else {})
+            cal = self.runtime.manifests[key].get("calibration") or {}
+            entry = Entry(key, load_seconds=dt, labels=list(self.runtime.labels(key)), seed_dims=dict(adapter.seed_dims) if adapter.seed_dim else {},
+                          temperature=float(cal.get("temperature") or 1.0), knn_threshold=cal.get("knn_threshold"))
             self.entries[key] = entry
             log.info("loaded %s in %.3f s", key, dt)
             self._gauge()

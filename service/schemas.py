@@ -101,10 +101,33 @@ class _SeededResult(BaseModel):
         return d
 
 
-class PredictResult(_SeededResult):
+def _unknown_field():
+    return Field(
+        None,
+        description="true when the image's nearest gallery item is less similar (cosine) than the bundle's calibrated "
+        "k-NN threshold (manifest `calibration.knn_threshold`): the image is likely none of the adapter's classes. "
+        "The ranked labels are still given. Absent for bundles without a threshold and for base",
+    )
+
+
+class _UnknownResult(_SeededResult):
+    """Carries `unknown` only where the adapter has a threshold (absent, not null, otherwise)."""
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: SerializerFunctionWrapHandler):
+        d = handler(self)
+        if "seed" not in self.model_fields_set:
+            d.pop("seed", None)
+        if getattr(self, "unknown", None) is None:
+            d.pop("unknown", None)
+        return d
+
+
+class PredictResult(_UnknownResult):
     adapter: str
     version: str
     predictions: list[Prediction]
+    unknown: bool | None = _unknown_field()
     seed: dict[str, list[float]] | None = _seed_field()
 
 
@@ -130,12 +153,13 @@ class Neighbor(BaseModel):
     score: float = Field(description="cosine similarity")
 
 
-class KnnResult(BaseModel):
+class KnnResult(_UnknownResult):
     adapter: str
     version: str
     neighbors: list[Neighbor]
     label: str | None = Field(description="similarity-weighted vote of the neighbours (as in metalora.evaluate)")
     votes: dict[str, int] = Field(description="neighbours per label")
+    unknown: bool | None = _unknown_field()
 
 
 class KnnResponse(BaseModel):

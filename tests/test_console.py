@@ -29,6 +29,14 @@ from service.launch import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 STORE = ROOT / "model_store"
+
+
+def _latest(name: str) -> tuple[str, Path]:
+    """(version, path) of the version a plain `name` resolves to in the shipped store."""
+    from metalora.store import ModelStore
+
+    _, version, path = ModelStore(STORE).resolve(name)
+    return version, path
 TOKEN = "console-test-token-0123456789"
 CAT_CLASSES = {"tiger cat", "Egyptian cat", "tabby", "Persian cat", "Siamese cat"}  # ImageNet-1k's domestic cats
 pytestmark = pytest.mark.timeout(600)
@@ -66,7 +74,7 @@ def test_gallery_thumbnails_round_trip_and_old_galleries_still_load(tmp_path):
 
 @pytest.mark.parametrize("name", ["cifar10", "mnist", "digits", "mixed"])
 def test_shipped_galleries_carry_a_thumbnail_per_item(name):
-    path = STORE / "adapters" / name / "1"
+    _, path = _latest(name)
     manifest = read_manifest(path)
     verify_files(path, manifest)  # the manifest's sha256 covers the rebuilt gallery
     g = load_gallery(path, manifest)
@@ -119,8 +127,9 @@ def test_include_seed_per_layer_matches_the_mapping_network(server, reference, c
             got = {res["adapter"]: res["seed"] for res in r.json()["results"]}
             assert got["base"] is None and got["mixed"] is None  # the frozen backbone; mixed is LoRA
             for name in ("cifar10", "mnist"):
-                manifest = read_manifest(STORE / "adapters" / name / "1")
-                want = _seed_reference(reference, f"{name}@1", cat)
+                version, path = _latest(name)
+                manifest = read_manifest(path)
+                want = _seed_reference(reference, f"{name}@{version}", cat)
                 assert list(got[name]) == manifest["resolved_targets"]  # named, in target order
                 fmt, ranks = manifest["adapter"]["format"], manifest["adapter"]["ranks"]
                 per_layer = ranks[2] * ranks[0] if fmt == "tr" else ranks[0]  # DESIGN.md §2: C is R3×R1; cp: R
@@ -136,13 +145,14 @@ def test_include_seed_per_layer_matches_the_mapping_network(server, reference, c
 
 @pytest.mark.slow
 def test_thumbnail_route_etag_and_gallery_edits(server, cat):
-    g = load_gallery(STORE / "adapters" / "cifar10" / "1", read_manifest(STORE / "adapters" / "cifar10" / "1"))
+    version, path = _latest("cifar10")
+    g = load_gallery(path, read_manifest(path))
     auth = {"Authorization": f"Bearer {TOKEN}"}
     with httpx.Client(base_url=server.url, timeout=120) as c:
         r = c.get(f"/v1/adapters/cifar10/gallery/{g.ids[7]}/thumbnail")  # ids hold '/': train/<class>/<file>
         assert r.status_code == 200 and r.headers["content-type"] == "image/webp" and r.content == g.thumbnails[7]
         assert "max-age" in r.headers["cache-control"] and r.headers["etag"]
-        again = c.get(f"/v1/adapters/cifar10@1/gallery/{g.ids[7].replace('/', '%2F')}/thumbnail", headers={"If-None-Match": r.headers["etag"]})
+        again = c.get(f"/v1/adapters/cifar10@{version}/gallery/{g.ids[7].replace('/', '%2F')}/thumbnail", headers={"If-None-Match": r.headers["etag"]})
         assert again.status_code == 304 and not again.content
         missing = c.get("/v1/adapters/cifar10/gallery/train/cat/nope.jpg/thumbnail")
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_item"
@@ -252,7 +262,7 @@ def test_console_in_chromium(server, page, files):
         assert base_labels and base_labels[0] in CAT_CLASSES, base_labels  # the README's answer: a cat
         assert "cat" in cifar.locator(".bars .name").all_inner_texts()
         assert _loaded_thumbnails(cifar.element_handle()) >= 5
-        manifest = read_manifest(STORE / "adapters" / "cifar10" / "1")
+        manifest = read_manifest(_latest("cifar10")[1])
         r1, _, r3 = manifest["adapter"]["ranks"]
         assert cifar.locator("svg.seed-chart rect").count() == len(manifest["resolved_targets"]) * r3 * r1  # one bar per seed number
         assert base.locator("svg.seed-chart").count() == 0 and "no seed" in base.inner_text()

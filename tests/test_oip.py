@@ -21,6 +21,12 @@ from service.launch import ServerProcess
 
 from .conftest import ROOT
 
+# The shipped store's cifar10: every version, and the one a plain "cifar10" resolves to (the loaded one).
+from metalora.store import ModelStore  # noqa: E402
+
+CIFAR_VERSIONS = ModelStore(ROOT / "model_store").versions("cifar10")
+CIFAR = CIFAR_VERSIONS[-1]
+
 httpclient = pytest.importorskip("tritonclient.http")
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException
@@ -121,13 +127,13 @@ def test_server_and_model_metadata_over_http_and_grpc(http, grpcc):
     for meta in (http.get_server_metadata(), grpcc.get_server_metadata(as_json=True)):
         assert meta["name"] == "metalora-serve"
         assert {"binary_tensor_data", "classification", "model_repository"} <= set(meta["extensions"])
-    for model, classes, versions in (("cifar10", 10, ["1"]), ("base", 1000, [])):
+    for model, classes, versions in (("cifar10", 10, CIFAR_VERSIONS), ("base", 1000, [])):
         for meta in (http.get_model_metadata(model), grpcc.get_model_metadata(model, as_json=True)):
             assert meta["name"] == model and meta.get("versions", []) == versions
             shapes = {t["name"]: (t["datatype"], [int(d) for d in t["shape"]]) for t in meta["outputs"]}
             assert shapes == {"probabilities": ("FP32", [-1, classes]), "embedding": ("FP32", [-1, 1280]), "label": ("BYTES", [-1])}
             assert {t["name"]: t["datatype"] for t in meta["inputs"]} == {"image": "BYTES", "pixels": "UINT8"}
-    assert http.is_model_ready("cifar10") and http.is_model_ready("cifar10", "1") and http.is_model_ready("base")
+    assert http.is_model_ready("cifar10") and http.is_model_ready("cifar10", CIFAR) and http.is_model_ready("base")
     assert grpcc.is_model_ready("cifar10") and not grpcc.is_model_ready("mnist")
     assert not http.is_model_ready("mnist")  # in the store, not loaded
 
@@ -156,7 +162,7 @@ def test_cat_photo_is_a_cat_and_matches_v1(server, http, grpcc, photos, model, w
     np.testing.assert_allclose(emb, ref_emb, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     resp = res.get_response() if client == "http" else res.get_response(as_json=True)
-    assert resp["model_name"] == model and resp.get("model_version", "") == ("1" if model == "cifar10" else "")
+    assert resp["model_name"] == model and resp.get("model_version", "") == (CIFAR if model == "cifar10" else "")
 
 
 @pytest.mark.parametrize("binary", [True, False])
@@ -204,7 +210,7 @@ def test_load_and_unload_through_the_repository_api(http, grpcc, client):
     index = cl.get_model_repository_index(headers=AUTH_HTTP if client == "http" else AUTH_GRPC)
     rows = index if client == "http" else [{"name": m.name, "version": m.version, "state": m.state} for m in index.models]
     states = {(r["name"], r["version"]): r["state"] for r in rows}
-    assert states[("cifar10", "1")] == "READY" and states[("mnist", "1")] == "UNAVAILABLE" and states[("base", "")] == "READY"
+    assert states[("cifar10", CIFAR)] == "READY" and states[("mnist", "1")] == "UNAVAILABLE" and states[("base", "")] == "READY"
     auth = AUTH_HTTP if client == "http" else AUTH_GRPC
     cl.load_model("mnist", headers=auth)
     assert cl.is_model_ready("mnist")

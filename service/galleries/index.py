@@ -184,6 +184,7 @@ class LiveIndex:
     def __init__(self, key: str, labels: list[str], dim: int, exact_max: int, source: str = "none", background: bool = True):
         self.key, self.labels, self.dim, self.exact_max, self.source = key, list(labels), dim, exact_max, source
         self.background = background
+        self.threshold: float | None = None  # the manifest's calibration.knn_threshold: nearest cosine below it -> unknown
         self.cursor = 0
         self._lock = RWLock()
         self._p = _Positions()
@@ -198,6 +199,12 @@ class LiveIndex:
         self._sel = None  # (IDSelectorBitmap, the bitmap it points into, n) for the current positions
 
     # ------------------------------------------------------------------ reads
+    def is_unknown(self, hits: list[Hit]) -> bool | None:
+        """True when the nearest hit is below the threshold; None without a threshold or hits."""
+        if self.threshold is None or not hits:
+            return None
+        return hits[0].score < self.threshold
+
     def __len__(self) -> int:
         return len(self._p.pos)
 

@@ -83,11 +83,19 @@ class Galleries:
         if -1 in idx:
             raise ServiceError(409, "bad_gallery", f"{key}: the gallery store holds labels the adapter does not have ({snap.labels[idx.index(-1)]!r})")
         index = LiveIndex(key, labels, self.dim, self.exact_max, snap.source)
+        index.threshold = self.knn_threshold(key)
         index.load(snap.ids, np.asarray(idx, dtype=np.int32), snap.vectors)
         index.cursor = snap.cursor
         if snap.seeded:
             log.info("gallery %s: imported %d seed items into the store", key, len(snap.ids))
         return index
+
+    def knn_threshold(self, key: str) -> float | None:
+        """The bundle's calibrated k-NN "unknown" threshold (manifest `calibration`), None without one
+        (or without a model store: galleries opened by the benchmarks)."""
+        if self.models is None:
+            return None
+        return (read_manifest(self.models.resolve(key)[2]).get("calibration") or {}).get("knn_threshold")
 
     def bundle_source(self, key: str) -> tuple[list[str], Callable[[], Seed | None]]:
         """(the adapter's labels, a function reading its seed gallery) from the model store."""

@@ -178,7 +178,8 @@ async def infer(svc, req: InferRequest, watch) -> InferResponse:
             tensors.append(Tensor("embedding", "FP32", emb.shape, emb))
             continue
         if probs is None:
-            probs = np.stack([r.logits.softmax(-1).numpy() for r in results]).astype(np.float32)  # (N, C)
+            # the bundle's calibrated temperature, as /v1/predict (1 without one)
+            probs = np.stack([(r.logits / entry.temperature).softmax(-1).numpy() for r in results]).astype(np.float32)  # (N, C)
         if o.name == "label":
             top = probs.argmax(1)
             data = np.empty(len(top), dtype=object)

@@ -50,11 +50,15 @@ async def predict(request: Request, svc: ReadyDep) -> PredictResponse:
     out = []
     for j, res in enumerate(results):
         e = entries[j % len(entries)]
-        probs = res.logits.softmax(-1)
+        probs = (res.logits / e.temperature).softmax(-1)  # the bundle's calibrated temperature (1: none)
         scores, idx = probs.topk(min(req.top_k, probs.numel()))
         labels = svc.labels(e)
         preds = [Prediction(label=labels[i], index=i, score=s) for s, i in zip(scores.tolist(), idx.tolist())]
         extra = {"seed": seed_by_layer(e, res.seed)} if req.include_seed else {}
+        if e.knn_threshold is not None and e.key != BASE:
+            index = await svc.gallery_index(e.key)
+            if len(index):  # the same test as /v1/knn: the nearest gallery item against the threshold
+                extra["unknown"] = index.is_unknown(index.search(res.embedding.numpy()[None], 1)[0])
         out.append(PredictResult(adapter=e.name, version=e.version, predictions=preds, **extra))
     return PredictResponse(results=out)
 
@@ -101,6 +105,7 @@ async def knn(request: Request, svc: ReadyDep) -> KnnResponse:
         name, _, version = key.partition("@")
         for hits in await svc.knn_search(index, q, req.k):
             label, votes = vote(hits)
-            out.append(KnnResult(adapter=name, version=version, neighbors=[Neighbor(id=h.id, label=h.label, score=h.score) for h in hits], label=label, votes=votes))
+            out.append(KnnResult(adapter=name, version=version, neighbors=[Neighbor(id=h.id, label=h.label, score=h.score) for h in hits],
+                                 label=label, votes=votes, unknown=index.is_unknown(hits)))
     svc.metrics.inference.labels("knn").observe(time.perf_counter() - t0)
     return KnnResponse(results=out)
