@@ -75,7 +75,8 @@ def install(app: FastAPI) -> None:
         for err in e.errors()[:5]:
             loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
             parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
-        code = "invalid_json" if any(err.get("type") == "json_invalid" for err in e.errors()) else "invalid_request"
+        types = {err.get("type") for err in e.errors()}
+        code = "invalid_json" if "json_invalid" in types else "invalid_name" if "invalid_name" in types else "invalid_request"
         return error_response(422, code, "; ".join(parts) or "invalid request")
 
     @app.exception_handler(StarletteHTTPException)

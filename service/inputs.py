@@ -11,6 +11,7 @@ import asyncio
 import base64
 import binascii
 import math
+import re
 import time
 
 import numpy as np
@@ -45,8 +46,8 @@ def decode_one(preprocessor: Preprocessor, raw: bytes | str | np.ndarray, i: int
     if isinstance(raw, str):
         if raw.startswith("data:"):
             raw = raw.partition(",")[2]
-        try:
-            raw = base64.b64decode(raw, validate=True)
+        try:  # line breaks are allowed (MIME / `base64` without -w0 wraps at 76), nothing else outside the alphabet
+            raw = base64.b64decode(_WRAP.sub("", raw), validate=True)
         except (binascii.Error, ValueError):
             raise ServiceError(422, "invalid_base64", f"images[{i}] is not valid base64") from None
     try:
@@ -54,6 +55,8 @@ def decode_one(preprocessor: Preprocessor, raw: bytes | str | np.ndarray, i: int
     except ImageError as e:
         raise ServiceError.from_image(e, i) from None
 
+
+_WRAP = re.compile(r"[\r\n]+")
 
 ARRIVED = "arrived"  # scope["state"] key: time.monotonic() when the request reached the server (set by the middleware)
 
@@ -130,6 +133,9 @@ def request_timeout(request: Request, settings: Settings) -> float:
 
 async def parse_images_body(request: Request, model: type[ImagesRequest], settings: Settings, registry: AdapterRegistry) -> tuple[ImagesRequest, list[bytes | str]]:
     """A JSON body (base64 images) or a multipart form (image files + fields) -> (request, raw images)."""
+    if request.query_params:  # every option travels in the body; a query string would be silently ignored
+        names = ", ".join(sorted(set(request.query_params)))
+        raise ServiceError(422, "unexpected_query", f"query parameters are not read here ({names}); send them as JSON fields or multipart form fields")
     ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     max_images = settings.max_images
     if ctype == "multipart/form-data":

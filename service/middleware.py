@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 from starlette.responses import JSONResponse
@@ -11,6 +12,8 @@ from .container import Service
 from .inputs import ARRIVED
 from .metrics import UNCOUNTED
 
+
+_CONVERTER = re.compile(r":[a-z]+}")  # a path converter in a route template
 
 class _BodyTooLarge(Exception):
     pass
@@ -73,7 +76,7 @@ class LimitsAndMetrics:
 
     def _observe(self, scope, state, code, t0):
         route = scope.get("route")
-        endpoint = getattr(route, "path", None) or "unmatched"
+        endpoint = _CONVERTER.sub("}", getattr(route, "path", None) or "unmatched")  # "{item_id:path}" -> "{item_id}", as in the OpenAPI paths
         if endpoint in UNCOUNTED:
             return  # probes and scrapes would drown the request counts
         adapter = self.svc.metrics.label(state.get("adapter"))

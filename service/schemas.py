@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -10,12 +11,18 @@ from pydantic import (
     Field,
     SerializerFunctionWrapHandler,
     StringConstraints,
+    field_validator,
     model_serializer,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
-AdapterRef = Annotated[str, StringConstraints(min_length=1, max_length=130, pattern=r"^[a-z0-9][a-z0-9._-]{0,63}(@[a-z0-9][a-z0-9._-]{0,63})?$")]
-ItemId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
+_ADAPTER_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}(@[a-z0-9][a-z0-9._-]{0,63})?$"
+_ADAPTER_NAME = re.compile(_ADAPTER_PATTERN)
+AdapterRef = Annotated[str, StringConstraints(min_length=1, max_length=130, pattern=_ADAPTER_PATTERN)]
+# Segments joined by "/" (bundle items are named after their source file, e.g. train/cat/0377.jpg);
+# no segment is empty or starts with "." (so "." and ".." never appear, which URLs would rewrite).
+ItemId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*(/[A-Za-z0-9_:-][A-Za-z0-9._:-]*)*$")]
 MAX_FANOUT = 16
 
 
@@ -34,6 +41,15 @@ class ImagesRequest(_Strict):
         "base", description="`base`, `name` or `name@version`; a list fans out: one result per image × adapter"
     )
     images: list[str] | None = Field(None, min_length=1, description="base64-encoded image files (JPEG, PNG, WebP, BMP, GIF, TIFF)")
+
+    @field_validator("adapter", mode="before")
+    @classmethod
+    def _names(cls, v):
+        """A malformed name is 422 `invalid_name` (not a union-validation dump), as on the path routes."""
+        for n in [v] if isinstance(v, str) else v if isinstance(v, list) else []:
+            if isinstance(n, str) and not _ADAPTER_NAME.fullmatch(n):
+                raise PydanticCustomError("invalid_name", "adapter '{name}' is not base, name or name@version (lower-case letters, digits, . _ -)", {"name": n[:140]})
+        return v
 
     @property
     def adapters(self) -> list[str]:

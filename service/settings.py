@@ -12,8 +12,9 @@ from metalora.images import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_PIXELS
 from metalora.store import DEFAULT_STORE
 
 # Tokens that ship in examples and templates; a server must never run with one of them.
-_WEAK_TOKENS = {"changethis", "changeme", "secret", "admin", "token", "password", "metalora"}
+_WEAK_PARTS = ("changethis", "changeme", "placeholder", "replace-me", "your-token", "local-dev-token", "password")
 MIN_TOKEN_CHARS = 16
+MIN_DISTINCT_CHARS = 6  # "aaaaaaaaaaaaaaaa" is long and still guessable
 
 NameList = Annotated[list[str], NoDecode]
 
@@ -79,7 +80,7 @@ class Settings(BaseSettings):
         if v is None or v.get_secret_value() == "":
             return None
         s = v.get_secret_value()
-        if len(s) < MIN_TOKEN_CHARS or s.lower() in _WEAK_TOKENS:
+        if len(s) < MIN_TOKEN_CHARS or len(set(s)) < MIN_DISTINCT_CHARS or any(p in s.lower() for p in _WEAK_PARTS):
             raise ValueError(f"METALORA_ADMIN_TOKEN must be at least {MIN_TOKEN_CHARS} characters and not a placeholder (try: openssl rand -hex 24)")
         return v
 

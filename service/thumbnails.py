@@ -15,9 +15,11 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import logging
 import os
 import tempfile
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -27,13 +29,19 @@ from metalora.bundle import GALLERY, BundleError, Gallery, read_manifest
 from metalora.store import ModelStore, safe_join
 from metalora.thumbnails import make_thumbnail
 
+log = logging.getLogger("metalora.service")
+
 
 class ThumbnailStore:
     """Thumbnail bytes by adapter version and item id: sidecar first, then the bundle's gallery."""
 
+    MEMORY_MAX = 20_000  # thumbnails kept in memory when the sidecar directory cannot be written (~2-3 KB each)
+
     def __init__(self, store: ModelStore, root: Path):
         self.store, self.root = store, Path(root)
         self._bundle: dict[str, dict[str, bytes]] = {}  # key -> {item id: WebP bytes}, read once
+        self._memory: OrderedDict[tuple[str, str], bytes] = OrderedDict()  # fallback for an unwritable root, oldest first
+        self._warned = False
         self._lock = threading.Lock()
 
     def sidecar(self, key: str, item_id: str) -> Path:
@@ -43,16 +51,28 @@ class ThumbnailStore:
 
     def get(self, key: str, item_id: str) -> bytes | None:
         """The item's thumbnail, or None when it has none (blocking: call off the event loop)."""
+        with self._lock:
+            if (key, item_id) in self._memory:
+                return self._memory[(key, item_id)] or None  # empty: a tombstone
         f = self.sidecar(key, item_id)
         if f.is_file():
             return f.read_bytes() or None  # empty: a tombstone
         return self._bundle_thumbs(key).get(item_id)
 
     def put(self, key: str, item_id: str, data: bytes | None) -> None:
-        """Record the thumbnail of an added or replaced item (None: it has none); atomic."""
+        """Record the thumbnail of an added or replaced item (None: it has none); atomic.
+
+        Where the sidecar directory cannot be written (a read-only root filesystem and no
+        `METALORA_GALLERY_DIR` volume), the thumbnail is kept in this process's memory instead
+        (the newest MEMORY_MAX), with one warning: a missing picture never fails a gallery write.
+        """
         dest = self.sidecar(key, item_id)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        except OSError as e:
+            self._remember(key, item_id, data, e)
+            return
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data or b"")
@@ -60,9 +80,26 @@ class ThumbnailStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        with self._lock:
+            self._memory.pop((key, item_id), None)
+
+    def _remember(self, key: str, item_id: str, data: bytes | None, err: OSError) -> None:
+        with self._lock:
+            if not self._warned:
+                log.warning("gallery thumbnails cannot be written under %s (%s); keeping them in memory (set METALORA_GALLERY_DIR to a writable volume)", self.root, err.strerror or err)
+                self._warned = True
+            self._memory[(key, item_id)] = data or b""
+            self._memory.move_to_end((key, item_id))
+            while len(self._memory) > self.MEMORY_MAX:
+                self._memory.popitem(last=False)
 
     def delete(self, key: str, item_id: str) -> None:
-        self.sidecar(key, item_id).unlink(missing_ok=True)
+        with self._lock:
+            self._memory.pop((key, item_id), None)
+        try:
+            self.sidecar(key, item_id).unlink(missing_ok=True)
+        except OSError:  # an unwritable root holds no sidecar to delete
+            pass
 
     def _bundle_thumbs(self, key: str) -> dict[str, bytes]:
         with self._lock:

@@ -219,7 +219,7 @@ def _retry(on_change, retry: dict[str, int | None]) -> None:
     for key, seq in list(retry.items()):
         try:
             on_change(key, seq)
-        except Exception:  # noqa: BLE001 - still down; the next round tries again
+        except Exception:  # noqa: BLE001, S112 - still down; the next round tries again (its first failure was logged)
             continue
         retry.pop(key, None)
         log.info("gallery catch-up of %s succeeded on retry", key)

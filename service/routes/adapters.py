@@ -146,7 +146,7 @@ async def _write(svc: Service, key: str, items: list[Item], thumbs: list[tuple[s
     return len(index), created
 
 
-@router.put("/{name}/gallery/{item_id}", response_model=GalleryItemResponse, dependencies=[AdminDep])
+@router.put("/{name}/gallery/{item_id:path}", response_model=GalleryItemResponse, dependencies=[AdminDep])
 async def gallery_put(name: RefPath, item_id: Annotated[ItemId, Path()], item: GalleryItemRequest, request: Request, svc: ReadyDep) -> GalleryItemResponse:
     """Add (or replace) one gallery item from an image or a vector; committed to the gallery store before answering."""
     key = _gallery_key(svc, name)
@@ -187,10 +187,11 @@ async def gallery_batch(name: RefPath, body: GalleryBatchRequest, request: Reque
     return GalleryBatchResponse(adapter=n, version=v, items=size, written=len(created), created=sum(created), replaced=len(created) - sum(created))
 
 
-@router.delete("/{name}/gallery/{item_id}", response_model=GalleryItemResponse, dependencies=[AdminDep])
-async def gallery_delete(name: RefPath, item_id: Annotated[ItemId, Path()], svc: ReadyDep) -> GalleryItemResponse:
+@router.delete("/{name}/gallery/{item_id:path}", response_model=GalleryItemResponse, dependencies=[AdminDep])
+async def gallery_delete(name: RefPath, item_id: Annotated[ItemId, Path()], request: Request, svc: ReadyDep) -> GalleryItemResponse:
     """Remove one gallery item; committed to the gallery store before answering (it never comes back)."""
     key = _gallery_key(svc, name)
+    request.state.adapter = key
     await svc.gallery_index(key)
     index = await asyncio.to_thread(svc.galleries.delete, key, [item_id])
     await asyncio.to_thread(svc.thumbnails.delete, key, item_id)

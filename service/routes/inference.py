@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -21,13 +22,14 @@ from ..schemas import (
     KnnResponse,
     KnnResult,
     Neighbor,
+    Prediction,
     PredictRequest,
     PredictResponse,
     PredictResult,
-    Prediction,
     error_responses,
 )
 
+log = logging.getLogger("metalora.service")
 router = APIRouter(prefix="/v1", tags=["inference"], responses=error_responses(400, 404, 409, 413, 415, 422, 503, 504))
 
 
@@ -56,8 +58,14 @@ async def predict(request: Request, svc: ReadyDep) -> PredictResponse:
         preds = [Prediction(label=labels[i], index=i, score=s) for s, i in zip(scores.tolist(), idx.tolist())]
         extra = {"seed": seed_by_layer(e, res.seed)} if req.include_seed else {}
         if e.knn_threshold is not None and e.key != BASE:
-            index = await svc.gallery_index(e.key)
-            if len(index):  # the same test as /v1/knn: the nearest gallery item against the threshold
+            try:
+                index = await svc.gallery_index(e.key)
+            except ServiceError as err:  # the gallery store is down: the scores stand, "unknown" is left out
+                if err.status != 503:
+                    raise
+                log.warning("predict for %s without \"unknown\": %s", e.key, err.message)
+                index = None
+            if index is not None and len(index):  # the same test as /v1/knn: the nearest gallery item against the threshold
                 extra["unknown"] = index.is_unknown(index.search(res.embedding.numpy()[None], 1)[0])
         out.append(PredictResult(adapter=e.name, version=e.version, predictions=preds, **extra))
     return PredictResponse(results=out)

@@ -3,7 +3,7 @@
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const state = { files: [], adapters: [], labels: {}, lastRun: null };
-const ITEM_ID = /^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$/;  // the API's gallery item id (service/schemas.py ItemId)
+const ITEM_ID = /^(?=.{1,128}$)[A-Za-z0-9][A-Za-z0-9._:-]*(\/[A-Za-z0-9_:-][A-Za-z0-9._:-]*)*$/;  // the API's gallery item id (service/schemas.py ItemId)
 
 function el(tag, attrs = {}, ...children) {
   const e = document.createElement(tag);
@@ -215,7 +215,7 @@ function neighbours(res, knnRes) {
     const img = el("img", { src: thumbUrl(knnRes.adapter, knnRes.version, n.id), alt: `${n.label} (${n.id})`, width: 64, height: 64, loading: "eager" });
     img.addEventListener("error", () => img.replaceWith(el("div", { class: "placeholder", role: "img", "aria-label": `no picture for ${n.id}`, text: "no picture" })));
     fig.append(img, el("figcaption", { text: n.label }), el("figcaption", { class: "score", text: n.score.toFixed(3) }));
-    if (token() && ITEM_ID.test(n.id)) {  // bundle ids such as train/cat/0001.jpg are not addressable by DELETE
+    if (token() && ITEM_ID.test(n.id)) {
       fig.append(el("button", {
         type: "button", class: "small", "aria-label": `remove ${n.id} from ${knnRes.adapter}'s gallery`, text: "×",
         onclick: () => removeItem(knnRes, n.id),
