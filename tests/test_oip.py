@@ -366,3 +366,24 @@ def test_overload_is_unavailable_or_503_with_a_retry_hint(tmp_path, photos):
         time.sleep(0.1)
         assert one(0)[0] == "OK"
         channel.close()
+
+
+# ------------------------------------------------------------------------ start-up
+def test_grpc_port_held_by_another_server_fails_the_start(tmp_path):
+    """grpcio binds with SO_REUSEPORT unless told not to: a second server on the same host would then
+    share a gRPC port another server holds, and the kernel would spread clients over both. The holder
+    here is a plain grpc server (SO_REUSEPORT on, as a second `metalora serve` of old would be); our
+    server must refuse to start, naming the port, as uvicorn does for a busy HTTP port."""
+    from service.launch import free_port
+
+    port = free_port()
+    holder = grpc.server(ThreadPoolExecutor(1))
+    assert holder.add_insecure_port(f"127.0.0.1:{port}") == port
+    holder.start()
+    srv = ServerProcess(ROOT / "model_store", tmp_path / "busy.log", grpc_port=port, adapters="digits", warmup="false", gallery_dir=tmp_path / "g")
+    try:
+        with pytest.raises(RuntimeError, match=f"gRPC could not bind 127.0.0.1:{port}: the port is in use"):
+            srv.start(timeout_s=180)
+    finally:
+        srv.stop()
+        holder.stop(0)
