@@ -138,6 +138,52 @@ def test_server_and_model_metadata_over_http_and_grpc(http, grpcc):
     assert not http.is_model_ready("mnist")  # in the store, not loaded
 
 
+# Triton's model_config.proto DataType names for the protocol's datatypes (Triton's docs, "Datatypes" table)
+TRITON_TYPES = {"BYTES": "TYPE_STRING", "UINT8": "TYPE_UINT8", "FP32": "TYPE_FP32"}
+
+
+@pytest.mark.parametrize("model, version, classes", [("cifar10", None, 10), ("cifar10", CIFAR_VERSIONS[0], 10), ("base", None, 1000)])
+def test_model_config_over_http_agrees_with_metadata(http, model, version, classes):
+    """tritonclient's get_model_config (Triton's model-configuration extension): batched, at most
+    METALORA_MAX_IMAGES per request, and each tensor the metadata's shape without the batch -1."""
+    kw = {"model_version": version} if version else {}
+    cfg = http.get_model_config(model, **kw)
+    meta = http.get_model_metadata(model, **kw)
+    assert cfg["name"] == model and cfg["platform"] == meta["platform"] and cfg["max_batch_size"] == MAX_IMAGES
+    for side, tensors in (("input", meta["inputs"]), ("output", meta["outputs"])):
+        got = {t["name"]: t for t in cfg[side]}
+        assert set(got) == {t["name"] for t in tensors}
+        for t in tensors:
+            c = got[t["name"]]
+            assert c["data_type"] == TRITON_TYPES[t["datatype"]]
+            # Triton: with max_batch_size > 0 the full shape is [-1] + dims, or [-1] + reshape.shape
+            assert [-1] + (c["reshape"]["shape"] if "reshape" in c else c["dims"]) == t["shape"]
+    assert {t["name"]: t["dims"] for t in cfg["output"]}["probabilities"] == [classes]
+
+
+def test_model_config_errors(http, grpcc):
+    status, msg = _http_error(lambda: http.get_model_config("no-such-adapter"))
+    assert status == "404" and "no-such-adapter" in msg
+    status, msg = _http_error(lambda: grpcc.get_model_config("cifar10"))  # no Triton model_config.proto here
+    assert status == "StatusCode.UNIMPLEMENTED" and "GET /v2/models/{name}/config" in msg
+
+
+def test_unmatched_v2_routes_answer_in_the_protocol_shape(server, http):
+    """An unknown /v2 route or a wrong method: `"error": "<string>"` as the /v2 routes' own errors,
+    so tritonclient's exception works; /v1 keeps its own shape."""
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        r = c.get("/v2/models/cifar10/stats")
+        assert r.status_code == 404 and isinstance(r.json()["error"], str) and r.json()["code"] == "not_found"
+        r = c.get("/v2/models/cifar10/infer")
+        assert r.status_code == 405 and isinstance(r.json()["error"], str) and r.json()["code"] == "method_not_allowed"
+        assert "POST" in r.headers["allow"]
+        r = c.get("/v1/no-such-route")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    with pytest.raises(InferenceServerException) as e:
+        http.get_inference_statistics("cifar10")  # the statistics extension is not served
+    assert e.value.status() == "404" and "/v2/models/cifar10/stats" in str(e.value)
+
+
 # ------------------------------------------------------------------------ the cat, and /v1 as the reference
 @pytest.mark.parametrize("model, want, top", [("cifar10", {"cat"}, 1), ("base", CAT_NEIGHBOURS, 1)])
 @pytest.mark.parametrize("client", ["http", "grpc"])

@@ -34,7 +34,8 @@ from ..errors import ServiceError
 from .codec import InferRequest, InferResponse, RequestedOutput, Tensor, bad, classify
 
 SERVER_NAME = "metalora-serve"
-EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "model_repository"]
+CONFIG_TYPES = {"BYTES": "TYPE_STRING", "UINT8": "TYPE_UINT8", "FP32": "TYPE_FP32"}  # protocol datatype -> Triton's config name
 INPUTS = {"image": "BYTES", "pixels": "UINT8"}
 OUTPUTS = ("probabilities", "embedding", "label")
 
@@ -98,6 +99,30 @@ async def model_metadata(svc, name: str, version: str = "") -> dict:
             {"name": "embedding", "datatype": "FP32", "shape": [-1, dim]},
             {"name": "label", "datatype": "BYTES", "shape": [-1]},
         ],
+    }
+
+
+def model_config(svc, meta: dict) -> dict:
+    """Triton's model configuration (the model-configuration extension; `model_config.proto` in JSON)
+    for one model, from its metadata (`model_metadata`): batched, `max_batch_size` = the service's
+    images per request, so each tensor's `dims` is its metadata shape without the leading batch -1.
+    A per-item scalar (`image`, `label`: shape [N]) is `dims [1]` with `reshape {shape: []}`, Triton's
+    own spelling of a batched [N] tensor (the service takes `image` as [N] or [N, 1])."""
+
+    def tensor(t: dict) -> dict:
+        dims = t["shape"][1:]
+        out = {"name": t["name"], "data_type": CONFIG_TYPES[t["datatype"]], "dims": dims or [1]}
+        if not dims:
+            out["reshape"] = {"shape": []}
+        return out
+
+    return {
+        "name": meta["name"],
+        "platform": meta["platform"],
+        "backend": "metalora",
+        "max_batch_size": svc.settings.max_images,
+        "input": [tensor(t) for t in meta["inputs"]],
+        "output": [tensor(t) for t in meta["outputs"]],
     }
 
 

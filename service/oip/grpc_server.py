@@ -152,6 +152,21 @@ def _metered(svc, name: str, fn):
     return call
 
 
+# RPCs of Triton's gRPC service that need messages from Triton's model_config.proto, which the shipped
+# .proto (KServe's file + the repository RPCs) does not have: a clear UNIMPLEMENTED, not "Method not found!".
+NOT_HERE = {
+    "ModelConfig": "ModelConfig is not served over gRPC here: the shipped .proto has no Triton model_config.proto; "
+    "the same configuration is on HTTP, GET /v2/models/{name}/config",
+}
+
+
+def _not_here(message: str):
+    async def call(request: bytes, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"unimplemented: {message}")
+
+    return call
+
+
 def build_server(svc, host: str, port: int) -> grpc.aio.Server:
     """A `grpc.aio` server for the service, bound to host:port (not started). Messages are limited to
     the HTTP body limit, so both front doors refuse the same sizes.
@@ -167,6 +182,7 @@ def build_server(svc, host: str, port: int) -> grpc.aio.Server:
         name: grpc.unary_unary_rpc_method_handler(_metered(svc, name, getattr(servicer, name)), request_deserializer=req.FromString, response_serializer=resp.SerializeToString)
         for name, (req, resp) in proto.methods().items()
     }
+    handlers.update({name: grpc.unary_unary_rpc_method_handler(_not_here(msg)) for name, msg in NOT_HERE.items() if name not in handlers})
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(proto.SERVICE, handlers),))
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"  # IPv6 in brackets
     why = f"gRPC could not bind {address}: the port is in use (or the address is not this host's); set METALORA_GRPC_PORT to a free port, or 0 to turn gRPC off"

@@ -27,6 +27,7 @@ from . import codec, dataplane
 from .schemas import (
     InferRequestBody,
     InferResponseBody,
+    ModelConfig,
     ModelMetadata,
     ModelReady,
     ProtocolError,
@@ -122,6 +123,18 @@ async def model_metadata(model_name: ModelPath, svc: ServiceDep) -> ModelMetadat
 async def model_version_metadata(model_name: ModelPath, model_version: VersionPath, svc: ServiceDep) -> ModelMetadata:
     """Inputs and outputs of one bundle version."""
     return ModelMetadata(**await dataplane.model_metadata(svc, model_name, model_version))
+
+
+@router.get("/models/{model_name}/config", response_model=ModelConfig, response_model_exclude_none=True)
+async def model_config(model_name: ModelPath, svc: ServiceDep) -> ModelConfig:
+    """Triton's model configuration (model-configuration extension): batching, inputs and outputs."""
+    return ModelConfig(**dataplane.model_config(svc, await dataplane.model_metadata(svc, model_name)))
+
+
+@router.get("/models/{model_name}/versions/{model_version}/config", response_model=ModelConfig, response_model_exclude_none=True)
+async def model_version_config(model_name: ModelPath, model_version: VersionPath, svc: ServiceDep) -> ModelConfig:
+    """The model configuration of one bundle version."""
+    return ModelConfig(**dataplane.model_config(svc, await dataplane.model_metadata(svc, model_name, model_version)))
 
 
 # ------------------------------------------------------------------------ infer
