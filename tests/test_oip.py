@@ -317,6 +317,30 @@ def test_http_errors_have_the_protocol_shape(server):
         assert r.status_code == 413 and r.json() == {"error": f"request body is over the {MAX_BODY}-byte limit", "code": "body_too_large"}
 
 
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_tritonclient_request_compression(http, photos, algorithm):
+    """tritonclient's request_compression_algorithm (Content-Encoding on the body): the same answer
+    as the uncompressed request."""
+    plain = http.infer("cifar10", [_image_input(httpclient, [photos["cat.jpg"]])])
+    packed = http.infer("cifar10", [_image_input(httpclient, [photos["cat.jpg"]])], request_compression_algorithm=algorithm)
+    assert packed.as_numpy("label")[0] == b"cat"
+    np.testing.assert_allclose(packed.as_numpy("probabilities"), plain.as_numpy("probabilities"), atol=1e-6)
+
+
+def test_compressed_bodies_that_cannot_be_read(server):
+    import zlib
+
+    body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["eA=="]}]}
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        r = c.post("/v2/models/cifar10/infer", json=body, headers={"Content-Encoding": "gzip"})  # says gzip, is not
+        assert r.status_code == 400 and r.json()["code"] == "invalid_compressed_body" and isinstance(r.json()["error"], str)
+        r = c.post("/v2/models/cifar10/infer", json=body, headers={"Content-Encoding": "br"})
+        assert r.status_code == 415 and r.json()["code"] == "unsupported_content_encoding" and isinstance(r.json()["error"], str)
+        bomb = zlib.compress(bytes(10 * MAX_BODY), 9)  # ~80 kB on the wire, 80 MB inflated
+        r = c.post("/v2/models/cifar10/infer", content=bomb, headers={"Content-Encoding": "deflate", "Content-Type": "application/json"})
+        assert r.status_code == 413 and r.json() == {"error": f"the decompressed request body is over the {MAX_BODY}-byte limit", "code": "body_too_large"}
+
+
 def test_grpc_message_over_the_body_limit_is_refused(grpcc):
     big = grpcclient.InferInput("pixels", [3, 1000, 1000, 3], "UINT8")  # 9 MB > the 8 MB limit
     big.set_data_from_numpy(np.zeros((3, 1000, 1000, 3), np.uint8))
