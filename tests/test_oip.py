@@ -305,6 +305,26 @@ def test_bad_inputs_and_unknown_models(http, grpcc, photos, client):
     assert cl.is_server_ready()  # and the server is fine after all that
 
 
+@pytest.mark.parametrize("h, w, refused", [(10, 300, True), (300, 10, True), (10, 200, False)])  # the default limit is 20:1
+def test_pixels_obey_the_aspect_ratio_rule_of_v1(server, grpcc, h, w, refused):
+    """`pixels` go by the rule /v1 applies to files (the reference: a PNG of the same pixels on
+    /v1/predict): 30:1 refused with /v1's code (400 on /v2, INVALID_ARGUMENT on gRPC), 20:1 served."""
+    arr = np.full((h, w, 3), 128, np.uint8)
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        v1 = c.post("/v1/predict", json={"adapter": "cifar10", "images": [base64.b64encode(_file(arr, "PNG")).decode()]})
+        x = arr[None]
+        v2 = c.post("/v2/models/cifar10/infer", json={"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": list(x.shape), "data": x.reshape(-1).tolist()}]})
+    assert (v1.status_code != 200) == refused, v1.text
+    if not refused:
+        assert v2.status_code == 200, v2.text
+        grpcc.infer("cifar10", [_pixels_input(grpcclient, [arr])])
+        return
+    assert v1.status_code == 422 and v1.json()["error"]["code"] == "extreme_aspect_ratio"
+    assert v2.status_code == 400 and v2.json()["code"] == "extreme_aspect_ratio" and isinstance(v2.json()["error"], str)
+    status, msg = _http_error(lambda: grpcc.infer("cifar10", [_pixels_input(grpcclient, [arr])]))
+    assert status == "StatusCode.INVALID_ARGUMENT" and msg.startswith("extreme_aspect_ratio")
+
+
 def test_http_errors_have_the_protocol_shape(server):
     with httpx.Client(base_url=server.url, timeout=60) as c:
         r = c.post("/v2/models/cifar10/infer", content=b"{not json")

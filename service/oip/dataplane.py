@@ -15,7 +15,9 @@ The mapping onto the protocol:
   scores), `embedding` FP32 [N, D] (L2-normalised, as `/v1/embed`), `label` BYTES [N] (top-1);
   the classification extension applies to `probabilities`.
 
-Limits are the service's: `max_images` per request (413), `max_pixels` per image (413); the body
+Limits are the service's: `max_images` per request (413), `max_pixels` per image (413), and
+`max_aspect_ratio` (`extreme_aspect_ratio`; 400 on /v2, INVALID_ARGUMENT on gRPC), for `pixels`
+as for files; the body
 size limit is the HTTP middleware's and the gRPC server's maximum message size.
 """
 
@@ -151,6 +153,8 @@ def _images(svc, req: InferRequest) -> tuple[str, list]:
             raise bad("invalid_shape", "input 'pixels' has an empty image")
         if h * w > s.max_pixels:
             raise ServiceError(413, "image_too_large", f"pixels images are {w}x{h}, the limit is {s.max_pixels} pixels")
+        if max(w, h) > s.max_aspect_ratio * min(w, h):  # the rule and wording of metalora.images for files
+            raise ServiceError(422, "extreme_aspect_ratio", f"pixels images are {w}x{h}; the long side may be at most {s.max_aspect_ratio:g} times the short side")
         items = list(np.ascontiguousarray(t.data))
     if not items:
         raise bad("invalid_shape", f"input {t.name!r} holds no images")
