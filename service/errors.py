@@ -81,7 +81,13 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):
-        return error_response(e.status_code, _HTTP_CODES.get(e.status_code, f"http_{e.status_code}"), str(e.detail), getattr(e, "headers", None))
+        code = _HTTP_CODES.get(e.status_code, f"http_{e.status_code}")
+        if request.url.path == "/v2" or request.url.path.startswith("/v2/"):
+            # an unmatched /v2 route or method: the Open Inference Protocol's shape, `"error": "<string>"`
+            # (tritonclient's exceptions fail on the /v1 object), as the /v2 routes' own errors
+            message = f"{e.detail}: {request.method} {request.url.path} (no such Open Inference Protocol route here)"
+            return JSONResponse({"error": message, "code": code}, status_code=e.status_code, headers=getattr(e, "headers", None))
+        return error_response(e.status_code, code, str(e.detail), getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, e: Exception):

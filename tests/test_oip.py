@@ -138,6 +138,52 @@ def test_server_and_model_metadata_over_http_and_grpc(http, grpcc):
     assert not http.is_model_ready("mnist")  # in the store, not loaded
 
 
+# Triton's model_config.proto DataType names for the protocol's datatypes (Triton's docs, "Datatypes" table)
+TRITON_TYPES = {"BYTES": "TYPE_STRING", "UINT8": "TYPE_UINT8", "FP32": "TYPE_FP32"}
+
+
+@pytest.mark.parametrize("model, version, classes", [("cifar10", None, 10), ("cifar10", CIFAR_VERSIONS[0], 10), ("base", None, 1000)])
+def test_model_config_over_http_agrees_with_metadata(http, model, version, classes):
+    """tritonclient's get_model_config (Triton's model-configuration extension): batched, at most
+    METALORA_MAX_IMAGES per request, and each tensor the metadata's shape without the batch -1."""
+    kw = {"model_version": version} if version else {}
+    cfg = http.get_model_config(model, **kw)
+    meta = http.get_model_metadata(model, **kw)
+    assert cfg["name"] == model and cfg["platform"] == meta["platform"] and cfg["max_batch_size"] == MAX_IMAGES
+    for side, tensors in (("input", meta["inputs"]), ("output", meta["outputs"])):
+        got = {t["name"]: t for t in cfg[side]}
+        assert set(got) == {t["name"] for t in tensors}
+        for t in tensors:
+            c = got[t["name"]]
+            assert c["data_type"] == TRITON_TYPES[t["datatype"]]
+            # Triton: with max_batch_size > 0 the full shape is [-1] + dims, or [-1] + reshape.shape
+            assert [-1] + (c["reshape"]["shape"] if "reshape" in c else c["dims"]) == t["shape"]
+    assert {t["name"]: t["dims"] for t in cfg["output"]}["probabilities"] == [classes]
+
+
+def test_model_config_errors(http, grpcc):
+    status, msg = _http_error(lambda: http.get_model_config("no-such-adapter"))
+    assert status == "404" and "no-such-adapter" in msg
+    status, msg = _http_error(lambda: grpcc.get_model_config("cifar10"))  # no Triton model_config.proto here
+    assert status == "StatusCode.UNIMPLEMENTED" and "GET /v2/models/{name}/config" in msg
+
+
+def test_unmatched_v2_routes_answer_in_the_protocol_shape(server, http):
+    """An unknown /v2 route or a wrong method: `"error": "<string>"` as the /v2 routes' own errors,
+    so tritonclient's exception works; /v1 keeps its own shape."""
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        r = c.get("/v2/models/cifar10/stats")
+        assert r.status_code == 404 and isinstance(r.json()["error"], str) and r.json()["code"] == "not_found"
+        r = c.get("/v2/models/cifar10/infer")
+        assert r.status_code == 405 and isinstance(r.json()["error"], str) and r.json()["code"] == "method_not_allowed"
+        assert "POST" in r.headers["allow"]
+        r = c.get("/v1/no-such-route")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    with pytest.raises(InferenceServerException) as e:
+        http.get_inference_statistics("cifar10")  # the statistics extension is not served
+    assert e.value.status() == "404" and "/v2/models/cifar10/stats" in str(e.value)
+
+
 # ------------------------------------------------------------------------ the cat, and /v1 as the reference
 @pytest.mark.parametrize("model, want, top", [("cifar10", {"cat"}, 1), ("base", CAT_NEIGHBOURS, 1)])
 @pytest.mark.parametrize("client", ["http", "grpc"])
@@ -259,6 +305,26 @@ def test_bad_inputs_and_unknown_models(http, grpcc, photos, client):
     assert cl.is_server_ready()  # and the server is fine after all that
 
 
+@pytest.mark.parametrize("h, w, refused", [(10, 300, True), (300, 10, True), (10, 200, False)])  # the default limit is 20:1
+def test_pixels_obey_the_aspect_ratio_rule_of_v1(server, grpcc, h, w, refused):
+    """`pixels` go by the rule /v1 applies to files (the reference: a PNG of the same pixels on
+    /v1/predict): 30:1 refused with /v1's code (400 on /v2, INVALID_ARGUMENT on gRPC), 20:1 served."""
+    arr = np.full((h, w, 3), 128, np.uint8)
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        v1 = c.post("/v1/predict", json={"adapter": "cifar10", "images": [base64.b64encode(_file(arr, "PNG")).decode()]})
+        x = arr[None]
+        v2 = c.post("/v2/models/cifar10/infer", json={"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": list(x.shape), "data": x.reshape(-1).tolist()}]})
+    assert (v1.status_code != 200) == refused, v1.text
+    if not refused:
+        assert v2.status_code == 200, v2.text
+        grpcc.infer("cifar10", [_pixels_input(grpcclient, [arr])])
+        return
+    assert v1.status_code == 422 and v1.json()["error"]["code"] == "extreme_aspect_ratio"
+    assert v2.status_code == 400 and v2.json()["code"] == "extreme_aspect_ratio" and isinstance(v2.json()["error"], str)
+    status, msg = _http_error(lambda: grpcc.infer("cifar10", [_pixels_input(grpcclient, [arr])]))
+    assert status == "StatusCode.INVALID_ARGUMENT" and msg.startswith("extreme_aspect_ratio")
+
+
 def test_http_errors_have_the_protocol_shape(server):
     with httpx.Client(base_url=server.url, timeout=60) as c:
         r = c.post("/v2/models/cifar10/infer", content=b"{not json")
@@ -269,6 +335,30 @@ def test_http_errors_have_the_protocol_shape(server):
         assert r.status_code == 401 and r.json()["code"] == "unauthorized"
         r = c.post("/v2/models/cifar10/infer", content=b"x" * (MAX_BODY + 1))  # the middleware's refusal, in the protocol's shape too
         assert r.status_code == 413 and r.json() == {"error": f"request body is over the {MAX_BODY}-byte limit", "code": "body_too_large"}
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_tritonclient_request_compression(http, photos, algorithm):
+    """tritonclient's request_compression_algorithm (Content-Encoding on the body): the same answer
+    as the uncompressed request."""
+    plain = http.infer("cifar10", [_image_input(httpclient, [photos["cat.jpg"]])])
+    packed = http.infer("cifar10", [_image_input(httpclient, [photos["cat.jpg"]])], request_compression_algorithm=algorithm)
+    assert packed.as_numpy("label")[0] == b"cat"
+    np.testing.assert_allclose(packed.as_numpy("probabilities"), plain.as_numpy("probabilities"), atol=1e-6)
+
+
+def test_compressed_bodies_that_cannot_be_read(server):
+    import zlib
+
+    body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["eA=="]}]}
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        r = c.post("/v2/models/cifar10/infer", json=body, headers={"Content-Encoding": "gzip"})  # says gzip, is not
+        assert r.status_code == 400 and r.json()["code"] == "invalid_compressed_body" and isinstance(r.json()["error"], str)
+        r = c.post("/v2/models/cifar10/infer", json=body, headers={"Content-Encoding": "br"})
+        assert r.status_code == 415 and r.json()["code"] == "unsupported_content_encoding" and isinstance(r.json()["error"], str)
+        bomb = zlib.compress(bytes(10 * MAX_BODY), 9)  # ~80 kB on the wire, 80 MB inflated
+        r = c.post("/v2/models/cifar10/infer", content=bomb, headers={"Content-Encoding": "deflate", "Content-Type": "application/json"})
+        assert r.status_code == 413 and r.json() == {"error": f"the decompressed request body is over the {MAX_BODY}-byte limit", "code": "body_too_large"}
 
 
 def test_grpc_message_over_the_body_limit_is_refused(grpcc):
@@ -366,3 +456,24 @@ def test_overload_is_unavailable_or_503_with_a_retry_hint(tmp_path, photos):
         time.sleep(0.1)
         assert one(0)[0] == "OK"
         channel.close()
+
+
+# ------------------------------------------------------------------------ start-up
+def test_grpc_port_held_by_another_server_fails_the_start(tmp_path):
+    """grpcio binds with SO_REUSEPORT unless told not to: a second server on the same host would then
+    share a gRPC port another server holds, and the kernel would spread clients over both. The holder
+    here is a plain grpc server (SO_REUSEPORT on, as a second `metalora serve` of old would be); our
+    server must refuse to start, naming the port, as uvicorn does for a busy HTTP port."""
+    from service.launch import free_port
+
+    port = free_port()
+    holder = grpc.server(ThreadPoolExecutor(1))
+    assert holder.add_insecure_port(f"127.0.0.1:{port}") == port
+    holder.start()
+    srv = ServerProcess(ROOT / "model_store", tmp_path / "busy.log", grpc_port=port, adapters="digits", warmup="false", gallery_dir=tmp_path / "g")
+    try:
+        with pytest.raises(RuntimeError, match=f"gRPC could not bind 127.0.0.1:{port}: the port is in use"):
+            srv.start(timeout_s=180)
+    finally:
+        srv.stop()
+        holder.stop(0)

@@ -242,3 +242,62 @@ def test_grpc_uint8_contents_out_of_range_is_400():
     with pytest.raises(ServiceError) as e:
         codec.parse_grpc(msg)
     assert (e.value.status, e.value.code) == (400, "invalid_data")
+
+
+# ------------------------------------------------------------------------ Content-Encoding (request compression)
+def _raw_deflate(b: bytes) -> bytes:
+    import zlib
+
+    c = zlib.compressobj(wbits=-15)  # RFC 1951 without the zlib header, as some clients send "deflate"
+    return c.compress(b) + c.flush()
+
+
+PLAIN = json.dumps({"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1], "data": ["a" * 3000]}]}).encode()
+
+
+@pytest.mark.parametrize(
+    "encoding, compress",
+    [
+        ("gzip", lambda b: __import__("gzip").compress(b)),  # what tritonclient sends for "gzip"
+        ("deflate", lambda b: __import__("zlib").compress(b)),  # ... and for "deflate" (zlib format)
+        ("Deflate", _raw_deflate),
+        ("gzip", lambda b: __import__("gzip").compress(b[:100]) + __import__("gzip").compress(b[100:])),  # two members
+        ("identity", lambda b: b),
+        (None, lambda b: b),
+    ],
+)
+def test_decompress_gives_back_what_the_standard_library_compressed(encoding, compress):
+    body = compress(PLAIN)
+    assert codec.decompress(body, encoding, len(PLAIN)) == PLAIN
+
+
+def test_decompress_holds_the_limit_on_the_decompressed_size():
+    import gzip
+    import zlib
+
+    assert codec.decompress(gzip.compress(PLAIN), "gzip", len(PLAIN)) == PLAIN  # exactly the limit: fine
+    with pytest.raises(ServiceError) as e:
+        codec.decompress(gzip.compress(PLAIN), "gzip", len(PLAIN) - 1)
+    assert (e.value.status, e.value.code) == (413, "body_too_large")
+    bomb = zlib.compress(bytes(200_000_000), 9)  # ~200 kB that inflate to 200 MB
+    assert len(bomb) < 300_000
+    with pytest.raises(ServiceError) as e:
+        codec.decompress(bomb, "deflate", 1_000_000)
+    assert (e.value.status, e.value.code) == (413, "body_too_large")
+
+
+@pytest.mark.parametrize(
+    "body, encoding, status, code",
+    [
+        (PLAIN, "gzip", 400, "invalid_compressed_body"),  # not gzip at all
+        (__import__("gzip").compress(PLAIN)[:-10], "gzip", 400, "invalid_compressed_body"),  # truncated
+        (__import__("zlib").compress(PLAIN) + b"junk", "deflate", 400, "invalid_compressed_body"),  # trailing bytes
+        (__import__("gzip").compress(PLAIN) + b"junk", "gzip", 400, "invalid_compressed_body"),
+        (PLAIN, "br", 415, "unsupported_content_encoding"),
+        (PLAIN, "gzip, br", 415, "unsupported_content_encoding"),
+    ],
+)
+def test_decompress_refuses_what_it_cannot_read(body, encoding, status, code):
+    with pytest.raises(ServiceError) as e:
+        codec.decompress(body, encoding, 10 * len(PLAIN))
+    assert (e.value.status, e.value.code) == (status, code)

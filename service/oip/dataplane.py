@@ -15,7 +15,9 @@ The mapping onto the protocol:
   scores), `embedding` FP32 [N, D] (L2-normalised, as `/v1/embed`), `label` BYTES [N] (top-1);
   the classification extension applies to `probabilities`.
 
-Limits are the service's: `max_images` per request (413), `max_pixels` per image (413); the body
+Limits are the service's: `max_images` per request (413), `max_pixels` per image (413), and
+`max_aspect_ratio` (`extreme_aspect_ratio`; 400 on /v2, INVALID_ARGUMENT on gRPC), for `pixels`
+as for files; the body
 size limit is the HTTP middleware's and the gRPC server's maximum message size.
 """
 
@@ -34,7 +36,8 @@ from ..errors import ServiceError
 from .codec import InferRequest, InferResponse, RequestedOutput, Tensor, bad, classify
 
 SERVER_NAME = "metalora-serve"
-EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "model_repository"]
+CONFIG_TYPES = {"BYTES": "TYPE_STRING", "UINT8": "TYPE_UINT8", "FP32": "TYPE_FP32"}  # protocol datatype -> Triton's config name
 INPUTS = {"image": "BYTES", "pixels": "UINT8"}
 OUTPUTS = ("probabilities", "embedding", "label")
 
@@ -101,6 +104,30 @@ async def model_metadata(svc, name: str, version: str = "") -> dict:
     }
 
 
+def model_config(svc, meta: dict) -> dict:
+    """Triton's model configuration (the model-configuration extension; `model_config.proto` in JSON)
+    for one model, from its metadata (`model_metadata`): batched, `max_batch_size` = the service's
+    images per request, so each tensor's `dims` is its metadata shape without the leading batch -1.
+    A per-item scalar (`image`, `label`: shape [N]) is `dims [1]` with `reshape {shape: []}`, Triton's
+    own spelling of a batched [N] tensor (the service takes `image` as [N] or [N, 1])."""
+
+    def tensor(t: dict) -> dict:
+        dims = t["shape"][1:]
+        out = {"name": t["name"], "data_type": CONFIG_TYPES[t["datatype"]], "dims": dims or [1]}
+        if not dims:
+            out["reshape"] = {"shape": []}
+        return out
+
+    return {
+        "name": meta["name"],
+        "platform": meta["platform"],
+        "backend": "metalora",
+        "max_batch_size": svc.settings.max_images,
+        "input": [tensor(t) for t in meta["inputs"]],
+        "output": [tensor(t) for t in meta["outputs"]],
+    }
+
+
 # ------------------------------------------------------------------------ infer
 def _images(svc, req: InferRequest) -> tuple[str, list]:
     """The request's one input -> ('image', raw files) or ('pixels', (H, W, 3) uint8 arrays)."""
@@ -126,6 +153,8 @@ def _images(svc, req: InferRequest) -> tuple[str, list]:
             raise bad("invalid_shape", "input 'pixels' has an empty image")
         if h * w > s.max_pixels:
             raise ServiceError(413, "image_too_large", f"pixels images are {w}x{h}, the limit is {s.max_pixels} pixels")
+        if max(w, h) > s.max_aspect_ratio * min(w, h):  # the rule and wording of metalora.images for files
+            raise ServiceError(422, "extreme_aspect_ratio", f"pixels images are {w}x{h}; the long side may be at most {s.max_aspect_ratio:g} times the short side")
         items = list(np.ascontiguousarray(t.data))
     if not items:
         raise bad("invalid_shape", f"input {t.name!r} holds no images")

@@ -152,21 +152,46 @@ def _metered(svc, name: str, fn):
     return call
 
 
+# RPCs of Triton's gRPC service that need messages from Triton's model_config.proto, which the shipped
+# .proto (KServe's file + the repository RPCs) does not have: a clear UNIMPLEMENTED, not "Method not found!".
+NOT_HERE = {
+    "ModelConfig": "ModelConfig is not served over gRPC here: the shipped .proto has no Triton model_config.proto; "
+    "the same configuration is on HTTP, GET /v2/models/{name}/config",
+}
+
+
+def _not_here(message: str):
+    async def call(request: bytes, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"unimplemented: {message}")
+
+    return call
+
+
 def build_server(svc, host: str, port: int) -> grpc.aio.Server:
     """A `grpc.aio` server for the service, bound to host:port (not started). Messages are limited to
-    the HTTP body limit, so both front doors refuse the same sizes."""
+    the HTTP body limit, so both front doors refuse the same sizes.
+
+    Binds without `SO_REUSEPORT` (grpcio's default sets it): a port another process holds is
+    refused here (RuntimeError naming the address, so the start-up fails as uvicorn's
+    `[Errno 98]` does for HTTP), instead of the kernel silently spreading clients over both."""
     limit = svc.settings.max_body_bytes
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", max(limit, 64 * 2**20))])
+    options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", max(limit, 64 * 2**20)), ("grpc.so_reuseport", 0)]
+    server = grpc.aio.server(options=options)
     servicer = Servicer(svc)
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(_metered(svc, name, getattr(servicer, name)), request_deserializer=req.FromString, response_serializer=resp.SerializeToString)
         for name, (req, resp) in proto.methods().items()
     }
+    handlers.update({name: grpc.unary_unary_rpc_method_handler(_not_here(msg)) for name, msg in NOT_HERE.items() if name not in handlers})
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(proto.SERVICE, handlers),))
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"  # IPv6 in brackets
-    bound = server.add_insecure_port(address)
-    if bound == 0:
-        raise RuntimeError(f"gRPC could not bind {address}")
+    why = f"gRPC could not bind {address}: the port is in use (or the address is not this host's); set METALORA_GRPC_PORT to a free port, or 0 to turn gRPC off"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as e:  # grpcio >= 1.5x raises "Failed to bind to address ..."
+        raise RuntimeError(why) from e
+    if bound == 0:  # older grpcio returns 0
+        raise RuntimeError(why)
     return server
 
 

@@ -3,12 +3,14 @@
 A thin translator: each route parses its wire format, calls `dataplane`, and writes the answer.
 Errors use the protocol's shape, `{"error": "<message>"}` (plus the stable `code` every error of
 this service carries), with 400 for any bad request (the protocol's status; `/v1` says 415/422),
-413 for a limit (images per request, pixels, body size),
+413 for a limit (images per request, pixels, body size, compressed or not), 415 for a
+`Content-Encoding` other than gzip / deflate,
 404 for an unknown model, 503 + Retry-After for overload, 504 for a missed deadline.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Annotated
 
@@ -27,6 +29,7 @@ from . import codec, dataplane
 from .schemas import (
     InferRequestBody,
     InferResponseBody,
+    ModelConfig,
     ModelMetadata,
     ModelReady,
     ProtocolError,
@@ -36,6 +39,9 @@ from .schemas import (
     ServerMetadata,
     ServerReady,
 )
+
+
+HTTP_LEVEL = {"unsupported_content_encoding"}
 
 
 def protocol_error(e: Exception) -> JSONResponse:
@@ -48,7 +54,9 @@ def protocol_error(e: Exception) -> JSONResponse:
         err = e.errors()[0] if e.errors() else {}
         loc = ".".join(str(p) for p in err.get("loc", ()))
         e = ServiceError(400, "invalid_request", f"{loc}: {err.get('msg', 'invalid request')}")
-    status = 400 if e.status in (415, 422) else e.status  # a bad tensor is a bad request, whatever /v1 calls it
+    # a bad tensor is a bad request, whatever /v1 calls it; a Content-Encoding the server does not
+    # speak is about the HTTP message, not the tensors, and keeps HTTP's 415 (RFC 7694)
+    status = 400 if e.status in (415, 422) and e.code not in HTTP_LEVEL else e.status
     return JSONResponse({"error": e.message, "code": e.code}, status_code=status, headers=e.headers or None)
 
 
@@ -124,6 +132,18 @@ async def model_version_metadata(model_name: ModelPath, model_version: VersionPa
     return ModelMetadata(**await dataplane.model_metadata(svc, model_name, model_version))
 
 
+@router.get("/models/{model_name}/config", response_model=ModelConfig, response_model_exclude_none=True)
+async def model_config(model_name: ModelPath, svc: ServiceDep) -> ModelConfig:
+    """Triton's model configuration (model-configuration extension): batching, inputs and outputs."""
+    return ModelConfig(**dataplane.model_config(svc, await dataplane.model_metadata(svc, model_name)))
+
+
+@router.get("/models/{model_name}/versions/{model_version}/config", response_model=ModelConfig, response_model_exclude_none=True)
+async def model_version_config(model_name: ModelPath, model_version: VersionPath, svc: ServiceDep) -> ModelConfig:
+    """The model configuration of one bundle version."""
+    return ModelConfig(**dataplane.model_config(svc, await dataplane.model_metadata(svc, model_name, model_version)))
+
+
 # ------------------------------------------------------------------------ infer
 INFER_DOC = {
     "requestBody": {
@@ -139,7 +159,15 @@ INFER_RESPONSES = {200: {"model": InferResponseBody, "description": f"JSON, foll
 
 async def _infer(request: Request, svc, model_name: str, model_version: str) -> Response:
     request.state.adapter = model_name
-    body = await request.body()
+    body = await request.body()  # the middleware holds the compressed size to the limit ...
+    encoding = request.headers.get("content-encoding")
+    if encoding:  # ... and `decompress` the decompressed size; off the event loop, it is CPU work
+        try:
+            body = await asyncio.to_thread(codec.decompress, body, encoding, svc.settings.max_body_bytes)
+        except ServiceError as e:
+            if e.code == "body_too_large":
+                svc.metrics.rejected.labels("body_too_large").inc()
+            raise
     req = codec.parse_rest(model_name, model_version, body, request.headers.get(codec.HEADER_LENGTH))
     resp = await dataplane.infer(svc, req, Watch(request, request_timeout(request, svc.settings)))
     out, header = codec.encode_rest(resp, req)

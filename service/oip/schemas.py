@@ -46,6 +46,28 @@ class ModelMetadata(BaseModel):
     outputs: list[TensorMetadata]
 
 
+class ConfigReshape(BaseModel):
+    shape: list[int]
+
+
+class ConfigTensor(BaseModel):
+    name: str
+    data_type: str = Field(description="Triton's `TYPE_*` names: TYPE_STRING (= BYTES), TYPE_UINT8, TYPE_FP32")
+    dims: list[int] = Field(description="the shape without the batch dimension; -1 = any size")
+    reshape: ConfigReshape | None = Field(None, description="`{\"shape\": []}`: one element per batch item, sent as [N] (or [N, 1])")
+
+
+class ModelConfig(BaseModel):
+    """Triton's model-configuration extension (`model_config.proto` as JSON), the fields this service has."""
+
+    name: str
+    platform: str
+    backend: str
+    max_batch_size: int = Field(description="images per request (`METALORA_MAX_IMAGES`)")
+    input: list[ConfigTensor]
+    output: list[ConfigTensor]
+
+
 class InferInput(BaseModel):
     name: str = Field(description="`image` (BYTES [N]) or `pixels` (UINT8 [N, H, W, 3])")
     shape: list[int]
