@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from . import errors
 from .container import Service
@@ -41,7 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await grpc.stop(grace=5)
             await service.stop()
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc from bundled assets, not a CDN: they work offline
         title="MetaLoRA Serve",
         version="1",
         summary="One frozen vision backbone, many input-conditioned MetaLoRA adapters, cross-adapter micro-batching.",
