@@ -66,7 +66,7 @@ def _fail(e: MetaLoRAError, files: list[Path] | None = None) -> None:
     m = _IMAGE_INDEX.match(getattr(e, "message", ""))
     if files is not None and m and int(m.group(1)) < len(files):
         text = f"{files[int(m.group(1))]}: {text}"
-    Console(stderr=True).print(f"[red]error:[/red] {escape(text)}")
+    Console(stderr=True).print(f"[red]error:[/red] {escape(text)}", soft_wrap=True)  # one line, however long
     raise typer.Exit(2)
 
 
