@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -14,7 +15,23 @@ from .errors import MetaLoRAError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Client for a running MetaLoRA service.")
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+# File suffixes a directory scan picks up: every one Pillow registers (with pillow-heif) for the
+# formats the service decodes (metalora.images.SUPPORTED_FORMATS; tests/test_client.py checks that
+# the two agree). Defined here because the client imports nothing of the server's packages.
+IMAGE_SUFFIXES = frozenset({
+    ".jpg", ".jpeg", ".jpe", ".jfif",  # JPEG
+    ".mpo",  # MPO: JPEG with extra pictures (phone cameras)
+    ".png", ".apng",  # PNG
+    ".webp",  # WebP
+    ".gif",  # GIF
+    ".bmp",  # BMP
+    ".tif", ".tiff",  # TIFF
+    ".avif", ".avifs",  # AVIF
+    ".heic", ".heics", ".heif", ".heifs", ".hif",  # HEIF
+})
+UNKNOWN_CAPTION = "unknown: the nearest gallery item is below the adapter's k-NN threshold (likely none of its classes)"
+# "images[3]: bytes are not an image…": the service names the request's image that failed.
+_IMAGE_INDEX = re.compile(r"^images\[(\d+)\]")
 
 UrlOpt = Annotated[Optional[str], typer.Option("--url", help=f"service URL (default: $METALORA_URL, else {DEFAULT_URL})")]
 AdapterOpt = Annotated[list[str], typer.Option("--adapter", "-a", help="adapter name[@version]; repeat to fan out over several")]
@@ -40,10 +57,16 @@ def _client(url: str | None) -> MetaLoRAClient:
     return MetaLoRAClient(url or default_url())
 
 
-def _fail(e: MetaLoRAError) -> None:
+def _fail(e: MetaLoRAError, files: list[Path] | None = None) -> None:
+    """One `error:` line on stderr, exit 2; an image error names the file (the server names its index)."""
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True).print(f"[red]error:[/red] {e}")
+    text = str(e)
+    m = _IMAGE_INDEX.match(getattr(e, "message", ""))
+    if files is not None and m and int(m.group(1)) < len(files):
+        text = f"{files[int(m.group(1))]}: {text}"
+    Console(stderr=True).print(f"[red]error:[/red] {escape(text)}", soft_wrap=True)  # one line, however long
     raise typer.Exit(2)
 
 
@@ -57,6 +80,7 @@ def _run(kind: str, url, adapters: list[str], images: list[Path], batch: int, as
     files = expand_images(images)
     adapter = adapters[0] if len(adapters) == 1 else adapters
     with _client(url) as c:
+        chunk: list[Path] = []
         try:
             for chunk in _chunks(files, batch):
                 build = {"predict": c._predict, "embed": c._embed, "knn": c._knn}[kind]
@@ -71,7 +95,7 @@ def _run(kind: str, url, adapters: list[str], images: list[Path], batch: int, as
                     typer.echo(json.dumps(body))
                 yield chunk, body
         except MetaLoRAError as e:
-            _fail(e)
+            _fail(e, chunk)
 
 
 def _pairs(chunk: list[Path], results: list[dict]):
@@ -98,6 +122,9 @@ def predict(
     for chunk, body in _run("predict", url, adapter, images, batch, as_json, top_k=top_k):
         for p, r in _pairs(chunk, body["results"]):
             preds = ", ".join(f"{x['label']} {x['score']:.3f}" for x in r["predictions"])
+            if r.get("unknown"):
+                preds = f"[bold]unknown[/bold] ({preds})"
+                table.caption = UNKNOWN_CAPTION
             table.add_row(str(p), f"{r['adapter']}@{r['version']}" if r["version"] else r["adapter"], preds)
     if not as_json:
         Console().print(table)
@@ -137,7 +164,10 @@ def knn(
     for chunk, body in _run("knn", url, adapter, images, batch, as_json, k=k):
         for p, r in _pairs(chunk, body["results"]):
             near = ", ".join(f"{n['id']} ({n['label']}, {n['score']:.3f})" for n in r["neighbors"][:3])
-            table.add_row(str(p), r["adapter"], str(r["label"]), near)
+            vote = f"[bold]unknown[/bold] ({r['label']})" if r.get("unknown") else str(r["label"])
+            if r.get("unknown"):
+                table.caption = UNKNOWN_CAPTION
+            table.add_row(str(p), r["adapter"], vote, near)
     if not as_json:
         Console().print(table)
 
@@ -244,3 +274,7 @@ def synthetic_images(n: int, size: int = 256) -> list[bytes]:
 
 def main() -> None:  # pragma: no cover
     app()
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m clients.cli`
+    main()

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, TypeVar, Union
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Sequence, TypeVar, Union
 
 import httpx
 from pydantic import BaseModel
@@ -36,26 +38,62 @@ from .models import (
 )
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-ImageLike = Union[bytes, bytearray, str, os.PathLike]
+# One image: raw file bytes, a path, a binary file object (anything with .read()), or a PIL image.
+ImageLike = Union[bytes, bytearray, memoryview, str, os.PathLike, BinaryIO, "PIL.Image.Image"]
 M = TypeVar("M", bound=BaseModel)
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 
 def default_url() -> str:
     return os.environ.get("METALORA_URL") or DEFAULT_URL
 
 
+def _is_pil(img) -> bool:
+    pil = sys.modules.get("PIL.Image")  # a PIL image exists only if PIL was imported
+    return pil is not None and isinstance(img, pil.Image)
+
+
+def _is_one_image(img) -> bool:
+    return isinstance(img, (bytes, bytearray, memoryview, str, os.PathLike)) or hasattr(img, "read") or _is_pil(img)
+
+
+def image_bytes(img: ImageLike) -> bytes:
+    """One image as file bytes: bytes as they are, a path read, a binary file object read from its
+    current position, a PIL image encoded as PNG (lossless). Raises TypeError for anything else
+    (naming its type) and for a file object opened in text mode."""
+    if isinstance(img, (bytes, bytearray, memoryview)):
+        return bytes(img)
+    if isinstance(img, (str, os.PathLike)):
+        return Path(img).read_bytes()
+    if hasattr(img, "read"):
+        data = img.read()
+        if not isinstance(data, (bytes, bytearray)):
+            raise TypeError(f"a file object for an image must be opened in binary mode ('rb'); read() gave {type(data).__name__}")
+        return bytes(data)
+    if _is_pil(img):
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        return buf.getvalue()
+    raise TypeError(
+        f"an image must be bytes, a path (str or os.PathLike), a binary file object or a PIL.Image, not {type(img).__module__}.{type(img).__qualname__}"
+    )
+
+
 def encode_image(img: ImageLike) -> str:
-    """Raw file bytes or a path -> base64 text for the JSON body (the server decodes and validates)."""
-    if isinstance(img, (bytes, bytearray)):
-        data = bytes(img)
-    else:
-        data = Path(img).read_bytes()
-    return base64.b64encode(data).decode("ascii")
+    """One image (see `image_bytes`) -> base64 text for the JSON body (the server decodes and validates)."""
+    return base64.b64encode(image_bytes(img)).decode("ascii")
 
 
 def _images(images: ImageLike | Sequence[ImageLike]) -> list[str]:
-    if isinstance(images, (bytes, bytearray, str, os.PathLike)):
+    """One image, or a list/tuple of them -> base64 texts. Raises TypeError for anything else."""
+    if _is_one_image(images):
         images = [images]
+    elif not isinstance(images, (list, tuple)):
+        raise TypeError(
+            f"images must be one image (bytes, path, binary file object, PIL.Image) or a list/tuple of them, not {type(images).__module__}.{type(images).__qualname__}"
+        )
     return [encode_image(i) for i in images]
 
 

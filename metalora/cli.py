@@ -24,29 +24,62 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def fail(message: str, code: int = 1):
+    """A user error: one line on stderr, exit status `code` (no traceback)."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
 @app.command()
 def predict(
-    images: Annotated[list[Path], typer.Argument(help="image files", exists=True, dir_okay=False)],
+    images: Annotated[list[Path], typer.Argument(help="image files")],
     adapter: Annotated[str, typer.Option(help="adapter name[@version] in the store, or 'base' for the ImageNet head")] = "base",
     store: Annotated[Optional[Path], typer.Option(help="model store (default: the repository's model_store/)")] = None,
     top_k: Annotated[int, typer.Option(min=1, help="labels per image")] = 5,
     device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ):
-    """Classify images in-process with the frozen backbone or an adapter from the store."""
+    """Classify images in-process with the frozen backbone or an adapter from the store.
+
+    Scores and `unknown` are the service's (`/v1/predict`): softmax(logits / T) with the bundle's
+    calibrated temperature, and `unknown` where the bundle has a k-NN threshold and the nearest item
+    of its gallery is below it. Bad input (unknown adapter, missing file, not an image) prints one
+    `error:` line on stderr and exits 2.
+    """
     import torch
 
+    from .bundle import BundleError
+    from .images import ImageError
     from .runtime import Runtime
 
-    rt = Runtime(store, device=resolve_device(device))
-    with torch.inference_mode():
-        results = rt.predict([p.read_bytes() for p in images], adapter, top_k=top_k)
+    blobs = []
+    for p in images:
+        try:
+            blobs.append(p.read_bytes())
+        except OSError as e:
+            fail(f"{p}: {e.strerror or e}", 2)
+    try:
+        rt = Runtime(store, device=resolve_device(device))
+        key = rt.load(adapter)
+        with torch.inference_mode():
+            results = rt.predict(blobs, key, top_k=top_k)
+    except BundleError as e:
+        fail(str(e), 2)
+    except ImageError:
+        for p, b in zip(images, blobs):  # name the file: decode them one by one (only on this path)
+            try:
+                rt.preprocess([b])
+            except ImageError as e:
+                fail(f"{p}: {e}", 2)
+        raise
     if as_json:
         typer.echo(json.dumps([{"image": str(p), **r} for p, r in zip(images, results)], indent=2))
         return
     for p, r in zip(images, results):
         preds = ", ".join(f"{x['label']} {x['score']:.3f}" for x in r["predictions"])
-        typer.echo(f"{p}: [{r['adapter']}@{r['version']}] {preds}")
+        ref = f"{r['adapter']}@{r['version']}" if r["version"] else r["adapter"]
+        unknown = "  unknown (none of its classes, by the k-NN threshold)" if r.get("unknown") else ""
+        typer.echo(f"{p}: [{ref}] {preds}{unknown}")
 
 
 @app.command("eval-imagenet")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -102,8 +103,15 @@ class Runtime:
         out.stages.update(prefix=t1 - t0, adapters=time.perf_counter() - t1)
         return out
 
+    def calibration(self, key: str) -> dict:
+        """The loaded bundle's `calibration` (metalora.calibration): `temperature`, `knn_threshold`; {} for base or none."""
+        return {} if key == BASE else (self.manifests[key].get("calibration") or {})
+
     def format_predictions(self, key: str, logits: torch.Tensor, top_k: int) -> dict:
-        probs = logits.float().softmax(-1)
+        """Top-k of softmax(logits / T) with the bundle's calibrated temperature T (1 without one),
+        as the service's `/v1/predict` scores them."""
+        temperature = float(self.calibration(key).get("temperature") or 1.0)
+        probs = (logits.float() / temperature).softmax(-1)
         k = min(top_k, probs.numel())
         scores, idx = probs.topk(k)
         labels = self.labels(key)
@@ -114,10 +122,33 @@ class Runtime:
             "predictions": [{"label": labels[i], "index": int(i), "score": float(s)} for s, i in zip(scores.tolist(), idx.tolist())],
         }
 
+    def nearest_similarity(self, key: str, embeddings: torch.Tensor) -> np.ndarray | None:
+        """Cosine similarity (N,) of each embedding (N, D) to its nearest item of the bundle's own
+        gallery (`metalora.calibration.nearest_similarity`); None without a gallery or for base.
+        Items added to a running server's gallery are not in the bundle, so are not seen here."""
+        from .calibration import nearest_similarity
+
+        gallery = None if key == BASE else self.gallery(key)
+        if gallery is None or not len(gallery.ids):
+            return None
+        g = F.normalize(gallery.embeddings.float(), dim=-1)  # stored fp16; the service normalises them in fp32 too
+        return nearest_similarity(g, F.normalize(embeddings.float(), dim=-1))
+
     def predict(self, images: list[bytes], ref: str, top_k: int = 5) -> list[dict]:
+        """One result per image: `adapter`, `version`, `predictions` (calibrated scores), and, where
+        the bundle has a k-NN threshold and a gallery, `unknown`: the nearest gallery item's cosine
+        similarity is below `calibration.knn_threshold` (the service's rule). Raises BundleError for
+        an unknown or bad adapter, metalora.images.ImageError for bytes that are not a usable image."""
         key = self.load(ref)
         out = self.run(self.preprocess(images), [key] * len(images))
-        return [self.format_predictions(key, lo, top_k) for lo in out.logits]
+        results = [self.format_predictions(key, lo, top_k) for lo in out.logits]
+        threshold = self.calibration(key).get("knn_threshold")
+        if threshold is not None:
+            sims = self.nearest_similarity(key, out.embeddings)
+            if sims is not None:
+                for r, s in zip(results, sims.tolist()):
+                    r["unknown"] = bool(s < threshold)
+        return results
 
     def embed(self, images: list[bytes], ref: str) -> torch.Tensor:
         key = self.load(ref)

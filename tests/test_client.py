@@ -86,6 +86,46 @@ def test_async_client_matches_sync(server, images, tmp_path):
     assert ready.ready and {a.name for a in listing.adapters} == set(ADAPTERS)
 
 
+def test_file_objects_and_pil_images_are_one_image_each(server, images, tmp_path):
+    """A binary file object used to be iterated line by line (413 too_many_images), a PIL image
+    raised 'not iterable'; now each is one image, and the server answers as for its bytes."""
+    import io
+
+    from PIL import Image
+
+    with MetaLoRAClient(server.url) as c:
+        want = c.predict(images[0], adapter="alpha", top_k=3)
+        assert len(want) == 1
+        got = c.predict(io.BytesIO(images[0]), adapter="alpha", top_k=3)
+        assert [r.model_dump() for r in got] == [r.model_dump() for r in want]  # same batch of one: bit for bit
+        p = tmp_path / "one.jpg"
+        p.write_bytes(images[0])
+        with open(p, "rb") as f:
+            got = c.predict([f, str(p), p, bytearray(images[0])], adapter="alpha", top_k=3)
+        assert len(got) == 4
+        for r in got:  # a batch of four: equal up to float rounding
+            assert [p.index for p in r.predictions] == [p.index for p in want[0].predictions]
+            assert [p.score for p in r.predictions] == pytest.approx([p.score for p in want[0].predictions], abs=1e-5)
+        pil = Image.open(io.BytesIO(images[1]))
+        got = c.embed(pil, adapter="alpha")
+        png = io.BytesIO()
+        pil.save(png, "PNG")  # the client sends a PIL image as PNG (lossless)
+        assert len(got) == 1 and got[0].embedding == pytest.approx(c.embed(png.getvalue(), adapter="alpha")[0].embedding, abs=1e-6)
+        assert len(c.knn((io.BytesIO(images[0]), pil), adapter="alpha", k=2)) == 2
+
+
+@pytest.mark.parametrize(
+    "bad,words",
+    [(3, "builtins.int"), ({"a": b""}, "builtins.dict"), ([1.5], "builtins.float"), ("io.StringIO", "binary mode")],
+)
+def test_anything_else_is_a_type_error_naming_it(server, bad, words):
+    import io
+
+    bad = io.StringIO("x") if bad == "io.StringIO" else bad
+    with MetaLoRAClient(server.url) as c, pytest.raises(TypeError, match=words):
+        c.predict(bad, adapter="alpha")
+
+
 def test_gallery_vectors_and_adapter_admin(server):
     with MetaLoRAClient(server.url, admin_token=TOKEN) as c:
         info = c.adapter("alpha")

@@ -1,0 +1,5 @@
+"""`python -m clients`: the `metalora-client` command."""
+
+from .cli import main
+
+main()
