@@ -138,3 +138,10 @@ def test_placeholder_admin_tokens_are_refused(token):
     with pytest.raises(ValidationError, match="METALORA_ADMIN_TOKEN"):
         Settings(admin_token=token)
     assert Settings(admin_token="3f9c1b7e2a8d4c6f0e1a2b3c4d5e6f70").admin_token is not None
+
+
+def test_openapi_docs_page_loads_without_a_cdn(server):
+    html = httpx.get(server.url + "/docs").text
+    assert "cdn." not in html and "swagger-ui-bundle.js" in html
+    js = re.search(r'src="([^"]*swagger-ui-bundle\.js)"', html).group(1)
+    assert httpx.get(server.url + js).status_code == 200
