@@ -60,7 +60,7 @@ async function loadAdapters() {
     box.replaceChildren(el("legend", { text: "Adapters (one result per image × adapter)" }));
     box.append(adapterRow("base", checked.has("base"), "frozen backbone, ImageNet head", null));
     for (const a of list.adapters) {
-      const tags = a.loaded.length ? `loaded ${a.loaded.join(", ")}${a.pinned.length ? " (pinned)" : ""}` : "not loaded";
+      const tags = a.loaded.length ? `loaded ${a.loaded.map((v) => "v" + v).join(", ")}${a.pinned.length ? " (pinned)" : ""}` : "not loaded";
       box.append(adapterRow(a.name, checked.has(a.name), tags, a));
     }
   } catch (e) {
@@ -76,10 +76,11 @@ function adapterRow(name, checked, tag, info) {
     el("span", { class: "tag", text: tag }));
   if (info && token()) {
     const loaded = info.loaded.length > 0;
+    const target = loaded ? `${name}@${info.loaded[info.loaded.length - 1]}` : name;  // unload what is loaded, not the latest
     row.append(el("button", {
       type: "button", class: "small", "aria-label": `${loaded ? "unload" : "load"} ${name}`,
       text: loaded ? "unload" : "load",
-      onclick: () => adminAction(() => api("POST", `/v1/adapters/${encodeURIComponent(name)}/${loaded ? "unload" : "load"}`, null, { admin: true }),
+      onclick: () => adminAction(() => api("POST", `/v1/adapters/${encodeURIComponent(target)}/${loaded ? "unload" : "load"}`, null, { admin: true }),
         `${name} ${loaded ? "unloaded" : "loaded"}`),
     }));
   }
@@ -120,7 +121,11 @@ function wireInput() {
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
   drop.addEventListener("drop", (ev) => { ev.preventDefault(); drop.classList.remove("over"); setFiles(ev.dataTransfer.files); });
   $("#run").addEventListener("click", run);
-  $("#token").addEventListener("input", () => { loadAdapters(); if (state.lastRun) render(state.lastRun); });
+  let typing = null;  // re-fetch once the token stops changing, not on every keystroke
+  $("#token").addEventListener("input", () => {
+    clearTimeout(typing);
+    typing = setTimeout(() => { loadAdapters(); if (state.lastRun) render(state.lastRun); }, 300);
+  });
 }
 
 function form(files, adapters, extra) {
