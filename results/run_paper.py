@@ -16,7 +16,13 @@ Stages and what they fix (docs/results.md, "The five-domain experiment"):
 
 * rows: `frozen` (k-NN on the frozen backbone, no head), `lora`, `metalora-cp`, `metalora-tr`,
   `metalora-tr-frozen-seed` (TR with c(x) fixed at its start value, mapping network off:
-  `seed_mode="frozen"`), and `multi-lora` on the mixture only: each test image goes to the LoRA
+  `seed_mode="frozen"`, ranks picked for the budget like every row). Note: with its core fixed
+  at the identity, a TR branch of ranks (R1, R2, R1) *is* a LoRA of rank R1·R2 (B's columns
+  permuted; same init, same optimiser steps — tests/test_seed_mode.py checks it), and at ≈ 70k
+  the budget gives it (4, 4, 4) = LoRA rank 16, the LoRA row's own rank. The optional row
+  `metalora-tr-frozen-seed-same-ranks` keeps MetaLoRA-TR's own ranks and only drops its mapping
+  network (so it sits below the budget by the mapping network's size): the narrowest
+  "conditioning on/off" pair. And `multi-lora` on the mixture only: each test image goes to the LoRA
   trained on its own task alone (routed by the TRUE task, an oracle), searched in that task's
   gallery; its five LoRAs are the single-task LoRA runs, each at the full budget, so Multi-LoRA
   holds five times the trainable parameters of one adapter (its JSON says so).
@@ -54,7 +60,7 @@ from metalora.bundle import Gallery  # noqa: E402
 from metalora.data import DataSpec, FeatureSet, prefix_features  # noqa: E402
 from metalora.evaluate import evaluate_features, knn_search  # noqa: E402
 from metalora.features import embed_features, model_for  # noqa: E402
-from metalora.train import DEFAULT_TARGETS, TrainConfig, holdout_split, pick_device, ranks_for_budget, train  # noqa: E402
+from metalora.train import DEFAULT_TARGETS, TrainConfig, count_params, holdout_split, pick_device, ranks_for_budget, train  # noqa: E402
 
 D = "../shared/data"
 FIRST_1000 = "per_class=1000,pick=first"  # the sets with more than 1,000 a class: the first 1,000 by id
@@ -80,8 +86,13 @@ TRAINED = {
     "metalora-cp": {"format": "cp"},
     "metalora-tr": {"format": "tr"},
     "metalora-tr-frozen-seed": {"format": "tr", "seed_mode": "frozen"},
+    "metalora-tr-frozen-seed-same-ranks": {"format": "tr", "seed_mode": "frozen"},
 }
-ROWS = ["frozen", "lora", "multi-lora", "metalora-cp", "metalora-tr", "metalora-tr-frozen-seed"]
+# Rows whose ranks are another row's (not picked for the budget): MetaLoRA-TR's own branch with
+# the mapping network removed, so below the budget by exactly the mapping network's parameters.
+SAME_RANKS_AS = {"metalora-tr-frozen-seed-same-ranks": "metalora-tr"}
+ROWS = ["frozen", "lora", "multi-lora", "metalora-cp", "metalora-tr", "metalora-tr-frozen-seed"]  # the rows: the default
+ALL_ROWS = [*ROWS, "metalora-tr-frozen-seed-same-ranks"]
 SEED_ROWS = ("metalora-cp", "metalora-tr")  # c(x) of the mixture's test images is saved for seed 0
 BUDGET, BUDGET2, TOLERANCE = 70_000, 280_000, 0.05
 SWEEP_RANKS = (4, 8, 16, 32)
@@ -177,6 +188,9 @@ class Runner:
 
     def ranks(self, row: str, budget: int) -> tuple[tuple[int, ...], int]:
         fmt, mode = TRAINED[row]["format"], TRAINED[row].get("seed_mode", "input")
+        if row in SAME_RANKS_AS:
+            ranks, _ = self.ranks(SAME_RANKS_AS[row], budget)
+            return ranks, count_params(self.bb, fmt, ranks, DEFAULT_TARGETS, seed_mode=mode)
         ranks, n = ranks_for_budget(self.bb, fmt, budget, DEFAULT_TARGETS, seed_mode=mode)
         if abs(n - budget) > TOLERANCE * budget:
             raise RuntimeError(f"{row}: no ranks within {TOLERANCE:.0%} of {budget} (closest {ranks}: {n})")
@@ -219,6 +233,7 @@ class Runner:
             "batch_size": t["batch_size"],
             "seed_mode": t["seed_mode"],
             "n_train": t["n_train"],
+            "n_classes": res["adapter"].config.num_classes,
             "seconds": res["seconds"],
             "train_images_per_epoch": t["n_train"],
             "metrics": res["metrics"],
@@ -288,7 +303,7 @@ class Runner:
             res = evaluate_features(model, None, labels, te, gal, k=10, device=self.device)
             res.pop("per_class", None)
             train_specs, test_specs = self.suite.data(task)
-            rec = {"stage": "main", "task": task, "row": "frozen", "seed": None, "trainable_params": 0,
+            rec = {"stage": "main", "task": task, "row": "frozen", "seed": None, "trainable_params": 0, "n_classes": len(labels),
                    "metrics": {**res, "data": test_specs, "gallery_data": train_specs}, "seconds": round(time.time() - t0, 1),
                    "note": "frozen backbone: k-NN on its embedding, gallery = the same training images; no head",
                    "machine": self.machine, "device": self.device}
@@ -441,7 +456,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--stage", choices=["lr", "main", "sweep", "budget2", "all"], default="main")
     ap.add_argument("--suite", choices=list(SUITES), default="paper")
     ap.add_argument("--tasks", nargs="+", help="columns (default: every task of the suite and mixed)")
-    ap.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
+    ap.add_argument("--rows", nargs="+", default=ROWS, choices=ALL_ROWS)
     ap.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2 (main, budget2), 0 (lr, sweep)")
     ap.add_argument("--epochs", type=int, default=EPOCHS)
     ap.add_argument("--batch-size", type=int, default=BATCH)

@@ -170,3 +170,38 @@ def test_frozen_bundle_loads_and_serves(trained):
     o = runner.run(x[[0, 3]], [keys[0], keys[0]])
     assert (o.embeddings - got.embeddings[[0, 3]].float()).abs().max().item() <= 1e-4
     assert torch.allclose(o.seeds[0], got.seeds[0], atol=1e-5)
+
+
+def test_tr_with_a_frozen_identity_core_is_lora_of_rank_r1_r2(tiny_backbone):
+    """TR (R1, R2, R1) with C = I fixed is LoRA of rank R1·R2 with B's columns permuted, and from
+    the same seed it starts and trains identically: why the matched-budget ablation (TR (4, 4, 4)
+    at ~70k) reproduces the LoRA row (rank 16), and the same-ranks variant exists."""
+    r1, r2 = 2, 3
+    torch.manual_seed(7)
+    tr = Adapter(tiny_backbone, AdapterConfig("tr", (r1, r2, r1), ["*"], list("abc"), seed_mode="frozen")).double()
+    torch.manual_seed(7)
+    lo = Adapter(tiny_backbone, AdapterConfig("lora", (r1 * r2,), ["*"], list("abc"))).double()
+    assert tr.num_trainable() == lo.num_trainable()
+    perm = torch.tensor([r * r2 + q for q in range(r2) for r in range(r1)])  # TR column q·R1+r <- LoRA column r·R2+q
+    for key in tr.branches:
+        assert torch.equal(tr.branches[key].A, lo.branches[key].A)  # the same initial draw
+    model = MetaLoRAModel(tiny_backbone)
+    model.add_adapter("tr", tr)
+    model.add_adapter("lora", lo)
+    opts = {n: torch.optim.AdamW([p for p in a.parameters() if p.requires_grad], lr=0.05) for n, a in (("tr", tr), ("lora", lo))}
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):  # a few optimiser steps on the same batches
+        x = torch.randn(6, 3, 16, 16, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 3, (6,), generator=g)
+        for name, opt in opts.items():
+            out = model.forward(x, [name] * 6)
+            loss = torch.nn.functional.cross_entropy(torch.stack(out.logits), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for key in tr.branches:
+        torch.testing.assert_close(tr.branches[key].B, lo.branches[key].B[:, perm], rtol=0, atol=1e-10)
+        torch.testing.assert_close(tr.branches[key].delta_weight(tr.mapping.seed0[None, : r1 * r1]), lo.branches[key].delta_weight(), rtol=0, atol=1e-10)
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward(x, ["tr"] * 3).embeddings, model.forward(x, ["lora"] * 3).embeddings, rtol=0, atol=1e-10)
