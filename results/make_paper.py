@@ -309,14 +309,16 @@ def seed_analysis(npz: Path, tsne_max: int, seed: int = 0) -> tuple[dict, dict]:
                 "abs": float(np.abs(d[tasks == t]).mean())} for t in names}
     pca = PCA(n_components=2).fit(c)
     perplexity = float(min(30, max(2, (len(sub) - 1) / 3)))
-    ts = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(c[sub]) if len(sub) > 3 else np.zeros((len(sub), 2))
+    # Exact gradients for small sets: Barnes-Hut's OpenMP loop is slower there (and stalls on a busy CPU).
+    method = "exact" if len(sub) <= 1000 else "barnes_hut"
+    ts = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed, method=method).fit_transform(c[sub]) if len(sub) > 3 else np.zeros((len(sub), 2))
     stats = {
         "n": int(len(c)), "seed_dim": int(c.shape[1]), "tasks": names,
         "probe": {"mean": float(acc.mean()), "std": float(acc.std()), "folds": int(folds), "n": int(len(sub)),
                   "chance": max(counts) / len(sub), "model": "StandardScaler + LogisticRegression, stratified k-fold"},
         "between_task_share": float(between / tot) if tot > 0 else 0.0,
         "pca_explained_variance": [float(v) for v in pca.explained_variance_ratio_],
-        "tsne": {"n": int(len(sub)), "perplexity": perplexity, "init": "pca", "random_state": seed},
+        "tsne": {"n": int(len(sub)), "perplexity": perplexity, "init": "pca", "random_state": seed, "method": method},
         "move": move,
     }
     proj = {"pca": (pca.transform(c), tasks), "tsne": (ts, tasks[sub])}
@@ -431,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sweep-ranks", type=int, nargs="+", default=list(SWEEP_RANKS))
     ap.add_argument("--sweep-rows", nargs="+", default=["lora", "metalora-tr"])
     ap.add_argument("--sweep-seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--tsne-max", type=int, default=5000, help="images (class-balanced by task) for t-SNE and the probe")
+    ap.add_argument("--tsne-max", type=int, default=3000, help="images (class-balanced by task) for t-SNE and the probe")
     args = ap.parse_args(argv)
     s, extra = build(args.out, args.suite, args.rows, args.seeds, args.lr_grid, args.sweep_ranks, args.sweep_rows, args.sweep_seeds, args.tsne_max)
     pngs: dict[str, Path] = {}

