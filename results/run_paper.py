@@ -420,6 +420,22 @@ class Runner:
         return sorted(tasks, key=lambda t: t != MIXED)  # the mixture first: it is what the issue is about
 
 
+def uncached(suite: dict[str, tuple[str, str]], backbone, cache_dir) -> list[str]:
+    """The specs whose features are neither cached nor cut from a cached whole set."""
+    from dataclasses import replace
+
+    from metalora.data import cache_path
+
+    out = []
+    for pair in suite.values():
+        for text in pair:
+            spec = DataSpec.parse(text)
+            whole = replace(spec, per_class=None, pick="seeded", subset_seed=0)
+            if not (cache_path(spec, backbone, cache_dir).is_file() or cache_path(whole, backbone, cache_dir).is_file()):
+                out.append(text)
+    return out
+
+
 def command(data: tuple[list[str], list[str]], rec: dict, row: dict) -> str:
     """The equivalent `metalora train` command line of one run."""
     ranks = " ".join(f"--rank {r}" for r in rec["ranks"])
@@ -471,6 +487,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "paper", help="checkpoints of unfinished runs")
     ap.add_argument("--cache-dir", type=Path, help="prefix-feature cache (default: $METALORA_CACHE or ~/.cache/metalora)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--compute-features", action="store_true", help="compute prefix features missing from the cache (default: refuse)")
     ap.add_argument("--progress", action="store_true", help="progress bars")
     return ap
 
@@ -485,7 +502,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.suite == "paper":  # ../shared is read relative to the repository root
         os.chdir(ROOT)
     dev = pick_device(args.device)
-    bb = create_backbone("efficientnet_lite0")
+    bb = create_backbone("efficientnet_lite0").to(dev)
+    if not args.compute_features:
+        missing = uncached(suite_specs, bb, args.cache_dir)
+        if missing:
+            raise SystemExit("prefix features not in the cache (issue 12 shares the full-data cache rather than "
+                             "building a second one): " + ", ".join(missing) + ". Finish it with `metalora cache-features`, "
+                             "or pass --compute-features to compute them here.")
     t0 = time.time()
     suite = Suite(suite_specs, bb, args.cache_dir, dev, args.progress)
     print(f"features loaded in {time.time() - t0:.0f} s: " + ", ".join(f"{t} {len(suite.train[t])}/{len(suite.test[t])}" for t in [*suite.tasks, MIXED]), flush=True)

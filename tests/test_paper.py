@@ -27,7 +27,7 @@ PAPER_ARGS = ["--suite", "smoke", "--seeds", *SEEDS, "--lr-grid", "0.001", "0.01
 
 def _run(d, *extra):
     run_paper.main(["--suite", "smoke", "--out", str(d / "out"), "--runs", str(d / "runs"), "--cache-dir", str(d / "cache"),
-                    "--epochs", "1", "--batch-size", "16", *extra])
+                    "--epochs", "1", "--batch-size", "16", "--compute-features", *extra])
 
 
 @pytest.fixture(scope="module")
