@@ -435,6 +435,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sweep-seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--tsne-max", type=int, default=3000, help="images (class-balanced by task) for t-SNE and the probe")
     args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
     s, extra = build(args.out, args.suite, args.rows, args.seeds, args.lr_grid, args.sweep_ranks, args.sweep_rows, args.sweep_seeds, args.tsne_max)
     pngs: dict[str, Path] = {}
     if s["sweep"]:
