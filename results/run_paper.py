@@ -499,6 +499,9 @@ def main(argv: list[str] | None = None) -> None:
     suite_specs = SUITES[args.suite]
     if args.tasks is None:
         args.tasks = [*suite_specs, MIXED]
+    unknown = sorted(set(args.tasks) - {*suite_specs, MIXED})
+    if unknown:
+        raise SystemExit(f"--tasks {unknown}: not in the {args.suite} suite ({', '.join([*suite_specs, MIXED])})")
     if args.suite == "paper":  # ../shared is read relative to the repository root
         os.chdir(ROOT)
     dev = pick_device(args.device)
