@@ -112,6 +112,7 @@ def train(
     lr: Annotated[float, typer.Option(help="peak AdamW learning rate (warm-up, cosine decay)")] = 3e-3,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     seed: Annotated[int, typer.Option()] = 0,
+    seed_mode: Annotated[str, typer.Option(help="input: the seed c(x) comes from the mapping network (MetaLoRA); frozen: c(x) is the format's start value for every input, the mapping network off (the ablation; cp/tr only)")] = "input",
     eval_data: Annotated[Optional[list[str]], typer.Option(help="test data spec(s): k-NN/head accuracy goes into the manifest")] = None,
     gallery_per_class: Annotated[Optional[int], typer.Option(help="gallery items per class (default: every training image)")] = None,
     holdout_frac: Annotated[float, typer.Option(min=0.0, max=0.9, help="share of each class held out of training to fit the head temperature and the k-NN 'unknown' threshold (0: no calibration)")] = 0.0,
@@ -134,7 +135,7 @@ def train(
 
     cfg = TrainConfig(
         data=data, format=format, ranks=tuple(rank) if rank else None, budget=budget,
-        targets=targets or list(DEFAULT_TARGETS), epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+        targets=targets or list(DEFAULT_TARGETS), epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, seed_mode=seed_mode,
         gallery_per_class=gallery_per_class, holdout_frac=holdout_frac, false_reject_rate=false_reject_rate,
     )
     name = name or out.resolve().parent.name
@@ -147,6 +148,7 @@ def train(
     except (ValueError, FileNotFoundError) as e:
         raise typer.BadParameter(str(e)) from None
     res.pop("adapter")
+    res.pop("gallery")
     if as_json:
         typer.echo(json.dumps(res, indent=2))
     else:

@@ -47,6 +47,7 @@ class TrainConfig:
     seed: int = 0
     alpha: float = 8.0
     mapping_hidden: int = 64
+    seed_mode: str = "input"  # input: c(x) from the mapping network; frozen: c(x) = c0 (the ablation, metalora.adapters.FrozenSeed)
     gallery_per_class: int | None = None  # None: every training image goes into the gallery
     holdout_frac: float = 0.0  # seeded stratified share of the training images kept out to calibrate
     false_reject_rate: float = 0.05  # of the held-out images, for the k-NN "unknown" threshold
@@ -56,6 +57,8 @@ class TrainConfig:
         if not self.holdout_frac:  # runs without calibration hash as they did before these fields
             d.pop("holdout_frac")
             d.pop("false_reject_rate")
+        if self.seed_mode == "input":  # likewise for the default seed mode
+            d.pop("seed_mode")
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
@@ -80,20 +83,24 @@ def holdout_split(labels: list[str], frac: float, seed: int) -> tuple[list[int],
     return [i for i in range(len(labels)) if i not in held], sorted(hold)
 
 
-def count_params(backbone: Backbone, fmt: str, ranks, targets, alpha: float = 8.0, mapping_hidden: int = 64) -> int:
+def count_params(backbone: Backbone, fmt: str, ranks, targets, alpha: float = 8.0, mapping_hidden: int = 64,
+                 seed_mode: str = "input") -> int:
     """Trainable parameters of an adapter (head excluded), without keeping it."""
-    return Adapter(backbone, AdapterConfig(fmt, tuple(ranks), targets, ["x"], alpha, mapping_hidden)).num_trainable()
+    return Adapter(backbone, AdapterConfig(fmt, tuple(ranks), targets, ["x"], alpha, mapping_hidden, seed_mode)).num_trainable()
 
 
-def ranks_for_budget(backbone: Backbone, fmt: str, budget: int, targets, mapping_hidden: int = 64) -> tuple[tuple[int, ...], int]:
+def ranks_for_budget(backbone: Backbone, fmt: str, budget: int, targets, mapping_hidden: int = 64,
+                     seed_mode: str = "input") -> tuple[tuple[int, ...], int]:
     """Ranks whose trainable count (mapping net + branches) is closest to `budget`; (ranks, count).
+
+    With `seed_mode="frozen"` there is no mapping network, so the branches get its share.
 
     lora/cp: one rank, counts are affine in it. tr: R1 = R3 (the seed core is square) and R2 free;
     among the choices within 5 % of the budget the most balanced ring (largest min rank) wins.
     """
     if fmt in ("lora", "cp"):
-        c1 = count_params(backbone, fmt, (1,), targets, mapping_hidden=mapping_hidden)
-        c2 = count_params(backbone, fmt, (2,), targets, mapping_hidden=mapping_hidden)
+        c1 = count_params(backbone, fmt, (1,), targets, mapping_hidden=mapping_hidden, seed_mode=seed_mode)
+        c2 = count_params(backbone, fmt, (2,), targets, mapping_hidden=mapping_hidden, seed_mode=seed_mode)
         per, fixed = c2 - c1, c1 - (c2 - c1)
         r = max(1, round((budget - fixed) / per))
         return (r,), fixed + per * r
@@ -101,8 +108,8 @@ def ranks_for_budget(backbone: Backbone, fmt: str, budget: int, targets, mapping
         raise ValueError(f"unknown format {fmt!r}")
     cands = []
     for r in range(1, 9):
-        base = count_params(backbone, fmt, (r, 1, r), targets, mapping_hidden=mapping_hidden)
-        per = count_params(backbone, fmt, (r, 2, r), targets, mapping_hidden=mapping_hidden) - base
+        base = count_params(backbone, fmt, (r, 1, r), targets, mapping_hidden=mapping_hidden, seed_mode=seed_mode)
+        per = count_params(backbone, fmt, (r, 2, r), targets, mapping_hidden=mapping_hidden, seed_mode=seed_mode) - base
         r2 = max(1, round((budget - base) / per) + 1)
         n = base + per * (r2 - 1)
         cands.append(((r, r2, r), n))
@@ -179,6 +186,8 @@ def train(
     baseline: bool = False,
     thumbnails: bool = True,
     ood_data: list[str] | None = None,
+    train_features: FeatureSet | None = None,
+    eval_features: FeatureSet | None = None,
 ) -> dict:
     """Train, evaluate (when `eval_data` is given) and write a bundle to `out`; returns a summary.
 
@@ -186,6 +195,9 @@ def train(
     training images, so the manifest shows what the adapter adds. `stop_after_epoch` ends the run early after that many epochs (checkpoint written): how the
     tests interrupt a run to check that resuming matches an uninterrupted one. `thumbnails`
     stores a small picture of each gallery item's source image in the gallery (metalora.thumbnails).
+    `train_features` / `eval_features`: the features of `cfg.data` / `eval_data`, already loaded
+    (a driver running many configurations loads them once); they must be what those specs give.
+    The summary holds the trained `adapter` and its `gallery` besides the manifest's sections.
     """
     from tqdm.auto import tqdm
 
@@ -193,7 +205,7 @@ def train(
     dev = pick_device(device)
     torch.manual_seed(cfg.seed)
     backbone = backbone.to(dev)
-    train_fs = load_features(cfg.data, backbone, cache_dir=cache_dir, device=dev, progress=progress)
+    train_fs = train_features if train_features is not None else load_features(cfg.data, backbone, cache_dir=cache_dir, device=dev, progress=progress)
     labels = train_fs.classes
     fit_idx, hold_idx = holdout_split(train_fs.labels, cfg.holdout_frac, cfg.seed)
     hold_fs = train_fs.take(hold_idx) if hold_idx else None
@@ -204,12 +216,12 @@ def train(
 
     if cfg.ranks is None:
         if cfg.budget is not None:
-            cfg.ranks, _ = ranks_for_budget(backbone, cfg.format, cfg.budget, cfg.targets, cfg.mapping_hidden)
+            cfg.ranks, _ = ranks_for_budget(backbone, cfg.format, cfg.budget, cfg.targets, cfg.mapping_hidden, cfg.seed_mode)
         else:
             cfg.ranks = DEFAULT_RANKS[cfg.format]
     cfg.ranks = tuple(cfg.ranks)
     torch.manual_seed(cfg.seed)  # the adapter's init depends on the seed alone
-    adapter = Adapter(backbone, AdapterConfig(cfg.format, cfg.ranks, cfg.targets, labels, cfg.alpha, cfg.mapping_hidden)).to(dev)
+    adapter = Adapter(backbone, AdapterConfig(cfg.format, cfg.ranks, cfg.targets, labels, cfg.alpha, cfg.mapping_hidden, cfg.seed_mode)).to(dev)
     model = model_for(backbone)
     params = [p for p in adapter.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -289,7 +301,7 @@ def train(
 
     metrics = {}
     if eval_data:
-        test_fs = load_features(eval_data, backbone, cache_dir=cache_dir, device=dev, progress=progress)
+        test_fs = eval_features if eval_features is not None else load_features(eval_data, backbone, cache_dir=cache_dir, device=dev, progress=progress)
         res = evaluate_features(model, adapter, labels, test_fs, gallery, k=10, device=dev, calibration=calibration)
         metrics = {
             "knn_top1": res["knn_top1"],
@@ -338,6 +350,7 @@ def train(
         adapter.to(dev)
         backbone.to(dev)
     summary["adapter"] = adapter
+    summary["gallery"] = gallery
     return summary
 
 

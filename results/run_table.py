@@ -85,6 +85,7 @@ def main() -> None:
                 res = train(cfg, bb, out=ROOT / "runs" / "table" / name / "1", name=name, version="1", eval_data=test_specs,
                             ckpt_dir=ROOT / "runs" / "ckpt" / f"table-{name}", progress=False)
                 res.pop("adapter")
+                res.pop("gallery")
                 res["seconds"] = round(time.time() - t0, 1)
                 res.update(task=task, row=fmt, seed=seed)
                 res["command"] = (

@@ -12,6 +12,10 @@ from ..backbones.base import Backbone
 from .formats import FORMATS, Branch, create_branch
 
 RANKS_PER_FORMAT = {"lora": 1, "cp": 1, "tr": 3}
+# How an adapter gets its seed c(x): `input` — the mapping network reads the input's pooled
+# features (MetaLoRA); `frozen` — the ablation with the mapping network off, c(x) = c0 for every
+# input (see FrozenSeed).
+SEED_MODES = ("input", "frozen")
 
 
 @dataclass
@@ -24,13 +28,18 @@ class AdapterConfig:
     labels: list[str]
     alpha: float = 8.0
     mapping_hidden: int = 64
+    seed_mode: str = "input"  # input | frozen (SEED_MODES); bundles without the field are `input`
 
     def __post_init__(self):
         FORMATS.get(self.format)  # fails loudly on an unknown format
+        if self.seed_mode not in SEED_MODES:
+            raise ValueError(f"seed_mode must be one of {SEED_MODES}, got {self.seed_mode!r}")
         self.ranks = tuple(int(r) for r in self.ranks)
         want = RANKS_PER_FORMAT[self.format]
         if len(self.ranks) != want or min(self.ranks) < 1:
             raise ValueError(f"format {self.format!r} takes {want} positive rank(s), got {self.ranks}")
+        if self.seed_mode != "input" and not FORMATS.get(self.format).default_seed(self.ranks).numel():
+            raise ValueError(f"seed_mode {self.seed_mode!r} needs a seeded format (cp, tr); {self.format!r} has no seed")
         if not self.targets:
             raise ValueError("an adapter needs at least one target pattern")
         if len(self.labels) < 1:
@@ -43,11 +52,14 @@ class AdapterConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["ranks"] = list(self.ranks)
+        if d["seed_mode"] == "input":  # the default is left out: older manifests and graph digests stay as they were
+            d.pop("seed_mode")
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "AdapterConfig":
-        return cls(**{k: d[k] for k in ("format", "ranks", "targets", "labels", "alpha", "mapping_hidden")})
+        return cls(**{k: d[k] for k in ("format", "ranks", "targets", "labels", "alpha", "mapping_hidden")},
+                   seed_mode=d.get("seed_mode", "input"))
 
 
 def resolve_targets(backbone: Backbone, patterns: list[str]) -> list[str]:
@@ -80,6 +92,25 @@ class MappingNet(nn.Module):
         return self.seed0 + self.net(f)  # (N, S)
 
 
+class FrozenSeed(nn.Module):
+    """`c(x) = c0` for every input: the mapping network switched off (the seed ablation).
+
+    c0 is the format's start value (`Branch.default_seed`: ones for CP, the identity core for
+    TR), which is exactly what `MappingNet` emits for *any* input at initialisation (its last
+    layer starts at zero). It is a buffer, not a parameter: it never trains. A trainable constant
+    would add nothing, since a constant c rescales CP's B columns (and multiplies TR's B core),
+    which B can learn by itself; the start value is therefore the static control for the same
+    branch, differing from MetaLoRA only in having no input conditioning.
+    """
+
+    def __init__(self, seed0: torch.Tensor):
+        super().__init__()
+        self.register_buffer("seed0", seed0.clone())  # (S,); saved in the bundle's weights
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.seed0.expand(f.shape[0], -1)  # (N, S)
+
+
 class Adapter(nn.Module):
     """An adapter for one backbone: branches per target layer, optional mapping net, its head."""
 
@@ -95,7 +126,10 @@ class Adapter(nn.Module):
         total = sum(self.seed_dims.values())
         if total:
             seed0 = torch.cat([FORMATS.get(config.format).default_seed(config.ranks) for _ in self.targets])
-            self.mapping: MappingNet | None = MappingNet(backbone.seed_in_dim, config.mapping_hidden, seed0)
+            if config.seed_mode == "frozen":
+                self.mapping: MappingNet | FrozenSeed | None = FrozenSeed(seed0)
+            else:
+                self.mapping = MappingNet(backbone.seed_in_dim, config.mapping_hidden, seed0)
         else:
             self.mapping = None
         self.head = nn.Linear(backbone.embed_dim, config.num_classes)
@@ -125,7 +159,7 @@ class Adapter(nn.Module):
 
         for br in self.branches.values():
             fill(br.B)
-        if self.mapping is not None:
+        if isinstance(self.mapping, MappingNet):
             fill(self.mapping.net[-1].weight)
             fill(self.mapping.net[-1].bias)
         return self

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.base import Backbone
-from .adapter import Adapter
+from .adapter import Adapter, MappingNet
 from .formats import gathered_update, reference_forward
 
 
@@ -255,6 +255,10 @@ def _batched_seeds(runs: list[tuple[int, int, Adapter | None]], f: torch.Tensor)
     groups: dict[tuple, list[int]] = {}
     for j, (_, _, ad) in enumerate(runs):
         if ad is None or ad.mapping is None:
+            continue
+        if not isinstance(ad.mapping, MappingNet):  # a frozen seed: a constant, nothing to batch
+            start, end, _ = runs[j]
+            out[j] = ad.seeds(f[start:end])
             continue
         ln, l1, act, l2 = ad.mapping.net
         key = (tuple(l1.weight.shape), tuple(l2.weight.shape), ln.eps, getattr(act, "approximate", None), l1.weight.dtype, l1.weight.device)
