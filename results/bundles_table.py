@@ -1,0 +1,58 @@
+"""The shipped bundles' table (README, docs/results.md "Shipped bundles"), from what is on disk:
+each bundle's manifest (its own test-set figures, calibration, OOD rejection), the frozen
+backbone's figures on the same images (`results/full_scale/<task>-frozen-full.json`, written by
+`results/frozen_baseline.py`) and, where measured, k-NN with the whole training set as gallery
+(`results/full_scale/<task>-<version>-eval-fullgallery.json`, `metalora eval --gallery-data`).
+
+    python -m results.bundles_table cifar10@3 fashion-mnist@1 eurosat@1 gtsrb@1
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from metalora.bundle import read_manifest
+from metalora.store import ModelStore
+
+ROOT = Path(__file__).resolve().parent.parent
+FULL = ROOT / "results" / "full_scale"
+OOD_NAMES = {"cifar10": "C10", "mnist": "MNIST", "fashion-mnist": "F-MNIST", "eurosat": "EuroSAT", "gtsrb": "GTSRB"}
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.1f}"
+
+
+def row(ref: str) -> str:
+    name, version, path = ModelStore(ROOT / "model_store").resolve(ref)
+    m = read_manifest(path)
+    met, tr, cal = m.get("metrics", {}), m.get("training", {}), m.get("calibration") or {}
+    frozen = FULL / f"{name}-frozen-full.json"
+    fz = json.loads(frozen.read_text()) if frozen.is_file() else {}
+    full = FULL / f"{name}-{version}-eval-fullgallery.json"
+    fg = json.loads(full.read_text()).get("knn_top1") if full.is_file() else None
+    ood = "; ".join(f"{OOD_NAMES.get(Path(k.split('?')[0]).parent.name, k)} {_pct(v)}" for k, v in (met.get("ood_rejection") or {}).items())
+    ranks = m["adapter"]["ranks"]
+    frozen_knn = next((v for k, v in fz.items() if k.startswith("knn10_gallery_") and k != "knn10_gallery_full"), None)
+    ece = f"{_pct(met.get('ece'))} → {_pct(met.get('ece_calibrated'))} (T {cal['temperature']:.2f})" if cal else "—"
+    held = f" (+{round(tr['n_train'] * tr['holdout_frac'] / (1 - tr['holdout_frac'])):,} held out)" if tr.get("holdout_frac") else ""
+    return (f"| `{name}@{version}` | {m['adapter']['format']} {list(ranks)} | {tr['trainable_params']:,} | {tr['n_train']:,}{held} "
+            f"| {tr['gallery_items']:,} | **{_pct(met.get('knn_top1'))}** | {_pct(fg)} | **{_pct(met.get('head_top1'))}** "
+            f"| {_pct(frozen_knn)} / {_pct(fz.get('probe_top1'))} | {ece} | {_pct(met.get('test_false_reject_rate'))} | {ood} | {met['n']:,} |")
+
+
+HEADER = ("| bundle | format, ranks | trainable | train images | gallery | k-NN@10 % | k-NN@10, whole train set as gallery % | head top-1 % "
+          "| frozen k-NN@10 / probe % | ECE % → after T | unknown on own test % | OOD answered unknown % | test images |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def main(refs: list[str]) -> None:
+    print(HEADER)
+    for ref in refs:
+        print(row(ref))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or ["cifar10", "fashion-mnist", "eurosat", "gtsrb"])
