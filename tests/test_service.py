@@ -262,7 +262,7 @@ BAD = [
     # (id, method, path, request kwargs, status, code)
     ("unknown-adapter", "post", "/v1/predict", dict(json={"adapter": "nope", "images": ["AAAA"]}), 404, "unknown_adapter"),
     ("unknown-version", "post", "/v1/predict", dict(json={"adapter": "beta@9", "images": ["AAAA"]}), 404, "unknown_adapter"),
-    ("bad-adapter-name", "post", "/v1/predict", dict(json={"adapter": "../etc", "images": ["AAAA"]}), 422, "invalid_request"),
+    ("bad-adapter-name", "post", "/v1/predict", dict(json={"adapter": "../etc", "images": ["AAAA"]}), 422, "invalid_name"),
     ("top-k-zero", "post", "/v1/predict", dict(json={"adapter": "base", "images": ["AAAA"], "top_k": 0}), 422, "invalid_request"),
     ("top-k-huge", "post", "/v1/predict", dict(json={"adapter": "base", "images": ["AAAA"], "top_k": 100000}), 422, "invalid_top_k"),
     ("no-images", "post", "/v1/predict", dict(json={"adapter": "base", "images": []}), 422, "invalid_request"),
