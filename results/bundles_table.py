@@ -4,7 +4,10 @@ backbone's figures on the same images (`results/full_scale/<task>-frozen-full.js
 `results/frozen_baseline.py`) and, where measured, k-NN with the whole training set as gallery
 (`results/full_scale/<task>-<version>-eval-fullgallery.json`, `metalora eval --gallery-data`).
 
-    python -m results.bundles_table cifar10@3 fashion-mnist@1 eurosat@1 gtsrb@1
+    python -m results.bundles_table [cifar10@3 fashion-mnist@1 ...] [--write]
+
+`--write` also puts the table (and the targets table) between the markers in README.md and
+docs/results.md.
 """
 
 from __future__ import annotations
@@ -48,11 +51,38 @@ HEADER = ("| bundle | format, ranks | trainable | train images | gallery | k-NN@
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
-def main(refs: list[str]) -> None:
-    print(HEADER)
-    for ref in refs:
-        print(row(ref))
+# Issue #11's targets: CIFAR-10 >= 0.90; the others >= the frozen probe + 3 points and >= 0.90.
+def target(name: str) -> float | None:
+    if name == "cifar10":
+        return 0.90
+    f = FULL / f"{name}-frozen-full.json"
+    return max(json.loads(f.read_text())["probe_top1"] + 0.03, 0.90) if f.is_file() else None
+
+
+def target_row(ref: str) -> str:
+    name, version, path = ModelStore(ROOT / "model_store").resolve(ref)
+    met = read_manifest(path).get("metrics", {})
+    t = target(name)
+    gap = "—" if t is None else f"{100 * (min(met['knn_top1'], met['head_top1']) - t):+.1f} points (the lower of the two)"
+    return f"| `{name}@{version}` | ≥ {_pct(t)} | {_pct(met.get('knn_top1'))} | {_pct(met.get('head_top1'))} | {gap} |"
+
+
+def _replace(path: Path, block: str, text: str) -> None:
+    doc = path.read_text()
+    start, end = f"<!-- {block}:start -->\n", f"<!-- {block}:end -->"
+    i, j = doc.index(start) + len(start), doc.index(end)
+    path.write_text(doc[:i] + text + "\n" + doc[j:])
+
+
+def main(refs: list[str], write: bool = False) -> None:
+    table = "\n".join([HEADER, *(row(r) for r in refs)])
+    print(table)
+    if write:  # README and docs/results.md carry the table between their markers
+        _replace(ROOT / "README.md", "readme-bundles", table)
+        _replace(ROOT / "docs" / "results.md", "bundles-table", table)
+        _replace(ROOT / "docs" / "results.md", "targets", "\n".join(target_row(r) for r in refs))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["cifar10", "fashion-mnist", "eurosat", "gtsrb"])
+    args = [a for a in sys.argv[1:] if a != "--write"]
+    main(args or ["cifar10", "fashion-mnist", "eurosat", "gtsrb"], write="--write" in sys.argv)
