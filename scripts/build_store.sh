@@ -55,9 +55,10 @@ CAL=(--format tr --lr 0.003 --seed 0 --holdout-frac 0.1 --json)
 "$METALORA" train "${CAL[@]}" --budget 280000 --epochs 4 --batch-size 128 --gallery-per-class 300 \
     --data "$D/cifar10/train.zip" --eval-data "$D/cifar10/test.zip" $(ood cifar10) \
     --checkpoint runs/ckpt/cifar10-3 --out model_store/adapters/cifar10/3
-for t in fashion-mnist eurosat gtsrb; do
-  g=200; [ "$t" = gtsrb ] && g=50   # gallery items a class: the store stays under 60 MB
-  "$METALORA" train "${CAL[@]}" --budget "${BUDGET_SMALL:-140000}" --epochs "${EPOCHS_SMALL:-6}" --batch-size 64 --gallery-per-class $g \
+# task: budget epochs gallery-items-a-class (the settings of the shipped bundles; the store stays under 60 MB)
+for spec in "fashion-mnist 280000 10 200" "eurosat 140000 6 200" "gtsrb 280000 10 116"; do
+  read -r t budget epochs g <<< "$spec"
+  "$METALORA" train "${CAL[@]}" --budget "$budget" --epochs "$epochs" --batch-size 64 --gallery-per-class "$g" \
       --data "$D/$t/train.zip" --eval-data "$D/$t/test.zip" $(ood $t) \
       --checkpoint runs/ckpt/$t-1 --out model_store/adapters/$t/1
 done
