@@ -12,8 +12,8 @@ from .container import Service
 from .inputs import ARRIVED
 from .metrics import UNCOUNTED
 
-
 _CONVERTER = re.compile(r":[a-z]+}")  # a path converter in a route template
+
 
 class _BodyTooLarge(Exception):
     pass

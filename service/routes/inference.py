@@ -49,6 +49,7 @@ async def predict(request: Request, svc: ReadyDep) -> PredictResponse:
     if req.top_k > svc.settings.max_top_k:
         raise ServiceError(422, "invalid_top_k", f"top_k is at most {svc.settings.max_top_k}")
     entries, results = await svc.compute(await svc.decode(raws, watch), req.adapters, watch)
+    unknown = await _unknown(svc, entries, results)
     out = []
     for j, res in enumerate(results):
         e = entries[j % len(entries)]
@@ -57,18 +58,35 @@ async def predict(request: Request, svc: ReadyDep) -> PredictResponse:
         labels = svc.labels(e)
         preds = [Prediction(label=labels[i], index=i, score=s) for s, i in zip(scores.tolist(), idx.tolist())]
         extra = {"seed": seed_by_layer(e, res.seed)} if req.include_seed else {}
-        if e.knn_threshold is not None and e.key != BASE:
-            try:
-                index = await svc.gallery_index(e.key)
-            except ServiceError as err:  # the gallery store is down: the scores stand, "unknown" is left out
-                if err.status != 503:
-                    raise
-                log.warning("predict for %s without \"unknown\": %s", e.key, err.message)
-                index = None
-            if index is not None and len(index):  # the same test as /v1/knn: the nearest gallery item against the threshold
-                extra["unknown"] = index.is_unknown(index.search(res.embedding.numpy()[None], 1)[0])
+        if j in unknown:
+            extra["unknown"] = unknown[j]
         out.append(PredictResult(adapter=e.name, version=e.version, predictions=preds, **extra))
     return PredictResponse(results=out)
+
+
+async def _unknown(svc, entries, results) -> dict[int, bool]:
+    """Result index -> "unknown" for calibrated adapters: the same test as /v1/knn (the nearest item of
+    the current gallery against the threshold), one search per adapter, off the event loop. Left out
+    when the gallery is empty or its store is down (the scores stand; a 503 would lose them)."""
+    rows: dict[str, list[int]] = {}
+    for j in range(len(results)):
+        e = entries[j % len(entries)]
+        if e.knn_threshold is not None and e.key != BASE:
+            rows.setdefault(e.key, []).append(j)
+    out: dict[int, bool] = {}
+    for key, js in rows.items():
+        try:
+            index = await svc.gallery_index(key)
+        except ServiceError as err:
+            if err.status != 503:
+                raise
+            log.warning("predict for %s without \"unknown\": %s", key, err.message)
+            continue
+        if len(index):
+            q = np.stack([results[j].embedding.numpy() for j in js])  # (Q, D)
+            for j, hits in zip(js, await svc.knn_search(index, q, 1)):
+                out[j] = index.is_unknown(hits)
+    return out
 
 
 @router.post("/embed", response_model=EmbedResponse, openapi_extra=openapi_body(EmbedRequest))
