@@ -126,7 +126,9 @@ def test_concurrent_writes_of_one_id_converge_on_the_last_commit(replicas, pg):
     errors = []
 
     def hammer(srv, seed):
-        r = np.random.default_rng(seed)
+        # Seeds no other test uses: with default_rng(1) the 15th write equalled the batch test's
+        # batch14 vector, and the k-NN check below then found batch14 first at the same score 1.0.
+        r = np.random.default_rng(1000 + seed)
         with httpx.Client(base_url=srv.url, headers=AUTH, timeout=30) as c:
             for i in range(15):
                 resp = c.put("/v1/adapters/alpha/gallery/contested", json={"label": LABELS[(seed + i) % 4], "vector": _vec(r)})
@@ -142,7 +144,8 @@ def test_concurrent_writes_of_one_id_converge_on_the_last_commit(replicas, pg):
     for srv in (a, b):
         t0 = time.monotonic()
         while True:
-            hit = _top(srv, truth)[0]
+            hits = _top(srv, truth, k=3)
+            hit = next((h for h in hits if h["id"] == "contested"), hits[0])  # a tie at 1.0 with another id is not a miss
             if hit["id"] == "contested" and hit["score"] > 0.9999 and hit["label"] == label:
                 break
             assert time.monotonic() - t0 < 5, f"{srv.url} holds a different 'contested' than the database: {hit}"
