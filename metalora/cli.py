@@ -123,6 +123,7 @@ def train(
     checkpoint: Annotated[Optional[Path], typer.Option(help="checkpoint directory (default: runs/ckpt/<name>-<version>)")] = None,
     resume: Annotated[bool, typer.Option(help="resume from a matching checkpoint")] = True,
     baseline: Annotated[bool, typer.Option(help="with --eval-data, also measure the frozen backbone's k-NN on the same gallery/test images")] = True,
+    thumbnails: Annotated[bool, typer.Option(help="store a <= 64 px WebP of each gallery item's source image inside the gallery (copies of your data: off by default; `metalora thumbnails` makes them beside the service's galleries instead)")] = False,
     cache_dir: Annotated[Optional[Path], typer.Option(help="prefix-feature cache (default: $METALORA_CACHE or ~/.cache/metalora)")] = None,
     backbone: Annotated[str, typer.Option(help="registered backbone")] = "efficientnet_lite0",
     device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
@@ -144,7 +145,7 @@ def train(
     try:
         res = run_train(cfg, create_backbone(backbone), out=out, name=name, version=version, eval_data=eval_data,
                         ckpt_dir=ckpt, resume=resume, device=resolve_device(device), cache_dir=cache_dir, baseline=baseline,
-                        ood_data=ood_data)
+                        ood_data=ood_data, thumbnails=thumbnails)
     except (ValueError, FileNotFoundError) as e:
         raise typer.BadParameter(str(e)) from None
     res.pop("adapter")
@@ -240,6 +241,45 @@ def eval_cmd(
     if per_class:
         for lab, d in res["per_class"].items():
             typer.echo(f"  {lab:>20}: k-NN {d['knn_top1']:.3f}  n={d['n']}")
+
+
+@app.command("thumbnails")
+def thumbnails_cmd(
+    adapters: Annotated[Optional[list[str]], typer.Argument(help="name or name@version (default: every version of every adapter in the store)")] = None,
+    store: Annotated[Optional[Path], typer.Option(help="model store (default: the repository's model_store/)")] = None,
+    gallery_dir: Annotated[Optional[Path], typer.Option(envvar="METALORA_GALLERY_DIR", help="the service's gallery directory (default: <store>/galleries, as the service's)")] = None,
+    data_root: Annotated[Optional[Path], typer.Option(help="where the manifests' relative data paths start (default: the working directory)")] = None,
+    if_available: Annotated[bool, typer.Option("--if-available", help="skip a bundle whose training data is not on this machine (exit 0) instead of failing")] = False,
+):
+    """Write the k-NN galleries' thumbnails (<= 64 px WebP, one per item) beside the service's
+    galleries, from the training data each bundle's manifest names. The shipped bundles carry no
+    pictures (they would be copies of the data sets' images); the web console shows these. Run it
+    once after install, with ../shared/data present; existing files are kept."""
+    from .bundle import BundleError, read_manifest
+    from .store import DEFAULT_STORE, ModelStore
+    from .thumbnails import write_sidecar_thumbnails
+
+    ms = ModelStore(store or DEFAULT_STORE)
+    root = gallery_dir or ms.root / "galleries"
+    try:
+        refs = [ms.resolve(a) for a in adapters] if adapters else [ms.resolve(f"{n}@{v}") for n in ms.adapter_names() for v in ms.versions(n)]
+    except BundleError as e:
+        fail(str(e))
+    for name, version, path in refs:
+        if "gallery.safetensors" not in read_manifest(path)["files"]:
+            typer.echo(f"{name}@{version}: no gallery, skipped")
+            continue
+        try:
+            r = write_sidecar_thumbnails(path, name, version, root, data_root=data_root)
+        except FileNotFoundError as e:
+            if if_available:
+                typer.echo(f"{name}@{version}: skipped, its training data is not here ({e})")
+                continue
+            fail(f"{name}@{version}: {e} (run from the repository root with ../shared/data beside it, or pass --data-root)")
+        if r.get("up_to_date"):
+            typer.echo(f"{name}@{version}: up to date in {r['dir']}")
+        else:
+            typer.echo(f"{name}@{version}: {r['written']} written, {r['kept']} kept, {r['missing']} not found in the data, in {r['dir']}")
 
 
 @app.command("export-onnx")

@@ -184,7 +184,7 @@ def train(
     progress: bool = True,
     stop_after_epoch: int | None = None,
     baseline: bool = False,
-    thumbnails: bool = True,
+    thumbnails: bool = False,
     ood_data: list[str] | None = None,
     train_features: FeatureSet | None = None,
     eval_features: FeatureSet | None = None,
@@ -194,7 +194,9 @@ def train(
     `baseline` also measures the frozen backbone's k-NN accuracy with a gallery of the same
     training images, so the manifest shows what the adapter adds. `stop_after_epoch` ends the run early after that many epochs (checkpoint written): how the
     tests interrupt a run to check that resuming matches an uninterrupted one. `thumbnails`
-    stores a small picture of each gallery item's source image in the gallery (metalora.thumbnails).
+    stores a small picture of each gallery item's source image inside the gallery (a self-contained
+    bundle; off by default: the pictures are copies of the training images, and the service can make
+    them beside the galleries instead with `metalora thumbnails`).
     `train_features` / `eval_features`: the features of `cfg.data` / `eval_data`, already loaded
     (a driver running many configurations loads them once); they must be what those specs give.
     The summary holds the trained `adapter` and its `gallery` besides the manifest's sections.

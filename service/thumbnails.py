@@ -1,7 +1,9 @@
-"""Gallery thumbnails as the service serves them: the bundle's own, overridden by a sidecar store.
+"""Gallery thumbnails as the service serves them: a sidecar file first, then the bundle's own.
 
-A bundle's gallery carries one small WebP per item (`metalora.thumbnails`). Items added over the
-API get theirs written beside the edited galleries, under
+A bundle's own items get sidecar files from `metalora thumbnails` (made at install time from the
+data the manifest names; `scripts/serve.sh` runs it where that data is present); a self-contained
+bundle may carry them inside its gallery (`metalora.thumbnails`). Items added over the API get
+theirs written beside the edited galleries, under
 `<gallery_dir>/<name>/<version>.thumbs/<sha256(id)[:32]>.webp` (ids may hold characters a file
 name should not); an empty file there is a tombstone: the item was replaced by a bare vector and
 has no picture, whatever the bundle had. Deleting an item deletes its sidecar file.
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import logging
 import os
 import tempfile
@@ -26,8 +27,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from metalora.bundle import GALLERY, BundleError, Gallery, read_manifest
-from metalora.store import ModelStore, safe_join
-from metalora.thumbnails import make_thumbnail
+from metalora.store import ModelStore
+from metalora.thumbnails import make_thumbnail, sidecar_path
 
 log = logging.getLogger("metalora.service")
 
@@ -46,8 +47,7 @@ class ThumbnailStore:
 
     def sidecar(self, key: str, item_id: str) -> Path:
         name, version = key.split("@", 1)
-        digest = hashlib.sha256(item_id.encode("utf-8")).hexdigest()[:32]
-        return safe_join(self.root, name) / f"{version}.thumbs" / f"{digest}.webp"
+        return sidecar_path(self.root, name, version, item_id)
 
     def get(self, key: str, item_id: str) -> bytes | None:
         """The item's thumbnail, or None when it has none (blocking: call off the event loop)."""

@@ -12,6 +12,7 @@ import io
 import os
 import shutil
 import tempfile
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,8 +28,14 @@ from metalora.runtime import Runtime
 from metalora.thumbnails import THUMBNAIL_SIZE, make_thumbnail
 from service.launch import ServerProcess
 
+from .conftest import run_metalora
+
 ROOT = Path(__file__).resolve().parent.parent
 STORE = ROOT / "model_store"
+# Where the shipped manifests say cifar10's training images are (relative to the repository root):
+# `metalora thumbnails` makes the gallery pictures from there. Without it there are no pictures.
+CIFAR_TRAIN = ROOT.parent / "shared" / "data" / "cifar10" / "train.zip"
+HAVE_PICTURES = CIFAR_TRAIN.is_file()
 
 
 def _latest(name: str) -> tuple[str, Path]:
@@ -76,15 +83,50 @@ SHIPPED = sorted(str(p.relative_to(STORE / "adapters")) for p in (STORE / "adapt
 
 
 @pytest.mark.parametrize("bundle", SHIPPED)
-def test_shipped_galleries_carry_a_thumbnail_per_item(bundle):
+def test_shipped_galleries_carry_no_dataset_images(bundle):
+    """The repository holds no copies of the data sets' images: shipped galleries carry embeddings,
+    labels and ids only; `metalora thumbnails` makes the pictures at install time."""
     path = STORE / "adapters" / bundle
     manifest = read_manifest(path)
-    verify_files(path, manifest)  # the manifest's sha256 covers the rebuilt gallery
+    verify_files(path, manifest)  # the manifest's sha256 covers the rewritten gallery
     g = load_gallery(path, manifest)
-    assert g.thumbnails is not None and len(g.thumbnails) == len(g.ids) == manifest["training"]["gallery_items"]
-    for t in g.thumbnails[:: max(1, len(g.ids) // 20)]:
-        im = Image.open(io.BytesIO(t))
-        assert im.format == "WEBP" and max(im.size) <= THUMBNAIL_SIZE
+    assert g.thumbnails is None and len(g.ids) == manifest["training"]["gallery_items"]
+
+
+def test_thumbnails_command_writes_sidecars_from_the_training_data(tmp_path):
+    """`metalora thumbnails` on the shipped digits bundle (its data is scikit-learn's, on every
+    machine): one WebP per gallery item, the item's own image; files already there are kept."""
+    from metalora.data import DataSpec, list_items
+    from metalora.thumbnails import sidecar_path
+
+    version, path = _latest("digits")
+    manifest = read_manifest(path)
+    ids = load_gallery(path, manifest).ids
+    root = tmp_path / "galleries"
+    kept = sidecar_path(root, "digits", version, ids[3])
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"")  # a tombstone the service wrote: the item was replaced by a bare vector
+    r = run_metalora("thumbnails", "digits", "--gallery-dir", str(root))
+    assert r.returncode == 0, r.stderr
+    assert f"digits@{version}: {len(ids) - 1} written, 1 kept, 0 not found" in r.stdout
+    assert kept.read_bytes() == b""
+    src = {it.id: it.read() for it in list_items(DataSpec.parse(manifest["training"]["data"][0]))}
+    for item_id in ids[::50]:
+        if item_id == ids[3]:
+            continue
+        im = Image.open(sidecar_path(root, "digits", version, item_id))
+        assert im.format == "WEBP"
+        small = np.asarray(im.convert("L"), dtype=float)
+        want = np.asarray(Image.open(io.BytesIO(src[item_id])).convert("L"), dtype=float)
+        assert small.shape == want.shape == (8, 8) and np.abs(small - want).mean() < 20, item_id
+    again = run_metalora("thumbnails", "digits", "--gallery-dir", str(root))
+    assert again.returncode == 0 and "up to date" in again.stdout
+    # A bundle whose data is not on this machine: a clear error, or a skip when asked.
+    missing = run_metalora("thumbnails", "cifar10", "--gallery-dir", str(root), "--data-root", str(tmp_path / "nowhere"))
+    assert missing.returncode == 1 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+    skipped = run_metalora("thumbnails", "cifar10", "--gallery-dir", str(root), "--data-root", str(tmp_path / "nowhere"), "--if-available")
+    assert skipped.returncode == 0 and "skipped" in skipped.stdout
+    assert run_metalora("thumbnails", "../etc", "--gallery-dir", str(root)).returncode != 0
 
 
 def test_shipped_store_fits_its_size_limit():
@@ -97,6 +139,9 @@ def test_shipped_store_fits_its_size_limit():
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("console")
     # backend onnx: the seed test checks OrtRunner's seeds here (tests/test_service.py checks the torch backend's)
+    if HAVE_PICTURES:  # the install step that gives cifar10's gallery items their pictures
+        r = run_metalora("thumbnails", "cifar10", "--gallery-dir", str(tmp / "galleries"))
+        assert r.returncode == 0, r.stderr
     srv = ServerProcess(STORE, tmp / "server.log", backend="onnx", gallery_dir=tmp / "galleries", admin_token=TOKEN, adapters="cifar10,mnist,mixed", lru_capacity=4)
     srv.start()
     yield srv
@@ -153,10 +198,17 @@ def test_thumbnail_route_etag_and_gallery_edits(server, cat):
     auth = {"Authorization": f"Bearer {TOKEN}"}
     with httpx.Client(base_url=server.url, timeout=120) as c:
         r = c.get(f"/v1/adapters/cifar10/gallery/{g.ids[7]}/thumbnail")  # ids hold '/': train/<class>/<file>
-        assert r.status_code == 200 and r.headers["content-type"] == "image/webp" and r.content == g.thumbnails[7]
-        assert "max-age" in r.headers["cache-control"] and r.headers["etag"]
-        again = c.get(f"/v1/adapters/cifar10@{version}/gallery/{g.ids[7].replace('/', '%2F')}/thumbnail", headers={"If-None-Match": r.headers["etag"]})
-        assert again.status_code == 304 and not again.content
+        if HAVE_PICTURES:  # the picture `metalora thumbnails` made: that training image, at 32 px
+            assert r.status_code == 200 and r.headers["content-type"] == "image/webp", r.text
+            with zipfile.ZipFile(CIFAR_TRAIN) as z:
+                want = np.asarray(Image.open(io.BytesIO(z.read(g.ids[7]))).convert("RGB"), dtype=float)
+            got = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"), dtype=float)
+            assert got.shape == want.shape == (32, 32, 3) and np.abs(got - want).mean() < 12
+            assert "max-age" in r.headers["cache-control"] and r.headers["etag"]
+            again = c.get(f"/v1/adapters/cifar10@{version}/gallery/{g.ids[7].replace('/', '%2F')}/thumbnail", headers={"If-None-Match": r.headers["etag"]})
+            assert again.status_code == 304 and not again.content
+        else:  # no install step without the data: the item is there, its picture is not
+            assert r.status_code == 404 and r.json()["error"]["code"] == "no_thumbnail"
         missing = c.get("/v1/adapters/cifar10/gallery/train/cat/nope.jpg/thumbnail")
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_item"
         assert c.get("/v1/adapters/base/gallery/x/thumbnail").json()["error"]["code"] == "no_gallery"
@@ -257,14 +309,17 @@ def test_console_in_chromium(server, page, files):
         page.set_input_files("#files", str(files["cat"]))  # choosing a file runs the request
         cifar = page.locator("section.answer[data-adapter=cifar10]")
         base = page.locator("section.answer[data-adapter=base]")
-        cifar.locator(".neighbours img").first.wait_for()
-        page.wait_for_function("() => [...document.querySelectorAll('section.answer[data-adapter=cifar10] .neighbours img')]"
-                               ".filter(i => i.complete && i.naturalWidth > 0).length >= 5")
+        cifar.locator(".neighbours figure").first.wait_for()
+        if HAVE_PICTURES:
+            page.wait_for_function("() => [...document.querySelectorAll('section.answer[data-adapter=cifar10] .neighbours img')]"
+                                   ".filter(i => i.complete && i.naturalWidth > 0).length >= 5")
+        else:  # no pictures made: a labelled placeholder for each neighbour
+            cifar.locator(".neighbours .placeholder").first.wait_for()
 
         base_labels = base.locator(".bars .name").all_inner_texts()
         assert base_labels and base_labels[0] in CAT_CLASSES, base_labels  # the README's answer: a cat
         assert "cat" in cifar.locator(".bars .name").all_inner_texts()
-        assert _loaded_thumbnails(cifar.element_handle()) >= 5
+        assert _loaded_thumbnails(cifar.element_handle()) >= (5 if HAVE_PICTURES else 0)
         manifest = read_manifest(_latest("cifar10")[1])
         r1, _, r3 = manifest["adapter"]["ranks"]
         assert cifar.locator("svg.seed-chart rect").count() == len(manifest["resolved_targets"]) * r3 * r1  # one bar per seed number

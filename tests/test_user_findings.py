@@ -14,7 +14,7 @@ from PIL import Image
 
 from service.launch import ServerProcess, free_port
 
-from .conftest import ROOT
+from .conftest import ROOT, needs_shared, run_metalora
 
 TOKEN = "findings-test-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -95,9 +95,15 @@ def test_metrics_count_thumbnails_and_deletes_under_the_zero_initialised_series(
     assert ("cifar10", "2.0") in deletes or any(a == "cifar10" and float(v) >= 1 for a, v in deletes), deletes
 
 
+@needs_shared("cifar10", "train.zip")
 def test_readme_thumbnail_example_answers_a_picture(server):
+    """The README's example, after the install step it names (`metalora thumbnails`, which
+    `scripts/serve.sh` runs): the shipped bundles carry no pictures of their own."""
     readme = (ROOT / "README.md").read_text()
     path = re.search(r"localhost:8000(/v1/adapters/\S+/thumbnail)", readme).group(1)
+    ref = re.search(r"/v1/adapters/([^/]+)/gallery", path).group(1)
+    made = run_metalora("thumbnails", ref, "--gallery-dir", server.env["METALORA_GALLERY_DIR"])
+    assert made.returncode == 0, made.stderr
     r = httpx.get(server.url + path)
     assert r.status_code == 200 and r.headers["content-type"] == "image/webp", r.text
 
