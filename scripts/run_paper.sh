@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Issue 12's whole experiment, every stage in order; resumable: run it again after an interruption
+# and it skips every finished run (results/paper/raw/**.json) and resumes an unfinished one from
+# its last epoch (runs/paper/ckpt/). Log: append it to a file, e.g.
+#   nohup bash scripts/run_paper.sh >> runs/paper.log 2>&1 &
+# Then `python results/make_paper.py` writes the tables and charts (any time: it says what is missing).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY="${PY:-.venv/bin/python}"
+# The budget-matched frozen-seed row is LoRA rank 16 exactly (tests/test_seed_mode.py), so it runs
+# last; the same-ranks row (MetaLoRA-TR's own branch, mapping network off) is the informative control.
+ROWS=(frozen lora multi-lora metalora-cp metalora-tr metalora-tr-frozen-seed-same-ranks)
+"$PY" results/run_paper.py --stage lr --rows "${ROWS[@]}" --compute-features
+"$PY" results/run_paper.py --stage main --rows "${ROWS[@]}" --seeds 0 1 2
+"$PY" results/run_paper.py --stage sweep
+"$PY" results/run_paper.py --stage budget2 --rows "${ROWS[@]}" --seeds 0 1 2
+"$PY" results/run_paper.py --stage lr --rows metalora-tr-frozen-seed
+"$PY" results/run_paper.py --stage main --rows metalora-tr-frozen-seed --seeds 0 1 2
