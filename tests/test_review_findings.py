@@ -1,0 +1,62 @@
+"""Regressions for a second user review: HEAD probes, thumbnail validators, server paths in error
+bodies, gallery batch errors, the error responses the OpenAPI document declares.
+
+One real server (service/launch.py) on a throw-away store: a tiny adapter with a gallery and a
+corrupt bundle, torch on CPU, the admin token set.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from metalora.adapters import Adapter, AdapterConfig
+from metalora.backbones import create_backbone
+from metalora.bundle import Gallery, save_bundle
+from service.launch import ServerProcess
+
+from .conftest import ROOT, randomize
+
+TOKEN = "review-test-admin-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+LABELS = ["cat", "dog", "fox"]
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """The shipped backbone manifest, `alpha` (a gallery of 4) and `broken` (one flipped weight byte)."""
+    root = tmp_path_factory.mktemp("store")
+    shutil.copytree(ROOT / "model_store" / "backbones", root / "backbones")
+    bb = create_backbone("efficientnet_lite0", split=6)
+    torch.manual_seed(0)
+    for name in ("alpha", "broken"):
+        ad = randomize(Adapter(bb, AdapterConfig("lora", (2,), ["conv_head"], labels=LABELS)), std=0.05)
+        emb = torch.nn.functional.normalize(torch.randn(4, bb.embed_dim), dim=1)
+        save_bundle(root / "adapters" / name / "1", ad, bb, name=name, version="1", gallery=Gallery(emb, torch.tensor([0, 1, 2, 0]), [f"g{i}" for i in range(4)]))
+    w = root / "adapters" / "broken" / "1" / "weights.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-10] ^= 0xFF
+    w.write_bytes(bytes(data))
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(store):
+    srv = ServerProcess(store, store.parent / "review-server.log", backend="torch", admin_token=TOKEN, max_delay_ms=5).start()
+    yield srv
+    srv.stop()
+
+
+def test_probes_answer_head_like_get_without_a_body(server):
+    """Load balancers and uptime checkers send HEAD; it was 405."""
+    for path in ("/healthz", "/readyz"):
+        get, head = httpx.get(server.url + path), httpx.head(server.url + path)
+        assert get.status_code == 200 and head.status_code == 200, (path, head.text)
+        assert head.content == b""
+        for h in ("content-type", "content-length"):
+            assert head.headers[h] == get.headers[h], (path, h)
