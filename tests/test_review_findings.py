@@ -7,12 +7,15 @@ corrupt bundle, torch on CPU, the admin token set.
 
 from __future__ import annotations
 
+import base64
+import io
 import shutil
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
+from PIL import Image
 
 from metalora.adapters import Adapter, AdapterConfig
 from metalora.backbones import create_backbone
@@ -25,6 +28,13 @@ TOKEN = "review-test-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 LABELS = ["cat", "dog", "fox"]
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
+
+
+def _image(colour: str, fmt: str = "PNG") -> str:
+    """A small picture as base64."""
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 32), colour).save(buf, fmt)
+    return base64.b64encode(buf.getvalue()).decode()
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +70,20 @@ def test_probes_answer_head_like_get_without_a_body(server):
         assert head.content == b""
         for h in ("content-type", "content-length"):
             assert head.headers[h] == get.headers[h], (path, h)
+
+
+def test_thumbnail_if_none_match_uses_the_weak_comparison(server):
+    """A weak validator (what proxies and browsers send back) and `*` answer 304 too (RFC 9110
+    §13.1.2); only the strong tag did."""
+    r = httpx.put(server.url + "/v1/adapters/alpha/gallery/etag-probe", headers=AUTH, json={"label": "cat", "image": _image("orange")}, timeout=60)
+    assert r.status_code == 200, r.text
+    url = server.url + "/v1/adapters/alpha/gallery/etag-probe/thumbnail"
+    first = httpx.get(url)
+    etag = first.headers["etag"]
+    assert first.status_code == 200 and etag.startswith('"')
+    for header in (etag, f"W/{etag}", "*", f'"other", W/{etag}', f'W/"nope",{etag}'):
+        again = httpx.get(url, headers={"If-None-Match": header})
+        assert again.status_code == 304 and again.content == b"", header
+        assert again.headers["etag"] == etag
+    for header in ('"other"', 'W/"other"', etag[:-2] + '"'):
+        assert httpx.get(url, headers={"If-None-Match": header}).status_code == 200, header
