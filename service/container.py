@@ -12,6 +12,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from pathlib import Path
 
 import torch
 
@@ -21,7 +22,7 @@ from metalora.runtime import BASE, Runtime, pick_device
 from .adapters import AdapterRegistry, Entry
 from .batcher import Batcher, WorkItem
 from .engine import Engine, ItemResult, make_backend
-from .errors import ServiceError
+from .errors import ServiceError, public_message
 from .galleries import open_store
 from .inputs import Watch, decode_one
 from .knn import GalleryEmpty, GalleryStore
@@ -41,6 +42,13 @@ class Service:
         self.ready = False
         self.failed: dict[str, str] = {}
         self.metrics = Metrics(settings.metrics_max_adapters)
+        # as configured and as resolved (the store's paths are resolved ones), never shown to clients
+        self._private_dirs = {p for d in (settings.store, settings.galleries) for p in (Path(d).absolute(), Path(d).resolve())}
+
+    def public(self, message: str) -> str:
+        """An error message or failure reason as a client may see it: the store's bundles named
+        `name@version`, no absolute path of the store or the gallery directory."""
+        return public_message(message, self._private_dirs)
 
     async def start(self) -> None:
         s = self.settings

@@ -87,3 +87,55 @@ def test_thumbnail_if_none_match_uses_the_weak_comparison(server):
         assert again.headers["etag"] == etag
     for header in ('"other"', 'W/"other"', etag[:-2] + '"'):
         assert httpx.get(url, headers={"If-None-Match": header}).status_code == 200, header
+
+
+def test_error_bodies_do_not_show_the_store_path(server, store):
+    """A corrupt bundle's 409 (and an unknown adapter's 404, /readyz's `failed`, the adapter's
+    `error`) carried the store's absolute path; they name the bundle `name@version` instead."""
+    pixel = _image("blue")
+    answers = {
+        "load": httpx.post(server.url + "/v1/adapters/broken/load", headers=AUTH, timeout=60),
+        "predict": httpx.post(server.url + "/v1/predict", json={"adapter": "broken", "images": [pixel]}, timeout=60),
+        "v2 infer": httpx.post(server.url + "/v2/models/broken/infer", json={"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [pixel]}]}, timeout=60),
+    }
+    for what, r in answers.items():
+        code = r.json()["code"] if what.startswith("v2") else r.json()["error"]["code"]
+        assert r.status_code == 409 and code == "checksum_mismatch", (what, r.text)
+    answers["unknown"] = httpx.get(server.url + "/v1/adapters/nope")
+    assert answers["unknown"].status_code == 404
+    answers["readyz"] = httpx.get(server.url + "/readyz")
+    answers["info"] = httpx.get(server.url + "/v1/adapters/broken")
+    answers["v2 index"] = httpx.post(server.url + "/v2/repository/index", headers=AUTH)
+    for what, r in answers.items():
+        for path in {str(store), str(store.resolve())}:
+            assert path not in r.text, (what, r.text)
+    assert "broken@1/weights.safetensors" in answers["load"].json()["error"]["message"]
+    assert answers["readyz"].json()["failed"]["broken"].startswith("checksum_mismatch: broken@1/")
+    assert answers["info"].json()["versions"][0]["error"].startswith("checksum_mismatch: broken@1/")
+    assert str(store) in server.log()  # the operator still sees where
+
+
+def test_grpc_errors_do_not_show_the_store_path(server, store):
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException) as e:
+        grpcclient.InferenceServerClient(server.grpc_url).load_model("broken", headers={"authorization": f"Bearer {TOKEN}"})
+    assert "checksum_mismatch: broken@1/weights.safetensors" in e.value.message() and str(store) not in e.value.message()
+
+
+@pytest.mark.parametrize(
+    "message,public",
+    [
+        ("/srv/store/adapters/cat-s/2/weights.safetensors: sha256 differs", "cat-s@2/weights.safetensors: sha256 differs"),
+        ("/srv/store/adapters/cat-s/2: no manifest.json", "cat-s@2: no manifest.json"),
+        ("adapter 'x' is not in the store /srv/store", "adapter 'x' is not in the store store"),
+        ("the gallery directory /srv/store/galleries is not writable", "the gallery directory galleries is not writable"),
+        ("gallery database /srv/store/galleries/galleries.sqlite3: locked", "gallery database galleries.sqlite3: locked"),
+        ("/srv/store2/adapters/a/1 and /x/srv/store/adapters/a/1", "/srv/store2/adapters/a/1 and /x/srv/store/adapters/a/1"),  # other paths
+    ],
+)
+def test_public_message_rewrites_only_the_server_directories(message, public):
+    from service.errors import public_message
+
+    assert public_message(message, [Path("/srv/store"), Path("/srv/store/galleries/")]) == public

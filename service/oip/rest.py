@@ -44,8 +44,9 @@ from .schemas import (
 HTTP_LEVEL = {"unsupported_content_encoding"}
 
 
-def protocol_error(e: Exception) -> JSONResponse:
-    """Any error of a /v2 route -> the protocol's JSON error with its HTTP status."""
+def protocol_error(e: Exception, svc) -> JSONResponse:
+    """Any error of a /v2 route -> the protocol's JSON error with its HTTP status (the message
+    without server paths: `svc.public`)."""
     if isinstance(e, BundleError):
         e = ServiceError.from_bundle(e)
     elif isinstance(e, ImageError):
@@ -57,7 +58,7 @@ def protocol_error(e: Exception) -> JSONResponse:
     # a bad tensor is a bad request, whatever /v1 calls it; a Content-Encoding the server does not
     # speak is about the HTTP message, not the tensors, and keeps HTTP's 415 (RFC 7694)
     status = 400 if e.status in (415, 422) and e.code not in HTTP_LEVEL else e.status
-    return JSONResponse({"error": e.message, "code": e.code}, status_code=status, headers=e.headers or None)
+    return JSONResponse({"error": svc.public(e.message), "code": e.code}, status_code=status, headers=e.headers or None)
 
 
 class ProtocolRoute(APIRoute):
@@ -70,7 +71,7 @@ class ProtocolRoute(APIRoute):
             try:
                 return await handler(request)
             except (ServiceError, BundleError, ImageError, RequestValidationError) as e:
-                return protocol_error(e)
+                return protocol_error(e, request.app.state.service)
 
         return route
 

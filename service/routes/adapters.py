@@ -70,9 +70,9 @@ async def adapter_info(name: RefPath, svc: ReadyDep) -> AdapterInfo:
                 update=dict(format=a.get("format"), ranks=a.get("ranks"), targets=m.get("resolved_targets"), num_classes=len(a.get("labels", [])), labels=a.get("labels"), trainable_params=m.get("trainable_params"), metrics=m.get("metrics"))
             )
         except BundleError as e:
-            row.error = f"{e.code}: {e}"
+            row.error = svc.public(f"{e.code}: {e}")
         if k in svc.registry.failed:
-            row.error = svc.registry.failed[k]
+            row.error = svc.public(svc.registry.failed[k])
         if k in svc.galleries.indexes:
             row.gallery_items = len(svc.galleries.indexes[k])
         rows.append(row)
