@@ -108,11 +108,12 @@ class Service:
         await asyncio.to_thread(self.galleries.close)
 
     # ---------------------------------------------------------------- images in, results out
-    async def decode(self, raws: list[bytes | str], watch: Watch) -> list[torch.Tensor]:
+    async def decode(self, raws: list[bytes | str], watch: Watch, names: list[str] | None = None) -> list[torch.Tensor]:
         """Raw images -> model inputs (N, 3, S, S) on the decoder pool, within the request's deadline.
 
-        A deadline passing during decode is 504 (images not started are skipped; counted as
-        rejected `deadline`), a client hanging up is 499 (counted as `cancelled`).
+        A bad image is refused naming it as `names` say (as the request has it; default
+        `images[i]`). A deadline passing during decode is 504 (images not started are skipped;
+        counted as rejected `deadline`), a client hanging up is 499 (counted as `cancelled`).
         """
         loop = asyncio.get_running_loop()
         s = self.settings
@@ -120,7 +121,8 @@ class Service:
             self.metrics.rejected.labels("deadline").inc(len(raws))
             raise watch.expired("before decoding")
         t0 = time.perf_counter()
-        futs = [loop.run_in_executor(self.decode_pool, decode_one, self.runtime.preprocessor, r, i, s.max_pixels, s.max_aspect_ratio) for i, r in enumerate(raws)]
+        names = names or [f"images[{i}]" for i in range(len(raws))]
+        futs = [loop.run_in_executor(self.decode_pool, decode_one, self.runtime.preprocessor, r, where, s.max_pixels, s.max_aspect_ratio) for r, where in zip(raws, names)]
         try:
             return await watch.wait(futs, "decode")
         except ServiceError as e:

@@ -40,9 +40,9 @@ class ServiceError(Exception):
         return cls(_BUNDLE_STATUS.get(e.code, BUNDLE_CONFLICT), e.code, str(e))
 
     @classmethod
-    def from_image(cls, e: ImageError, index: int | None = None) -> "ServiceError":
-        where = f"images[{index}]: " if index is not None else ""
-        return cls(e.status, e.code, where + str(e))
+    def from_image(cls, e: ImageError, where: str | None = None) -> "ServiceError":
+        """The image error, its message led by the image's name in the request (`images[3]: ...`)."""
+        return cls(e.status, e.code, f"{where}: {e}" if where else str(e))
 
 
 def public_message(message: str, roots: Iterable[Path]) -> str:

@@ -139,3 +139,24 @@ def test_public_message_rewrites_only_the_server_directories(message, public):
     from service.errors import public_message
 
     assert public_message(message, [Path("/srv/store"), Path("/srv/store/galleries/")]) == public
+
+
+def test_gallery_batch_names_the_bad_item_as_sent(server):
+    """An image that does not decode was named by its place among the batch's images (`images[1]`
+    for the third item below); the error names `items[i]` and its id, and nothing is written."""
+    url = server.url + "/v1/adapters/alpha/gallery"
+    size = httpx.get(url).json()["items"]
+    not_an_image = base64.b64encode(b"this is not a picture").decode()
+    for bad, code in ((not_an_image, "undecodable_image"), ("not base64 !", "invalid_base64")):
+        items = [
+            {"id": "b-vec", "label": "cat", "vector": [0.5] * 1280},
+            {"id": "b-ok", "label": "dog", "image": _image("green")},
+            {"id": "b-bad", "label": "fox", "image": bad},
+        ]
+        r = httpx.post(url, headers=AUTH, json={"items": items}, timeout=60)
+        assert 400 <= r.status_code < 500 and r.json()["error"]["code"] == code, r.text
+        message = r.json()["error"]["message"]
+        assert message.startswith("items[2].image (id 'b-bad')") and "images[" not in message, message
+    assert httpx.get(url).json()["items"] == size  # all or none
+    r = httpx.put(url + "/b-one", headers=AUTH, json={"label": "cat", "image": not_an_image}, timeout=60)
+    assert r.json()["error"]["code"] == "undecodable_image" and r.json()["error"]["message"].startswith("image: "), r.text

@@ -111,13 +111,14 @@ async def gallery_info(name: RefPath, svc: ReadyDep) -> GalleryInfo:
     return GalleryInfo(adapter=n, version=v, items=len(index), dim=index.dim, index=index.kind if len(index) else "none", source=index.source, store=store, labels=counts)
 
 
-async def _vectors(svc: Service, key: str, request: Request, items: list) -> list[np.ndarray]:
-    """Each item's vector: given, or the adapter's embedding of its image (one batch for all images)."""
+async def _vectors(svc: Service, key: str, request: Request, items: list, names: list[str]) -> list[np.ndarray]:
+    """Each item's vector: given, or the adapter's embedding of its image (one batch for all
+    images). An image that does not decode is refused under its item's name in `names`."""
     raws = [it.image for it in items if it.vector is None]
     embedded: list[np.ndarray] = []
     if raws:
         watch = Watch(request, request_timeout(request, svc.settings))
-        xs = await svc.decode(raws, watch)
+        xs = await svc.decode(raws, watch, [n for it, n in zip(items, names) if it.vector is None])
         _, results = await svc.compute(xs, [key], watch)
         embedded = [r.embedding.numpy() for r in results]
     it_emb = iter(embedded)
@@ -154,7 +155,7 @@ async def gallery_put(name: RefPath, item_id: Annotated[ItemId, Path()], item: G
     index = await svc.gallery_index(key)
     if item.label not in index.labels:  # before computing an embedding for nothing
         raise ServiceError(422, "unknown_label", f"label {item.label!r} is not one of {key}'s {len(index.labels)} labels")
-    (vec,) = await _vectors(svc, key, request, [item])
+    (vec,) = await _vectors(svc, key, request, [item], ["image"])
     thumbs = await asyncio.to_thread(_thumbnails, svc, key, [(item_id, item.image)], svc.settings.max_pixels)
     size, (created,) = await _write(svc, key, [Item(item_id, item.label, vec)], thumbs)
     n, v = key.split("@", 1)
@@ -180,7 +181,7 @@ async def gallery_batch(name: RefPath, body: GalleryBatchRequest, request: Reque
     bad = next((j for j, it in enumerate(body.items) if it.label not in index.labels), None)
     if bad is not None:
         raise ServiceError(422, "unknown_label", f"items[{bad}]: label {body.items[bad].label!r} is not one of {key}'s {len(index.labels)} labels")
-    vecs = await _vectors(svc, key, request, body.items)
+    vecs = await _vectors(svc, key, request, body.items, [f"items[{j}].image (id {it.id!r})" for j, it in enumerate(body.items)])
     thumbs = await asyncio.to_thread(_thumbnails, svc, key, [(it.id, it.image) for it in body.items], svc.settings.max_pixels)
     size, created = await _write(svc, key, [Item(it.id, it.label, v) for it, v in zip(body.items, vecs)], thumbs)
     n, v = key.split("@", 1)
