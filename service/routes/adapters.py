@@ -33,7 +33,11 @@ from ..schemas import (
 )
 from ..thumbnails import thumbnail_of_base64
 
-router = APIRouter(prefix="/v1/adapters", tags=["adapters"], responses=error_responses(400, 401, 403, 404, 409, 413, 415, 422, 503, 504))
+router = APIRouter(prefix="/v1/adapters", tags=["adapters"], responses=error_responses(400, 404, 409, 422, 503))
+# Declared where they can happen: 401/403 behind AdminDep, 413 where a body is read (the
+# middleware's limit, images per batch), 415 and 504 where images are decoded within a deadline.
+ADMIN = error_responses(401, 403, 413)
+GALLERY_WRITE = error_responses(401, 403, 413, 415, 504)
 
 
 @router.get("", response_model=AdapterList)
@@ -79,14 +83,14 @@ async def adapter_info(name: RefPath, svc: ReadyDep) -> AdapterInfo:
     return AdapterInfo(name=base_name, latest=rows[-1].version if rows else None, versions=rows)
 
 
-@router.post("/{name}/load", response_model=LoadResponse, dependencies=[AdminDep])
+@router.post("/{name}/load", response_model=LoadResponse, dependencies=[AdminDep], responses=ADMIN)
 async def load_adapter(name: RefPath, svc: ReadyDep, pin: Annotated[bool, Query(description="never evict it")] = False) -> LoadResponse:
     """Load a version onto the device (latest unless `name@version`); a corrupt bundle answers 409."""
     entry = await svc.registry.load(name, pin=pin)
     return LoadResponse(adapter=entry.name, version=entry.version, loaded=True, pinned=entry.pinned, load_seconds=round(entry.load_seconds, 4))
 
 
-@router.post("/{name}/unload", response_model=UnloadResponse, dependencies=[AdminDep])
+@router.post("/{name}/unload", response_model=UnloadResponse, dependencies=[AdminDep], responses=ADMIN)
 async def unload_adapter(name: RefPath, svc: ReadyDep) -> UnloadResponse:
     """Drop a version from the device; requests already accepted still finish with it."""
     entry, deferred = svc.registry.unload(name)
@@ -147,7 +151,7 @@ async def _write(svc: Service, key: str, items: list[Item], thumbs: list[tuple[s
     return len(index), created
 
 
-@router.put("/{name}/gallery/{item_id:path}", response_model=GalleryItemResponse, dependencies=[AdminDep])
+@router.put("/{name}/gallery/{item_id:path}", response_model=GalleryItemResponse, dependencies=[AdminDep], responses=GALLERY_WRITE)
 async def gallery_put(name: RefPath, item_id: Annotated[ItemId, Path()], item: GalleryItemRequest, request: Request, svc: ReadyDep) -> GalleryItemResponse:
     """Add (or replace) one gallery item from an image or a vector; committed to the gallery store before answering."""
     key = _gallery_key(svc, name)
@@ -162,7 +166,7 @@ async def gallery_put(name: RefPath, item_id: Annotated[ItemId, Path()], item: G
     return GalleryItemResponse(adapter=n, version=v, id=item_id, label=item.label, items=size, created=created)
 
 
-@router.post("/{name}/gallery", response_model=GalleryBatchResponse, dependencies=[AdminDep])
+@router.post("/{name}/gallery", response_model=GalleryBatchResponse, dependencies=[AdminDep], responses=GALLERY_WRITE)
 async def gallery_batch(name: RefPath, body: GalleryBatchRequest, request: Request, svc: ReadyDep) -> GalleryBatchResponse:
     """Add or replace many gallery items in one transaction: all of them or none (any bad item -> 4xx, nothing written)."""
     key = _gallery_key(svc, name)
@@ -188,7 +192,7 @@ async def gallery_batch(name: RefPath, body: GalleryBatchRequest, request: Reque
     return GalleryBatchResponse(adapter=n, version=v, items=size, written=len(created), created=sum(created), replaced=len(created) - sum(created))
 
 
-@router.delete("/{name}/gallery/{item_id:path}", response_model=GalleryItemResponse, dependencies=[AdminDep])
+@router.delete("/{name}/gallery/{item_id:path}", response_model=GalleryItemResponse, dependencies=[AdminDep], responses=error_responses(401, 403))
 async def gallery_delete(name: RefPath, item_id: Annotated[ItemId, Path()], request: Request, svc: ReadyDep) -> GalleryItemResponse:
     """Remove one gallery item; committed to the gallery store before answering (it never comes back)."""
     key = _gallery_key(svc, name)
