@@ -44,7 +44,7 @@ def _decode_cpu_s(imgs: list[bytes], repeats: int = 2) -> float:
     t = time.thread_time()
     for _ in range(repeats):
         for i, b in enumerate(b64):
-            decode_one(pre, b, i, s.max_pixels, s.max_aspect_ratio)
+            decode_one(pre, b, f"images[{i}]", s.max_pixels, s.max_aspect_ratio)
     return (time.thread_time() - t) / (repeats * len(b64))
 
 

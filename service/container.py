@@ -12,6 +12,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from pathlib import Path
 
 import torch
 
@@ -21,7 +22,7 @@ from metalora.runtime import BASE, Runtime, pick_device
 from .adapters import AdapterRegistry, Entry
 from .batcher import Batcher, WorkItem
 from .engine import Engine, ItemResult, make_backend
-from .errors import ServiceError
+from .errors import ServiceError, public_message
 from .galleries import open_store
 from .inputs import Watch, decode_one
 from .knn import GalleryEmpty, GalleryStore
@@ -41,6 +42,13 @@ class Service:
         self.ready = False
         self.failed: dict[str, str] = {}
         self.metrics = Metrics(settings.metrics_max_adapters)
+        # as configured and as resolved (the store's paths are resolved ones), never shown to clients
+        self._private_dirs = {p for d in (settings.store, settings.galleries) for p in (Path(d).absolute(), Path(d).resolve())}
+
+    def public(self, message: str) -> str:
+        """An error message or failure reason as a client may see it: the store's bundles named
+        `name@version`, no absolute path of the store or the gallery directory."""
+        return public_message(message, self._private_dirs)
 
     async def start(self) -> None:
         s = self.settings
@@ -100,11 +108,12 @@ class Service:
         await asyncio.to_thread(self.galleries.close)
 
     # ---------------------------------------------------------------- images in, results out
-    async def decode(self, raws: list[bytes | str], watch: Watch) -> list[torch.Tensor]:
+    async def decode(self, raws: list[bytes | str], watch: Watch, names: list[str] | None = None) -> list[torch.Tensor]:
         """Raw images -> model inputs (N, 3, S, S) on the decoder pool, within the request's deadline.
 
-        A deadline passing during decode is 504 (images not started are skipped; counted as
-        rejected `deadline`), a client hanging up is 499 (counted as `cancelled`).
+        A bad image is refused naming it as `names` say (as the request has it; default
+        `images[i]`). A deadline passing during decode is 504 (images not started are skipped;
+        counted as rejected `deadline`), a client hanging up is 499 (counted as `cancelled`).
         """
         loop = asyncio.get_running_loop()
         s = self.settings
@@ -112,7 +121,8 @@ class Service:
             self.metrics.rejected.labels("deadline").inc(len(raws))
             raise watch.expired("before decoding")
         t0 = time.perf_counter()
-        futs = [loop.run_in_executor(self.decode_pool, decode_one, self.runtime.preprocessor, r, i, s.max_pixels, s.max_aspect_ratio) for i, r in enumerate(raws)]
+        names = names or [f"images[{i}]" for i in range(len(raws))]
+        futs = [loop.run_in_executor(self.decode_pool, decode_one, self.runtime.preprocessor, r, where, s.max_pixels, s.max_aspect_ratio) for r, where in zip(raws, names)]
         try:
             return await watch.wait(futs, "decode")
         except ServiceError as e:

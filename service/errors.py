@@ -7,6 +7,9 @@ overload is 503 with Retry-After, a missed deadline 504; a 500 is always a bug.
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Iterable
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -37,9 +40,22 @@ class ServiceError(Exception):
         return cls(_BUNDLE_STATUS.get(e.code, BUNDLE_CONFLICT), e.code, str(e))
 
     @classmethod
-    def from_image(cls, e: ImageError, index: int | None = None) -> "ServiceError":
-        where = f"images[{index}]: " if index is not None else ""
-        return cls(e.status, e.code, where + str(e))
+    def from_image(cls, e: ImageError, where: str | None = None) -> "ServiceError":
+        """The image error, its message led by the image's name in the request (`images[3]: ...`)."""
+        return cls(e.status, e.code, f"{where}: {e}" if where else str(e))
+
+
+def public_message(message: str, roots: Iterable[Path]) -> str:
+    """`message` as a client may read it, without the server's directories: under each root (the
+    model store, the gallery directory) a bundle directory `adapters/<name>/<version>` becomes
+    `name@version`, any other path is written relative to the root, and the root itself by its
+    name. The server's log keeps the full paths."""
+    for root in sorted({str(r).rstrip("/") for r in roots}, key=len, reverse=True):  # a root inside another first
+        r = rf"(?<![\w./-]){re.escape(root)}"
+        message = re.sub(rf"{r}/adapters/([a-z0-9][a-z0-9._-]*)/([a-z0-9][a-z0-9._-]*)", r"\1@\2", message)
+        message = re.sub(rf"{r}/", "", message)
+        message = re.sub(rf"{r}(?![\w.-])", lambda _, name=Path(root).name: name, message)
+    return message
 
 
 def error_body(code: str, message: str) -> dict:
@@ -58,12 +74,12 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ServiceError)
     async def _service(request: Request, e: ServiceError):
-        return error_response(e.status, e.code, e.message, e.headers)
+        return error_response(e.status, e.code, request.app.state.service.public(e.message), e.headers)
 
     @app.exception_handler(BundleError)
     async def _bundle(request: Request, e: BundleError):
         se = ServiceError.from_bundle(e)
-        return error_response(se.status, se.code, se.message)
+        return error_response(se.status, se.code, request.app.state.service.public(se.message))
 
     @app.exception_handler(ImageError)
     async def _image(request: Request, e: ImageError):

@@ -34,12 +34,13 @@ from .settings import Settings
 TIMEOUT_HEADER = "x-timeout-ms"
 
 
-def decode_one(preprocessor: Preprocessor, raw: bytes | str | np.ndarray, i: int, max_pixels: int, max_aspect_ratio: float) -> torch.Tensor:
+def decode_one(preprocessor: Preprocessor, raw: bytes | str | np.ndarray, where: str, max_pixels: int, max_aspect_ratio: float) -> torch.Tensor:
     """One image (file bytes, base64 / a data: URL as str, or already-decoded RGB pixels as a
     (H, W, 3) uint8 array from the Open Inference Protocol) -> the model input (3, S, S).
 
-    Raises ServiceError 422 `invalid_base64`, or the image error of `metalora.images` as a 4xx
-    naming `images[i]`. Runs on the decoder pool, never on the event loop.
+    Raises ServiceError 422 `invalid_base64`, or the image error of `metalora.images` as a 4xx,
+    naming the image `where` (as the request has it: `images[3]`, `items[1].image (id 'a2')`).
+    Runs on the decoder pool, never on the event loop.
     """
     if isinstance(raw, np.ndarray):  # the caller checked shape, dtype and max_pixels
         return preprocessor(Image.fromarray(raw, "RGB"))
@@ -49,11 +50,11 @@ def decode_one(preprocessor: Preprocessor, raw: bytes | str | np.ndarray, i: int
         try:  # line breaks are allowed (MIME / `base64` without -w0 wraps at 76), nothing else outside the alphabet
             raw = base64.b64decode(_WRAP.sub("", raw), validate=True)
         except (binascii.Error, ValueError):
-            raise ServiceError(422, "invalid_base64", f"images[{i}] is not valid base64") from None
+            raise ServiceError(422, "invalid_base64", f"{where} is not valid base64") from None
     try:
         return preprocessor(raw, max_pixels, max_aspect_ratio)  # (3, S, S); the decode bounded by S, not the file
     except ImageError as e:
-        raise ServiceError.from_image(e, i) from None
+        raise ServiceError.from_image(e, where) from None
 
 
 _WRAP = re.compile(r"[\r\n]+")

@@ -327,6 +327,7 @@ _STATUS = {
 }
 
 
-def error_responses(*statuses: int) -> dict:
-    """OpenAPI `responses` for these statuses, each with the ErrorResponse body."""
-    return {s: {"model": ErrorResponse, "description": _STATUS[s]} for s in statuses}
+def error_responses(*statuses: int, model: type[BaseModel] = ErrorResponse) -> dict:
+    """OpenAPI `responses` for these statuses, each with the ErrorResponse body (`/v2`: the
+    protocol's error, `model=ProtocolError`)."""
+    return {s: {"model": model, "description": _STATUS[s]} for s in statuses}

@@ -231,7 +231,7 @@ def repository_index(svc, ready_only: bool = False) -> list[dict]:
         for v in store.versions(name):
             key = f"{name}@{v}"
             loaded = key in svc.registry.entries
-            rows.append({"name": name, "version": v, "state": "READY" if loaded else "UNAVAILABLE", "reason": svc.registry.failed.get(key, "" if loaded else "unloaded")})
+            rows.append({"name": name, "version": v, "state": "READY" if loaded else "UNAVAILABLE", "reason": svc.public(svc.registry.failed.get(key, "" if loaded else "unloaded"))})
     return [r for r in rows if r["state"] == "READY"] if ready_only else rows
 
 

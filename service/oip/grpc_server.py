@@ -137,7 +137,7 @@ def _metered(svc, name: str, fn):
             retry = se.headers.get("Retry-After")
             if retry is not None:
                 context.set_trailing_metadata((("retry-after", retry), ("grpc-retry-pushback-ms", str(int(float(retry) * 1000)))))
-            await context.abort(GRPC_CODES.get(se.status, grpc.StatusCode.UNKNOWN), f"{se.code}: {se.message}")
+            await context.abort(GRPC_CODES.get(se.status, grpc.StatusCode.UNKNOWN), f"{se.code}: {svc.public(se.message)}")
         except grpc.aio.AbortError:
             raise
         except Exception as e:

@@ -25,6 +25,7 @@ from metalora.images import ImageError
 from ..deps import AdminDep, ReadyDep, ServiceDep
 from ..errors import ServiceError
 from ..inputs import Watch, request_timeout
+from ..schemas import error_responses
 from . import codec, dataplane
 from .schemas import (
     InferRequestBody,
@@ -44,8 +45,9 @@ from .schemas import (
 HTTP_LEVEL = {"unsupported_content_encoding"}
 
 
-def protocol_error(e: Exception) -> JSONResponse:
-    """Any error of a /v2 route -> the protocol's JSON error with its HTTP status."""
+def protocol_error(e: Exception, svc) -> JSONResponse:
+    """Any error of a /v2 route -> the protocol's JSON error with its HTTP status (the message
+    without server paths: `svc.public`)."""
     if isinstance(e, BundleError):
         e = ServiceError.from_bundle(e)
     elif isinstance(e, ImageError):
@@ -57,7 +59,7 @@ def protocol_error(e: Exception) -> JSONResponse:
     # a bad tensor is a bad request, whatever /v1 calls it; a Content-Encoding the server does not
     # speak is about the HTTP message, not the tensors, and keeps HTTP's 415 (RFC 7694)
     status = 400 if e.status in (415, 422) and e.code not in HTTP_LEVEL else e.status
-    return JSONResponse({"error": e.message, "code": e.code}, status_code=status, headers=e.headers or None)
+    return JSONResponse({"error": svc.public(e.message), "code": e.code}, status_code=status, headers=e.headers or None)
 
 
 class ProtocolRoute(APIRoute):
@@ -70,12 +72,13 @@ class ProtocolRoute(APIRoute):
             try:
                 return await handler(request)
             except (ServiceError, BundleError, ImageError, RequestValidationError) as e:
-                return protocol_error(e)
+                return protocol_error(e, request.app.state.service)
 
         return route
 
 
-ERRORS = {400: {"model": ProtocolError}, 404: {"model": ProtocolError}, 503: {"model": ProtocolError}}
+ERRORS = {400: {"model": ProtocolError}, 404: {"model": ProtocolError}, 503: {"model": ProtocolError}, **error_responses(409, model=ProtocolError)}
+ADMIN_ERRORS = error_responses(401, 403, 413, model=ProtocolError)  # the repository extension: admin token, an optional JSON body
 router = APIRouter(prefix="/v2", tags=["open inference protocol"], route_class=ProtocolRoute, responses=ERRORS)
 ModelPath = Annotated[str, Path(description="the adapter's name (`base` = the frozen backbone)", max_length=130)]
 VersionPath = Annotated[str, Path(description="the bundle version", max_length=64)]
@@ -154,7 +157,10 @@ INFER_DOC = {
         },
     }
 }
-INFER_RESPONSES = {200: {"model": InferResponseBody, "description": f"JSON, followed by binary outputs when {codec.HEADER_LENGTH} is set"}}
+INFER_RESPONSES = {
+    200: {"model": InferResponseBody, "description": f"JSON, followed by binary outputs when {codec.HEADER_LENGTH} is set"},
+    **error_responses(413, 415, 504, model=ProtocolError),  # body (or decompressed body) over the limit, an unknown Content-Encoding, the deadline
+}
 
 
 async def _infer(request: Request, svc, model_name: str, model_version: str) -> Response:
@@ -203,14 +209,14 @@ async def _json_object(request: Request) -> dict:
     return doc
 
 
-@router.post("/repository/index", response_model=list[RepositoryModel], dependencies=[AdminDep], openapi_extra={"requestBody": {"content": {"application/json": {"schema": RepositoryIndexRequest.model_json_schema()}}}})
+@router.post("/repository/index", response_model=list[RepositoryModel], dependencies=[AdminDep], responses=ADMIN_ERRORS, openapi_extra={"requestBody": {"content": {"application/json": {"schema": RepositoryIndexRequest.model_json_schema()}}}})
 async def repository_index(request: Request, svc: ReadyDep) -> list[RepositoryModel]:
     """Every adapter version in the store (and `base`) with its state; admin token."""
     doc = await _json_object(request)
     return [RepositoryModel(**r) for r in dataplane.repository_index(svc, bool(doc.get("ready", False)))]
 
 
-@router.post("/repository/models/{model_name}/load", response_model=None, dependencies=[AdminDep])
+@router.post("/repository/models/{model_name}/load", response_model=None, dependencies=[AdminDep], responses=ADMIN_ERRORS)
 async def repository_load(model_name: ModelPath, request: Request, svc: ReadyDep) -> Response:
     """Load an adapter (latest version, or `name@version`) onto the device; admin token."""
     request.state.adapter = model_name
@@ -221,7 +227,7 @@ async def repository_load(model_name: ModelPath, request: Request, svc: ReadyDep
     return Response(status_code=200)
 
 
-@router.post("/repository/models/{model_name}/unload", response_model=None, dependencies=[AdminDep])
+@router.post("/repository/models/{model_name}/unload", response_model=None, dependencies=[AdminDep], responses=ADMIN_ERRORS)
 async def repository_unload(model_name: ModelPath, request: Request, svc: ReadyDep) -> Response:
     """Unload an adapter (every loaded version, or `name@version`); requests in flight finish; admin token."""
     request.state.adapter = model_name

@@ -33,7 +33,11 @@ from ..schemas import (
 )
 from ..thumbnails import thumbnail_of_base64
 
-router = APIRouter(prefix="/v1/adapters", tags=["adapters"], responses=error_responses(400, 401, 403, 404, 409, 413, 415, 422, 503, 504))
+router = APIRouter(prefix="/v1/adapters", tags=["adapters"], responses=error_responses(400, 404, 409, 422, 503))
+# Declared where they can happen: 401/403 behind AdminDep, 413 where a body is read (the
+# middleware's limit, images per batch), 415 and 504 where images are decoded within a deadline.
+ADMIN = error_responses(401, 403, 413)
+GALLERY_WRITE = error_responses(401, 403, 413, 415, 504)
 
 
 @router.get("", response_model=AdapterList)
@@ -70,23 +74,23 @@ async def adapter_info(name: RefPath, svc: ReadyDep) -> AdapterInfo:
                 update=dict(format=a.get("format"), ranks=a.get("ranks"), targets=m.get("resolved_targets"), num_classes=len(a.get("labels", [])), labels=a.get("labels"), trainable_params=m.get("trainable_params"), metrics=m.get("metrics"))
             )
         except BundleError as e:
-            row.error = f"{e.code}: {e}"
+            row.error = svc.public(f"{e.code}: {e}")
         if k in svc.registry.failed:
-            row.error = svc.registry.failed[k]
+            row.error = svc.public(svc.registry.failed[k])
         if k in svc.galleries.indexes:
             row.gallery_items = len(svc.galleries.indexes[k])
         rows.append(row)
     return AdapterInfo(name=base_name, latest=rows[-1].version if rows else None, versions=rows)
 
 
-@router.post("/{name}/load", response_model=LoadResponse, dependencies=[AdminDep])
+@router.post("/{name}/load", response_model=LoadResponse, dependencies=[AdminDep], responses=ADMIN)
 async def load_adapter(name: RefPath, svc: ReadyDep, pin: Annotated[bool, Query(description="never evict it")] = False) -> LoadResponse:
     """Load a version onto the device (latest unless `name@version`); a corrupt bundle answers 409."""
     entry = await svc.registry.load(name, pin=pin)
     return LoadResponse(adapter=entry.name, version=entry.version, loaded=True, pinned=entry.pinned, load_seconds=round(entry.load_seconds, 4))
 
 
-@router.post("/{name}/unload", response_model=UnloadResponse, dependencies=[AdminDep])
+@router.post("/{name}/unload", response_model=UnloadResponse, dependencies=[AdminDep], responses=ADMIN)
 async def unload_adapter(name: RefPath, svc: ReadyDep) -> UnloadResponse:
     """Drop a version from the device; requests already accepted still finish with it."""
     entry, deferred = svc.registry.unload(name)
@@ -111,13 +115,14 @@ async def gallery_info(name: RefPath, svc: ReadyDep) -> GalleryInfo:
     return GalleryInfo(adapter=n, version=v, items=len(index), dim=index.dim, index=index.kind if len(index) else "none", source=index.source, store=store, labels=counts)
 
 
-async def _vectors(svc: Service, key: str, request: Request, items: list) -> list[np.ndarray]:
-    """Each item's vector: given, or the adapter's embedding of its image (one batch for all images)."""
+async def _vectors(svc: Service, key: str, request: Request, items: list, names: list[str]) -> list[np.ndarray]:
+    """Each item's vector: given, or the adapter's embedding of its image (one batch for all
+    images). An image that does not decode is refused under its item's name in `names`."""
     raws = [it.image for it in items if it.vector is None]
     embedded: list[np.ndarray] = []
     if raws:
         watch = Watch(request, request_timeout(request, svc.settings))
-        xs = await svc.decode(raws, watch)
+        xs = await svc.decode(raws, watch, [n for it, n in zip(items, names) if it.vector is None])
         _, results = await svc.compute(xs, [key], watch)
         embedded = [r.embedding.numpy() for r in results]
     it_emb = iter(embedded)
@@ -146,7 +151,7 @@ async def _write(svc: Service, key: str, items: list[Item], thumbs: list[tuple[s
     return len(index), created
 
 
-@router.put("/{name}/gallery/{item_id:path}", response_model=GalleryItemResponse, dependencies=[AdminDep])
+@router.put("/{name}/gallery/{item_id:path}", response_model=GalleryItemResponse, dependencies=[AdminDep], responses=GALLERY_WRITE)
 async def gallery_put(name: RefPath, item_id: Annotated[ItemId, Path()], item: GalleryItemRequest, request: Request, svc: ReadyDep) -> GalleryItemResponse:
     """Add (or replace) one gallery item from an image or a vector; committed to the gallery store before answering."""
     key = _gallery_key(svc, name)
@@ -154,14 +159,14 @@ async def gallery_put(name: RefPath, item_id: Annotated[ItemId, Path()], item: G
     index = await svc.gallery_index(key)
     if item.label not in index.labels:  # before computing an embedding for nothing
         raise ServiceError(422, "unknown_label", f"label {item.label!r} is not one of {key}'s {len(index.labels)} labels")
-    (vec,) = await _vectors(svc, key, request, [item])
+    (vec,) = await _vectors(svc, key, request, [item], ["image"])
     thumbs = await asyncio.to_thread(_thumbnails, svc, key, [(item_id, item.image)], svc.settings.max_pixels)
     size, (created,) = await _write(svc, key, [Item(item_id, item.label, vec)], thumbs)
     n, v = key.split("@", 1)
     return GalleryItemResponse(adapter=n, version=v, id=item_id, label=item.label, items=size, created=created)
 
 
-@router.post("/{name}/gallery", response_model=GalleryBatchResponse, dependencies=[AdminDep])
+@router.post("/{name}/gallery", response_model=GalleryBatchResponse, dependencies=[AdminDep], responses=GALLERY_WRITE)
 async def gallery_batch(name: RefPath, body: GalleryBatchRequest, request: Request, svc: ReadyDep) -> GalleryBatchResponse:
     """Add or replace many gallery items in one transaction: all of them or none (any bad item -> 4xx, nothing written)."""
     key = _gallery_key(svc, name)
@@ -180,14 +185,14 @@ async def gallery_batch(name: RefPath, body: GalleryBatchRequest, request: Reque
     bad = next((j for j, it in enumerate(body.items) if it.label not in index.labels), None)
     if bad is not None:
         raise ServiceError(422, "unknown_label", f"items[{bad}]: label {body.items[bad].label!r} is not one of {key}'s {len(index.labels)} labels")
-    vecs = await _vectors(svc, key, request, body.items)
+    vecs = await _vectors(svc, key, request, body.items, [f"items[{j}].image (id {it.id!r})" for j, it in enumerate(body.items)])
     thumbs = await asyncio.to_thread(_thumbnails, svc, key, [(it.id, it.image) for it in body.items], svc.settings.max_pixels)
     size, created = await _write(svc, key, [Item(it.id, it.label, v) for it, v in zip(body.items, vecs)], thumbs)
     n, v = key.split("@", 1)
     return GalleryBatchResponse(adapter=n, version=v, items=size, written=len(created), created=sum(created), replaced=len(created) - sum(created))
 
 
-@router.delete("/{name}/gallery/{item_id:path}", response_model=GalleryItemResponse, dependencies=[AdminDep])
+@router.delete("/{name}/gallery/{item_id:path}", response_model=GalleryItemResponse, dependencies=[AdminDep], responses=error_responses(401, 403))
 async def gallery_delete(name: RefPath, item_id: Annotated[ItemId, Path()], request: Request, svc: ReadyDep) -> GalleryItemResponse:
     """Remove one gallery item; committed to the gallery store before answering (it never comes back)."""
     key = _gallery_key(svc, name)

@@ -46,6 +46,14 @@ async def console_static(name: str) -> FileResponse:
     return _static(name)
 
 
+def _none_match(header: str, etag: str) -> bool:
+    """Whether `If-None-Match` names this representation: RFC 9110 §13.1.2 compares weakly (a
+    `W/` validator, as proxies and browsers send back, matches its strong tag), and `*` matches
+    any current representation."""
+    tags = [t.strip() for t in header.split(",")]
+    return "*" in tags or any(t.removeprefix("W/") == etag for t in tags)
+
+
 async def _has_item(svc, key: str, item_id: str) -> bool:
     index = await svc.gallery_index(key)
     return item_id in index  # live items only
@@ -56,7 +64,7 @@ async def _has_item(svc, key: str, item_id: str) -> bool:
     response_class=Response,
     responses={
         200: {"content": {"image/webp": {}, "image/jpeg": {}}, "description": "the item's thumbnail (<= 64 px), with ETag and Cache-Control"},
-        304: {"description": "If-None-Match matched the ETag"},
+        304: {"description": "If-None-Match matched the ETag (weak comparison; `*` matches any)"},
         404: {"content": {"application/json": {"example": error_body("no_thumbnail", "item has no thumbnail")}}, "description": "unknown adapter or item (`unknown_adapter`, `unknown_item`), or an item without a picture (`no_thumbnail`)"},
     },
 )
@@ -74,6 +82,6 @@ async def gallery_thumbnail(name: RefPath, item_id: str, request: Request, svc: 
         raise ServiceError(404, "no_thumbnail", f"{key} gallery item {item_id!r} has no thumbnail (added as a bare vector, or its bundle carries none)")
     etag = '"' + hashlib.sha256(data).hexdigest()[:32] + '"'
     headers = {"ETag": etag, "Cache-Control": THUMBNAIL_CACHE}
-    if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
+    if _none_match(request.headers.get("if-none-match", ""), etag):
         return Response(status_code=304, headers=headers)
     return Response(data, media_type=media_type(data), headers=headers)

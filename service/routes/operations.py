@@ -12,18 +12,38 @@ from ..schemas import Health, Ready, error_responses
 router = APIRouter(tags=["operations"], responses=error_responses(400))
 
 
+# Load balancers and uptime checkers probe with HEAD: each probe also answers HEAD, with GET's
+# status and headers (uvicorn sends no body for HEAD). Separate routes, so each operation keeps
+# its own operationId in the OpenAPI document.
+def _head(descriptions: dict[int, str]) -> dict:
+    """OpenAPI `responses` of a HEAD route: these statuses, none with a body."""
+    return {status: {"description": d, "content": None} for status, d in descriptions.items()}
+
+
 @router.get("/healthz", response_model=Health)
 async def healthz() -> Health:
     """Liveness: answers while the process and its event loop live."""
     return Health(status="ok")
 
 
+@router.head("/healthz", response_class=Response, responses=_head({200: "alive: GET's status and headers, no body", 400: "malformed request framing"}))
+async def healthz_head() -> Response:
+    """Liveness for HEAD probes: GET /healthz without the body."""
+    return JSONResponse(Health(status="ok").model_dump())
+
+
 @router.get("/readyz", response_model=Ready, responses={503: {"model": Ready, "description": "still loading or warming (the same body, status not ready)"}})
 async def readyz(svc: ServiceDep):
     """Readiness: 200 once the default adapters are loaded and one batch has run through them."""
     reg = getattr(svc, "registry", None)
-    body = Ready(status="ready" if svc.ready else ("failed" if "startup" in svc.failed else "loading"), device=getattr(svc, "device", ""), backend=getattr(svc, "backend_name", svc.settings.backend), loaded=reg.loaded() if reg else [], failed=svc.failed)
+    body = Ready(status="ready" if svc.ready else ("failed" if "startup" in svc.failed else "loading"), device=getattr(svc, "device", ""), backend=getattr(svc, "backend_name", svc.settings.backend), loaded=reg.loaded() if reg else [], failed={k: svc.public(v) for k, v in svc.failed.items()})
     return JSONResponse(body.model_dump(), status_code=200 if svc.ready else 503)
+
+
+@router.head("/readyz", response_class=Response, responses=_head({200: "ready: GET's status and headers, no body", 400: "malformed request framing", 503: "still loading or warming"}))
+async def readyz_head(svc: ServiceDep) -> Response:
+    """Readiness for HEAD probes: GET /readyz's status without the body."""
+    return await readyz(svc)
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}, "description": "Prometheus text format"}})
