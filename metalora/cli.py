@@ -246,20 +246,23 @@ def eval_cmd(
 @app.command("thumbnails")
 def thumbnails_cmd(
     adapters: Annotated[Optional[list[str]], typer.Argument(help="name or name@version (default: every version of every adapter in the store)")] = None,
-    store: Annotated[Optional[Path], typer.Option(help="model store (default: the repository's model_store/)")] = None,
+    store: Annotated[Optional[Path], typer.Option(envvar="METALORA_STORE", help="model store (default: the repository's model_store/, as the service's)")] = None,
     gallery_dir: Annotated[Optional[Path], typer.Option(envvar="METALORA_GALLERY_DIR", help="the service's gallery directory (default: <store>/galleries, as the service's)")] = None,
-    data_root: Annotated[Optional[Path], typer.Option(help="where the manifests' relative data paths start (default: the working directory)")] = None,
+    data_root: Annotated[Optional[Path], typer.Option(help="where the manifests' relative data paths (../shared/data/...) start: the repository root (default: the working directory)")] = None,
     if_available: Annotated[bool, typer.Option("--if-available", help="skip a bundle whose training data is not on this machine (exit 0) instead of failing")] = False,
 ):
     """Write the k-NN galleries' thumbnails (<= 64 px WebP, one per item) beside the service's
     galleries, from the training data each bundle's manifest names. The shipped bundles carry no
     pictures (they would be copies of the data sets' images); the web console shows these. Run it
-    once after install, with ../shared/data present; existing files are kept."""
+    once after install from the repository root, with ../shared/data present; files already there
+    are kept. A NAME alone means its latest version; no argument, every version of every adapter."""
     from .bundle import BundleError, read_manifest
     from .store import DEFAULT_STORE, ModelStore
-    from .thumbnails import write_sidecar_thumbnails
+    from .thumbnails import DataNotFound, write_sidecar_thumbnails
 
     ms = ModelStore(store or DEFAULT_STORE)
+    if not (ms.root / "adapters").is_dir():
+        fail(f"{ms.root} is not a model store (it has no adapters/ folder)")
     root = gallery_dir or ms.root / "galleries"
     try:
         refs = [ms.resolve(a) for a in adapters] if adapters else [ms.resolve(f"{n}@{v}") for n in ms.adapter_names() for v in ms.versions(n)]
@@ -271,11 +274,13 @@ def thumbnails_cmd(
             continue
         try:
             r = write_sidecar_thumbnails(path, name, version, root, data_root=data_root)
-        except FileNotFoundError as e:
+        except DataNotFound as e:
             if if_available:
                 typer.echo(f"{name}@{version}: skipped, its training data is not here ({e})")
                 continue
             fail(f"{name}@{version}: {e} (run from the repository root with ../shared/data beside it, or pass --data-root)")
+        except OSError as e:
+            fail(f"{name}@{version}: cannot write thumbnails under {root}: {e.strerror or e} ({getattr(e, 'filename', None) or root})")
         if r.get("up_to_date"):
             typer.echo(f"{name}@{version}: up to date in {r['dir']}")
         else:

@@ -46,25 +46,50 @@ def make_thumbnail(image: bytes | Image.Image, max_side: int = THUMBNAIL_SIZE, m
     return buf.getvalue()
 
 
+class DataNotFound(FileNotFoundError):
+    """A data spec's source (zip file or folder) is not on this machine."""
+
+
+def _rooted(spec, root: str | Path | None):
+    """`spec` with a relative local source taken from `root` (PyPI sources as they are)."""
+    from dataclasses import replace
+
+    from .data import PYPI_SOURCES
+
+    if root is None or spec.source in PYPI_SOURCES or os.path.isabs(spec.source):
+        return spec
+    return replace(spec, source=str(Path(root) / spec.source))
+
+
+def missing_sources(specs: list[str], root: str | Path | None = None) -> list[str]:
+    """The local sources among `specs` (relative ones from `root`, default the working directory)
+    that do not exist."""
+    from .data import PYPI_SOURCES, DataSpec
+
+    out = []
+    for text in specs:
+        spec = _rooted(DataSpec.parse(text), root)
+        if spec.source not in PYPI_SOURCES and not Path(spec.source).exists():
+            out.append(spec.source)
+    return out
+
+
 def thumbnails_for(specs: list[str], ids: list[str], max_side: int = THUMBNAIL_SIZE, progress: bool = False,
                    root: str | Path | None = None) -> list[bytes | None]:
     """Thumbnails of the source images behind gallery `ids`, found through the data specs they
     were listed from (`metalora.data`: ids are the items' ids, `task/`-prefixed for joint specs).
     Relative paths in `specs` are taken from `root` (default: the working directory). An id no
     spec lists gets None. Raises FileNotFoundError when a spec's source is missing."""
-    from dataclasses import replace
-
     from tqdm import tqdm
 
-    from .data import PYPI_SOURCES, DataSpec, list_items
+    from .data import DataSpec, list_items
 
     want = set(ids)
     found: dict[str, bytes] = {}
-    bar = tqdm(total=len(want), desc="thumbnails", unit="img", disable=not progress, leave=False)
+    # disable=None: a bar on a terminal only (no carriage-return noise in a service's log)
+    bar = tqdm(total=len(want), desc="thumbnails", unit="img", disable=None if progress else True, leave=False)
     for text in specs:
-        spec = DataSpec.parse(text)
-        if root is not None and spec.source not in PYPI_SOURCES and not os.path.isabs(spec.source):
-            spec = replace(spec, source=str(Path(root) / spec.source))
+        spec = _rooted(DataSpec.parse(text), root)
         prefix = f"{spec.task}/" if spec.task else ""
         for item in list_items(spec):
             key = prefix + item.id
@@ -104,8 +129,9 @@ def write_sidecar_thumbnails(bundle: str | Path, name: str, version: str, root: 
     API). A `.complete` file records the gallery's sha256; when it matches, nothing is done.
     Returns a summary dict (`written`, `kept`, `missing`: ids no data spec lists).
 
-    Raises BundleError when the bundle has no gallery, FileNotFoundError when a data source is
-    missing (no file is written then).
+    Raises BundleError when the bundle has no gallery, DataNotFound (a FileNotFoundError) when a
+    data source is missing (checked first: no file is written then), OSError when `root` cannot
+    be written.
     """
     from safetensors.torch import load_file
 
@@ -120,6 +146,9 @@ def write_sidecar_thumbnails(bundle: str | Path, name: str, version: str, root: 
     summary = {"bundle": f"{name}@{version}", "dir": str(out), "written": 0, "kept": 0, "missing": 0}
     if (out / COMPLETE).is_file() and (out / COMPLETE).read_text().strip() == digest:
         return summary | {"up_to_date": True}
+    gone = missing_sources(manifest["training"]["data"], data_root)
+    if gone:
+        raise DataNotFound(f"data source {gone[0]} does not exist")
     ids = Gallery.from_tensors(load_file(str(path / GALLERY))).ids
     todo = [i for i in ids if not sidecar_path(root, name, version, i).exists()]
     summary["kept"] = len(ids) - len(todo)

@@ -3,8 +3,9 @@
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 # The console's k-NN neighbour pictures: the shipped bundles carry none (they would be copies of the
 # data sets' images), so they are made once beside the galleries from ../shared/data where it is
-# here (about 30 s the first time; a no-op after). Without it the console shows labels only.
+# here (about 30 s the first time; a no-op after). Without them the console shows a labelled
+# placeholder per neighbour.
 if [ -d "$ROOT/../shared/data" ]; then
-  metalora thumbnails --if-available >&2 || echo "serve: gallery thumbnails not made (see above); the console shows labels only" >&2
+  metalora thumbnails --if-available >&2 || echo "serve: gallery thumbnails not made (see above); the console shows placeholders" >&2
 fi
 exec metalora serve "$@"

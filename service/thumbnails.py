@@ -40,7 +40,7 @@ class ThumbnailStore:
 
     def __init__(self, store: ModelStore, root: Path):
         self.store, self.root = store, Path(root)
-        self._bundle: dict[str, dict[str, bytes]] = {}  # key -> {item id: WebP bytes}, read once
+        self._bundle: dict[str, tuple[dict[str, bytes], frozenset[str]]] = {}  # key -> ({item id: WebP bytes}, the bundle's ids), read once
         self._memory: OrderedDict[tuple[str, str], bytes] = OrderedDict()  # fallback for an unwritable root, oldest first
         self._warned = False
         self._lock = threading.Lock()
@@ -57,7 +57,12 @@ class ThumbnailStore:
         f = self.sidecar(key, item_id)
         if f.is_file():
             return f.read_bytes() or None  # empty: a tombstone
-        return self._bundle_thumbs(key).get(item_id)
+        return self._bundle_gallery(key)[0].get(item_id)
+
+    def is_bundle_item(self, key: str, item_id: str) -> bool:
+        """Whether `item_id` is one of the bundle's own gallery items: the ids `metalora thumbnails`
+        makes pictures for, so replacing or deleting one must leave a tombstone behind."""
+        return item_id in self._bundle_gallery(key)[1]
 
     def put(self, key: str, item_id: str, data: bytes | None) -> None:
         """Record the thumbnail of an added or replaced item (None: it has none); atomic.
@@ -94,6 +99,11 @@ class ThumbnailStore:
                 self._memory.popitem(last=False)
 
     def delete(self, key: str, item_id: str) -> None:
+        """Forget a deleted item's picture: a tombstone for a bundle item (so a later
+        `metalora thumbnails` run does not bring its picture back), no file for any other."""
+        if self.is_bundle_item(key, item_id):
+            self.put(key, item_id, None)
+            return
         with self._lock:
             self._memory.pop((key, item_id), None)
         try:
@@ -101,22 +111,22 @@ class ThumbnailStore:
         except OSError:  # an unwritable root holds no sidecar to delete
             pass
 
-    def _bundle_thumbs(self, key: str) -> dict[str, bytes]:
+    def _bundle_gallery(self, key: str) -> tuple[dict[str, bytes], frozenset[str]]:
         with self._lock:
             if key not in self._bundle:
                 self._bundle[key] = self._read_bundle(key)
             return self._bundle[key]
 
-    def _read_bundle(self, key: str) -> dict[str, bytes]:
+    def _read_bundle(self, key: str) -> tuple[dict[str, bytes], frozenset[str]]:
         _, _, path = self.store.resolve(key)
         manifest = read_manifest(path)
         if GALLERY not in manifest["files"]:
-            return {}
+            return {}, frozenset()
         try:  # checksums were verified when the gallery index was opened (service.knn)
             g = Gallery.from_tensors(load_file(str(Path(path) / GALLERY)))
         except (SafetensorError, OSError) as e:
             raise BundleError("bad_gallery", f"{path}: gallery is not a readable safetensors file ({e})") from None
-        return {i: t for i, t in zip(g.ids, g.thumbnails or []) if t}
+        return {i: t for i, t in zip(g.ids, g.thumbnails or []) if t}, frozenset(g.ids)
 
     def drop(self, key: str) -> None:
         with self._lock:

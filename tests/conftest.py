@@ -16,15 +16,17 @@ SHARED = Path(os.environ.get("METALORA_SHARED", ROOT.parent / "shared"))
 DATA = SHARED / "data"
 
 
-def run_metalora(*args: str, cwd: Path = ROOT, timeout: float = 300) -> "subprocess.CompletedProcess[str]":
+def run_metalora(*args: str, cwd: Path = ROOT, timeout: float = 300, env: dict | None = None) -> "subprocess.CompletedProcess[str]":
     """The real `metalora` command (the console script installed beside this Python), run from the
-    repository root (the shipped manifests name their data relative to it)."""
+    repository root (the shipped manifests name their data relative to it); `env` adds variables
+    to a copy of this environment without its METALORA_* ones."""
     import subprocess
     import sys
 
     exe = Path(sys.executable).parent / "metalora"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "from metalora_serve.cli import app; app()"]
-    return subprocess.run([*cmd, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    full = {k: v for k, v in os.environ.items() if not k.startswith("METALORA_")} | (env or {})
+    return subprocess.run([*cmd, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full)
 
 
 def needs_shared(*parts: str):

@@ -127,6 +127,16 @@ def test_thumbnails_command_writes_sidecars_from_the_training_data(tmp_path):
     skipped = run_metalora("thumbnails", "cifar10", "--gallery-dir", str(root), "--data-root", str(tmp_path / "nowhere"), "--if-available")
     assert skipped.returncode == 0 and "skipped" in skipped.stdout
     assert run_metalora("thumbnails", "../etc", "--gallery-dir", str(root)).returncode != 0
+    # Where it cannot write, and a store that is not one (also through METALORA_STORE, as the service reads it).
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    blocked = run_metalora("thumbnails", "digits", "--gallery-dir", str(afile))
+    assert blocked.returncode == 1 and "cannot write thumbnails" in blocked.stderr and "Traceback" not in blocked.stderr + blocked.stdout
+    blocked = run_metalora("thumbnails", "digits", "--gallery-dir", str(afile), "--if-available")
+    assert blocked.returncode == 1 and "cannot write thumbnails" in blocked.stderr  # not "data missing": the data is here
+    for how in ({"args": ("--store", str(tmp_path / "nostore"))}, {"env": {"METALORA_STORE": str(tmp_path / "nostore")}}):
+        r = run_metalora("thumbnails", *how.get("args", ()), "--gallery-dir", str(root), env=how.get("env"))
+        assert r.returncode == 1 and "is not a model store" in r.stderr, how
 
 
 def test_shipped_store_fits_its_size_limit():
@@ -228,6 +238,25 @@ def test_thumbnail_route_etag_and_gallery_edits(server, cat):
         assert none.status_code == 404 and none.json()["error"]["code"] == "no_thumbnail"
         assert c.delete("/v1/adapters/cifar10/gallery/my-cat", headers=auth).status_code == 200
         assert c.get("/v1/adapters/cifar10/gallery/my-cat/thumbnail").json()["error"]["code"] == "unknown_item"
+
+
+@pytest.mark.slow
+def test_bundle_items_replaced_by_a_vector_or_deleted_get_no_picture_back(server):
+    """Replacing a bundle item by a vector, or deleting it, before `metalora thumbnails` runs: the
+    run must not give either its old picture back (digits: its data is scikit-learn's, no ../shared)."""
+    version, path = _latest("digits")
+    ids = load_gallery(path, read_manifest(path)).ids
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        label = next(iter(c.get("/v1/adapters/digits/gallery").json()["labels"]))
+        assert c.put(f"/v1/adapters/digits/gallery/{ids[5]}", headers=auth, json={"label": label, "vector": [1.0] * 1280}).status_code == 200
+        assert c.delete(f"/v1/adapters/digits/gallery/{ids[6]}", headers=auth).status_code == 200
+        made = run_metalora("thumbnails", "digits", "--gallery-dir", server.env["METALORA_GALLERY_DIR"])
+        assert made.returncode == 0, made.stderr
+        assert c.get(f"/v1/adapters/digits/gallery/{ids[5]}/thumbnail").json()["error"]["code"] == "no_thumbnail"
+        assert c.get(f"/v1/adapters/digits/gallery/{ids[6]}/thumbnail").json()["error"]["code"] == "unknown_item"
+        r = c.get(f"/v1/adapters/digits/gallery/{ids[7]}/thumbnail")
+        assert r.status_code == 200 and r.headers["content-type"] == "image/webp"
 
 
 def test_console_page_and_static_files_are_served(server):

@@ -131,13 +131,14 @@ async def _vectors(svc: Service, key: str, request: Request, items: list, names:
 
 def _thumbnails(svc: Service, key: str, items: list[tuple[str, str | None]], max_pixels: int) -> list[tuple[str, bytes | None]]:
     """(id, thumbnail) to record before the write, from (id, base64 image or None): an image item's
-    picture; for a vector item, an empty tombstone only where the id has a picture now (so a
-    replaced item never shows a stale one, and a batch of vectors writes no files)."""
+    picture; for a vector item, an empty tombstone only where the id has a picture now or may get
+    one (a bundle item, which `metalora thumbnails` makes pictures for), so a replaced item never
+    shows a stale one, and a batch of new vectors writes no files."""
     out = []
     for item_id, image in items:
         if image is not None:
             out.append((item_id, thumbnail_of_base64(image, max_pixels)))
-        elif svc.thumbnails.get(key, item_id) is not None:
+        elif svc.thumbnails.is_bundle_item(key, item_id) or svc.thumbnails.get(key, item_id) is not None:
             out.append((item_id, None))
     return out
 

@@ -69,8 +69,9 @@ async def _has_item(svc, key: str, item_id: str) -> bool:
     },
 )
 async def gallery_thumbnail(name: RefPath, item_id: str, request: Request, svc: ReadyDep) -> Response:
-    """A gallery item's thumbnail: the bundle's, or the one made when the item was added from an
-    image. Items added as a bare vector have none (404 `no_thumbnail`). Ids may contain `/`."""
+    """A gallery item's thumbnail: the one `metalora thumbnails` made for a bundle item, the one
+    made when the item was added from an image, or the bundle's own. Items added as a bare vector
+    have none (404 `no_thumbnail`). Ids may contain `/`."""
     key = svc.registry.resolve(name)
     if key == BASE:
         raise ServiceError(422, "no_gallery", "'base' has no gallery; galleries belong to adapters")
@@ -79,7 +80,7 @@ async def gallery_thumbnail(name: RefPath, item_id: str, request: Request, svc: 
         raise ServiceError(404, "unknown_item", f"{key} has no gallery item {item_id!r}")
     data = await asyncio.to_thread(svc.thumbnails.get, key, item_id)
     if data is None:
-        raise ServiceError(404, "no_thumbnail", f"{key} gallery item {item_id!r} has no thumbnail (added as a bare vector, or its bundle carries none)")
+        raise ServiceError(404, "no_thumbnail", f"{key} gallery item {item_id!r} has no thumbnail (added as a bare vector, or a bundle item whose picture was not made: run `metalora thumbnails`)")
     etag = '"' + hashlib.sha256(data).hexdigest()[:32] + '"'
     headers = {"ETag": etag, "Cache-Control": THUMBNAIL_CACHE}
     if _none_match(request.headers.get("if-none-match", ""), etag):
