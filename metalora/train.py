@@ -153,12 +153,24 @@ def _save_ckpt(ckpt: Path, adapter: Adapter, opt: torch.optim.Optimizer, state: 
     os.replace(ckpt / "state.tmp", ckpt / "state.json")
 
 
-def _load_ckpt(ckpt: Path, adapter: Adapter, opt: torch.optim.Optimizer, run_hash: str) -> dict | None:
+# TrainConfig fields that shape only what is built after the last epoch (the gallery, the k-NN
+# threshold): a checkpoint that differs in these alone is the same training run and resumes.
+POST_TRAINING = ("gallery_per_class", "false_reject_rate")
+
+
+def _same_training(saved: dict | None, cfg: "TrainConfig") -> bool:
+    def norm(d: dict) -> str:
+        return json.dumps({k: v for k, v in d.items() if k not in POST_TRAINING}, sort_keys=True, default=list)
+
+    return bool(saved) and norm(saved) == norm(asdict(cfg))
+
+
+def _load_ckpt(ckpt: Path, adapter: Adapter, opt: torch.optim.Optimizer, cfg: "TrainConfig") -> dict | None:
     f = ckpt / "state.json"
     if not f.is_file():
         return None
     state = json.loads(f.read_text())
-    if state.get("run_hash") != run_hash:
+    if state.get("run_hash") != cfg.run_hash() and not _same_training(state.get("config"), cfg):
         return None  # a checkpoint of a different run: start over rather than mix them
     adapter.load_state_dict(load_file(str(ckpt / "adapter.safetensors")), strict=True)
     opt_t = load_file(str(ckpt / "optim.safetensors"))
@@ -234,7 +246,7 @@ def train(
     ckpt = Path(ckpt_dir) if ckpt_dir is not None else None
     start_epoch, history = 0, []
     if ckpt is not None and resume:
-        st = _load_ckpt(ckpt, adapter, opt, run_hash)
+        st = _load_ckpt(ckpt, adapter, opt, cfg)
         if st is not None:
             start_epoch, history = st["epoch"], st["history"]
 

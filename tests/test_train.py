@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -128,6 +129,13 @@ def test_resume_equals_uninterrupted(backbone, cache, tmp_path):
     assert [h["epoch"] for h in resumed["training"]["history"]] == [1, 2]
     r = _weights(resumed)
     assert all(torch.equal(full[k], r[k]) for k in full)
+    # A finished run asked for another gallery size resumes after its last epoch (no retraining):
+    # the gallery is built after training. Another learning rate is another run: it starts over.
+    regallery = train(replace(cfg(), gallery_per_class=1), backbone, ckpt_dir=ck, cache_dir=cache, progress=False)
+    assert [h["epoch"] for h in regallery["training"]["history"]] == [1, 2] and len(regallery["gallery"].ids) == 10
+    assert all(torch.equal(full[k], v) for k, v in _weights(regallery).items())
+    other = train(replace(cfg(), lr=1e-2), backbone, ckpt_dir=ck, cache_dir=cache, progress=False, stop_after_epoch=1)
+    assert not all(torch.equal(full[k], v) for k, v in _weights(other).items())
 
 
 def test_cli_train_then_eval_json(backbone, cache, tmp_path):
