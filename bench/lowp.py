@@ -13,7 +13,7 @@ Definitions (also in docs/benchmarks.md):
 * `limit_fraction` = achieved FLOP/s / peak FP32 FLOP/s of the cores the run uses. Achieved =
   images/s x FLOPs per image of the frozen backbone, counted by torch's `FlopCounterMode`
   (one multiply-add = 2 FLOPs; adapter branches excluded, they add < 1 %). Peak = cores x clock x FP32 lanes per vector x 2 (FMA) x
-  FMA units per core (`peak_fp32`).
+  FMA pipes per core, lanes counted per pipe (`peak_fp32`).
 """
 
 from __future__ import annotations
@@ -60,19 +60,33 @@ def cpu_ghz(cpuinfo: str = "/proc/cpuinfo") -> tuple[float, str]:
     return 2.0, "not reported; 2.0 GHz assumed"
 
 
-def peak_fp32(cores: int, flags: frozenset[str], cpuinfo: str = "/proc/cpuinfo") -> dict:
-    """Peak FP32 FLOP/s = cores x GHz x lanes x 2 (FMA) x FMA units per core.
+def _cpu_field(text: str, field: str) -> str | None:
+    m = re.search(rf"^{field}\s*:\s*(.+)$", text, re.M)
+    return m.group(1).strip() if m else None
 
-    Lanes: 16 with AVX-512 (`avx512f`), 8 with AVX2+FMA, else 4. FMA units: 2 per core, what
-    Intel's Xeon Scalable (Skylake-SP and later Gold/Platinum, Sapphire/Emerald Rapids) have for
-    512-bit FMA; a CPU with one unit has half this peak, so the fraction is a lower bound there.
+
+def peak_fp32(cores: int, flags: frozenset[str], cpuinfo: str = "/proc/cpuinfo") -> dict:
+    """Peak FP32 FLOP/s = cores x GHz x FP32 lanes per FMA pipe x 2 (FMA) x FMA pipes per core.
+
+    The lanes are those of the pipe's datapath, not of the instruction: AMD Zen 2-4 (`cpu family`
+    23 and 25) run AVX-512 on two 256-bit FMA pipes (8 lanes each; AMD's "Software Optimization
+    Guide for the AMD Zen4 Microarchitecture", section 2.11), Zen 5 (family 26) has two 512-bit
+    pipes; Intel's Xeon Scalable (Skylake-SP and later Gold/Platinum, Sapphire/Emerald Rapids) has
+    two 512-bit FMA units. Otherwise: 16 lanes with `avx512f`, 8 with AVX2+FMA, else 4, two pipes.
+    A part with one 512-bit unit (some Xeon Silver/Bronze) has half this peak, so the fraction
+    is a lower bound there.
     """
     ghz, src = cpu_ghz(cpuinfo)
+    text = Path(cpuinfo).read_text() if Path(cpuinfo).is_file() else ""
+    vendor, family = _cpu_field(text, "vendor_id"), _cpu_field(text, "cpu family")
     lanes = 16 if "avx512f" in flags else 8 if {"avx2", "fma"} <= flags else 4
+    why = "AVX-512" if lanes == 16 else "AVX2" if lanes == 8 else "SSE"
+    if vendor == "AuthenticAMD" and family in ("23", "25") and lanes == 16:
+        lanes, why = 8, f"AMD family {family} (Zen 2-4): 256-bit FMA pipes"
     units = 2
     return {
         "peak_fp32_flop_s": cores * ghz * 1e9 * lanes * 2 * units,
-        "derivation": f"{cores} cores x {ghz:.2f} GHz ({src}) x {lanes} FP32 lanes x 2 (FMA) x {units} FMA units",
+        "derivation": f"{cores} cores x {ghz:.2f} GHz ({src}) x {lanes} FP32 lanes ({why}) x 2 (FMA) x {units} FMA pipes",
     }
 
 
@@ -180,22 +194,27 @@ def lowp_http(precision: str, concurrency: int = 32, window_s: float = 4.0, roun
 
 def lowp_section(batch: int = 32, rounds: int = 5, http_window_s: float = 4.0, http_rounds: int = 2, accuracy_state: Path | None = None, quick: bool = False, log=print) -> dict:
     """Section (h): throughput per precision, the choice `auto` makes, HTTP at c=32, accuracy."""
-    from metalora.lowp import accuracy_table, choose_precision
+    from metalora.lowp import LowpRunner, accuracy_table, choose_precision
     from metalora.runtime import Runtime
 
     out = lowp_throughput(batch, rounds, log=log)
-    chosen, report = choose_precision(Runtime(device="cpu"), "auto", threads=out["threads"])
+    rt = Runtime(device="cpu")
+    chosen, report = choose_precision(rt, "auto", threads=out["threads"])
     out["auto"] = {k: report.get(k) for k in ("chosen", "checks", "prefix_img_s", "how")}
     out["limit_fraction_chosen"] = out["limit_fraction"][chosen]
     out["http"] = lowp_http(chosen, 32, http_window_s, http_rounds)
     out["http_limit_fraction"] = round(out["http"]["images_per_s"][chosen] * out["total_flops"] / out["peak_fp32_flop_s"], 4)
     # Accuracy: the full, resumable run's figures when it has finished; otherwise a small set.
     state = Path(accuracy_state) if accuracy_state else None
-    measured = [p for p in out["images_per_s"] if p in ("fp32", "int8", "bf16")]
-    sets = ["imagenet", *out["keys_names"]]
-    full = state is not None and state.is_file() and all(f"{s}/{p}" in json.loads(state.read_text()) for s in sets for p in measured)
+    # FP32 and every low precision faster than FP32 ORT (a slower one is never worth choosing:
+    # BF16 without AMX runs at a fraction of FP32's speed, and its full run would take hours).
+    measured = [p for p in out["images_per_s"] if p == "fp32" or (p in ("int8", "bf16") and out["speedup_vs_fp32_ort"][p] > 1)]
+    sets = ["imagenet", *out["keys"]]  # adapters as name@version: a state from older bundles is not reused
+    graph = {p: LowpRunner(rt, p).tag() for p in measured}  # what evaluate_precisions records
+    saved = json.loads(state.read_text()) if state is not None and state.is_file() else {}
+    full = all(saved.get(f"{s}/{p}", {}).get("graph") == graph[p] for s in sets for p in measured)
     if full:
-        out["accuracy"] = accuracy_table(json.loads(state.read_text()))
+        out["accuracy"] = accuracy_table(saved)
         out["accuracy_set"] = f"full ({state})"
     else:
         small = (state.parent if state else Path("results/bench")) / "lowp-accuracy-small.json"

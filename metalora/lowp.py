@@ -207,16 +207,22 @@ def imagenet_split(data: Path | None = None, every: int = 8) -> tuple[list[str],
     return members[::every], [m for i, m in enumerate(members) if i % every]
 
 
+# The ../shared/data training splits INT8 calibration draws from (name, number of classes).
+CALIBRATION_DOMAINS = (("cifar10", 10), ("mnist", 10), ("fashion-mnist", 10), ("eurosat", 10), ("gtsrb", 43))
+
+
 def calibration_sources(n: int = 256, data: Path | None = None) -> list[tuple[str, str]]:
     """What the (at most `n`, per-class rounding may leave a few less) calibration images are, as
     (kind, id) pairs; never a test image.
 
     With ../shared/data: half ImageNet-sample photos (every 8th; the rest are held out for the
-    top-1 check) and half the training splits the shipped adapters were trained on (CIFAR-10,
-    MNIST, scikit-learn digits). Without it: scikit-learn's digits (train split) and, when
-    scikit-image is installed, its bundled photos, cropped several ways: a thin set for photos,
-    so a deployment should name its own images in METALORA_CALIBRATION_DATA (data specs, see
-    metalora.data, separated by ';'; a seeded sample of `n` when there are more).
+    top-1 check) and half the training splits of the domains the shipped adapters serve
+    (CIFAR-10, MNIST, Fashion-MNIST, EuroSAT, GTSRB, scikit-learn digits), taken in turn so every
+    domain is in the set: activation ranges fitted on photos alone clip a domain's features
+    (GTSRB's head lost 0.56 points that way). Without it: scikit-learn's digits (train split) and,
+    when scikit-image is installed, its bundled photos, cropped several ways: a thin set for
+    photos, so a deployment should name its own images in METALORA_CALIBRATION_DATA (data specs,
+    see metalora.data, separated by ';'; a seeded sample of `n` when there are more).
     """
     from .data import DataSpec, list_items
 
@@ -226,23 +232,26 @@ def calibration_sources(n: int = 256, data: Path | None = None) -> list[tuple[st
         return random.Random(0).sample(out, n) if len(out) > n else out
     data = data or shared_data_dir()
     out: list[tuple[str, str]] = []
+    specs: list[str] = []
     if data is not None:
         calib, _ = imagenet_split(data)
         out += [("imagenet", m) for m in calib[: n // 2]]
-        rest = n - len(out)
-        specs = [f"{data}/cifar10/train.zip?per_class={max(1, rest // 20)}", f"{data}/mnist/train.zip?per_class={max(1, rest // 40)}"]
-        specs = [s for s in specs if Path(s.split("?")[0]).is_file()]
+        per_domain = max(1, (n - len(out)) // (len(CALIBRATION_DOMAINS) + 1))  # + 1: digits
+        for name, classes in CALIBRATION_DOMAINS:
+            if (data / name / "train.zip").is_file():
+                specs.append(f"{data}/{name}/train.zip?per_class={max(1, -(-per_domain // classes))}")
     else:
-        specs = []
         try:
             import skimage.data  # noqa: F401
 
             out += [("skimage", f"{i}") for i in range(min(n // 2, 64))]
         except ImportError:
             pass
-    specs.append(f"sklearn:digits?split=train,per_class={max(1, (n - len(out)) // 10)}")
-    for s in specs:
-        out += [("spec", f"{s}#{it.id}") for it in list_items(DataSpec.parse(s))]
+    specs.append(f"sklearn:digits?split=train,per_class={max(1, -(-(n - len(out)) // (10 * len(specs) + 10)))}")
+    # Round-robin over the domains, so the cut at n takes from each alike.
+    lists = [[("spec", f"{s}#{it.id}") for it in list_items(DataSpec.parse(s))] for s in specs]
+    for i in range(max(map(len, lists))):
+        out += [lst[i] for lst in lists if i < len(lst)]
     return out[:n]
 
 
@@ -392,6 +401,11 @@ class LowpRunner(OrtRunner):
         """The prefix graph this precision runs (None for bf16, which runs torch)."""
         return {"fp32": self._ensure_static, "int8": self._ensure_int8}.get(self.precision, lambda: None)()
 
+    def tag(self) -> str:
+        """What this runner computes with: the precision, and for int8 the quantised graph's file
+        name (it hashes the quantisation config, the calibration set and the ORT version)."""
+        return f"int8 {self.prefix_graph().name}" if self.precision == "int8" else self.precision
+
     def prefix(self):
         with self._lock:
             if self._prefix is None:
@@ -518,15 +532,15 @@ def create_lowp_backend(runtime, precision: str = "auto", threads: int | None = 
 
 # ------------------------------------------------------------------------------------ accuracy
 def _test_specs(manifest: dict, data: Path, per_class: int | None) -> list[str]:
-    """The adapter's recorded test specs, `../shared/data` re-rooted at `data`, optionally smaller."""
+    """The adapter's recorded test specs, `../shared/data` re-rooted at `data`, each the whole
+    test split (`per_class=None`: a bundle may record a subset it was scored on at training time;
+    a 0.5-point bound needs every image there is) or `per_class` images a class."""
     out = []
     for spec in manifest.get("metrics", {}).get("data", []):
         spec = spec.replace("../shared/data", str(data))
-        if per_class is not None:
-            body, _, query = spec.partition("?")
-            opts = [o for o in query.split(",") if o and not o.startswith("per_class=")] + [f"per_class={per_class}"]
-            spec = f"{body}?{','.join(opts)}"
-        out.append(spec)
+        body, _, query = spec.partition("?")
+        opts = [o for o in query.split(",") if o and not o.startswith("per_class=")] + ([f"per_class={per_class}"] if per_class is not None else [])
+        out.append(f"{body}?{','.join(opts)}" if opts else body)
     return out
 
 
@@ -543,8 +557,8 @@ def evaluate_precisions(
     **runner_kw,
 ) -> dict:
     """Accuracy per precision, same images for all: ImageNet-sample top-1 (held-out photos, the
-    calibration ones excluded) and each adapter's k-NN@10 and head top-1 on its recorded test set
-    against its bundle's gallery. Adapter tails and heads run FP32 (torch) on each precision's
+    calibration ones excluded) and each adapter's k-NN@10 and head top-1 on its recorded test
+    sets, whole (`_test_specs`), against its bundle's gallery. Adapter tails and heads run FP32 (torch) on each precision's
     prefix features. `imagenet`/`per_class` shrink the sets (tests); `state_path` makes a long
     run resumable (finished (set, precision) results are kept there and skipped on a rerun).
     """
@@ -565,6 +579,16 @@ def evaluate_precisions(
             state_path.write_text(json.dumps(state, indent=1) + "\n")
 
     runners = {p: LowpRunner(runtime, p, data=data, **runner_kw) for p in precisions}
+    # What each entry was measured with: a state written for another quantisation config or set
+    # size is measured again rather than reused (entries are keyed by the adapter's version too).
+    graph = {p: runners[p].tag() for p in precisions}
+
+    def done(key: str, p: str, specs: list[str]) -> bool:
+        e = state.get(f"{key}/{p}")
+        return e is not None and e.get("graph") == graph[p] and e.get("specs") == shown(specs)
+
+    def shown(specs: list[str]) -> list[str]:  # as recorded in the state: independent of where the data is
+        return [sp.replace(str(data), "../shared/data") for sp in specs]
 
     def features(raw: list, todo: list[str]) -> dict[str, np.ndarray]:
         out: dict[str, list] = {p: [] for p in todo}
@@ -577,7 +601,7 @@ def evaluate_precisions(
     # ImageNet sample: the backbone's own head.
     _, held = imagenet_split(data)
     held = held[:imagenet] if imagenet else held
-    todo = [p for p in precisions if f"imagenet/{p}" not in state]
+    todo = [p for p in precisions if not (state.get(f"imagenet/{p}", {}).get("graph") == graph[p] and state[f"imagenet/{p}"].get("n") == len(held))]
     if held and todo:
         wnids = read_classes_tsv(data / "imagenet-sample" / "classes.tsv")
         index = {w: i for i, w in enumerate(wnids)}
@@ -586,7 +610,7 @@ def evaluate_precisions(
             feats = features([z.read(m) for m in held], todo)
         for p in todo:
             _, logits = _base_outputs(runtime, feats[p])
-            state[f"imagenet/{p}"] = {"top1": float((logits.argmax(1) == y).float().mean()), "n": len(held)}
+            state[f"imagenet/{p}"] = {"top1": float((logits.argmax(1) == y).float().mean()), "n": len(held), "graph": graph[p]}
             log(f"imagenet {p}: {state[f'imagenet/{p}']}")
         save()
 
@@ -596,8 +620,8 @@ def evaluate_precisions(
     for name in names:
         key = runtime.load(name)
         manifest = runtime.manifests[key]
-        todo = [p for p in precisions if f"{name}/{p}" not in state]
         specs = _test_specs(manifest, data, per_class)
+        todo = [p for p in precisions if not done(key, p, specs)]
         if not todo or not specs:
             continue
         parts = []
@@ -616,17 +640,20 @@ def evaluate_precisions(
             h = torch.from_numpy(np.concatenate([cache[src][p] for *_, src in parts]))  # (N, C_p, H_p, W_p)
             fs = FeatureSet(h, sum((lab for _, lab, _, _ in parts), []), sum(([it.id for it in items] for items, *_ in parts), []), specs, sum(([t] * len(items) for items, _, t, _ in parts), []))
             res = evaluate_features(runtime.model, adapter, manifest["adapter"]["labels"], fs, gallery)
-            state[f"{name}/{p}"] = {k: res[k] for k in ("knn_top1", "head_top1", "n")}
-            log(f"{name} {p}: {state[f'{name}/{p}']}")
+            state[f"{key}/{p}"] = {**{k: res[k] for k in ("knn_top1", "head_top1", "n")}, "graph": graph[p], "specs": shown(specs)}
+            log(f"{key} {p}: {state[f'{key}/{p}']}")
             save()
     return state
 
 
 def accuracy_table(state: dict, reference: str = "fp32", max_drop_points: float = 0.5) -> dict:
-    """Per set and precision: the figures, the drop vs `reference` in points, and pass/fail."""
+    """Per set and precision: the figures, the drop vs `reference` in points, and pass/fail.
+
+    Keys of `state` are `SET/PRECISION`, SET being `imagenet` or an adapter's `name@version`."""
     table: dict[str, dict] = {}
     for k, v in state.items():
         name, prec = k.split("/")
+        v = {m: x for m, x in v.items() if m not in ("graph", "specs")}
         ref = state.get(f"{name}/{reference}")
         row = dict(v)
         if ref is not None:

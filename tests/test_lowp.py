@@ -73,6 +73,11 @@ def test_peak_fp32_derivation(tmp_path):
     assert "2.00 GHz" in got["derivation"] and "16 FP32 lanes" in got["derivation"]
     avx2 = frozenset({"avx2", "fma"})
     assert peak_fp32(1, avx2, str(p))["peak_fp32_flop_s"] == pytest.approx(2.0e9 * 8 * 2 * 2)
+    # AMD Zen 4 (family 25) reports avx512f but runs it on two 256-bit FMA pipes: half the lanes.
+    zen4 = tmp_path / "zen4"
+    zen4.write_text(p.read_text().replace("GenuineIntel", "AuthenticAMD\ncpu family\t: 25", 1))
+    got = peak_fp32(2, lowp.cpu_flags(zen4), str(zen4))
+    assert got["peak_fp32_flop_s"] == pytest.approx(2 * 2.0e9 * 8 * 2 * 2) and "Zen" in got["derivation"]
 
 
 def test_precision_setting(monkeypatch):
@@ -109,6 +114,27 @@ def test_calibration_never_uses_test_images(monkeypatch, tmp_path):
     own = lowp.calibration_sources(64)
     assert len(own) == 64 and own == lowp.calibration_sources(64)
     assert all(i.startswith("sklearn:digits?split=train,per_class=20#") for _, i in own)
+
+
+@needs_shared("imagenet-sample", "val.zip")
+@needs_shared("gtsrb", "train.zip")
+def test_calibration_covers_every_served_domain_from_training_splits(monkeypatch):
+    monkeypatch.delenv("METALORA_CALIBRATION_DATA", raising=False)
+    src = lowp.calibration_sources(256)
+    calib, held = lowp.imagenet_split()
+    assert len(src) == 256 and {i for k, i in src if k == "imagenet"} <= set(calib)  # never a held-out photo
+    specs = [i.rpartition("#")[0] for k, i in src if k == "spec"]
+    assert all("/train.zip?" in sp or "split=train" in sp for sp in specs)  # never a test image
+    for name, _ in lowp.CALIBRATION_DOMAINS:  # the domains the shipped adapters serve, each well represented
+        assert sum(f"/{name}/train.zip" in sp for sp in specs) >= 16, name
+    assert sum(sp.startswith("sklearn:digits") for sp in specs) >= 16
+
+
+def test_accuracy_runs_on_the_whole_test_splits():
+    """A bundle may record a subset of a test split; the INT8 bound is checked on all of it."""
+    m = {"metrics": {"data": ["cifar10=../shared/data/cifar10/test.zip?per_class=50", "digits=sklearn:digits?split=test,per_class=30"]}}
+    assert lowp._test_specs(m, Path("/d"), None) == ["cifar10=/d/cifar10/test.zip", "digits=sklearn:digits?split=test"]
+    assert lowp._test_specs(m, Path("/d"), 5) == ["cifar10=/d/cifar10/test.zip?per_class=5", "digits=sklearn:digits?split=test,per_class=5"]
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +211,7 @@ def test_int8_accuracy_drop_on_a_small_set(runtime, int8_runners, tmp_path):
     """
     st = lowp.evaluate_precisions(runtime, ["fp32", "int8"], imagenet=200, per_class=10, state_path=tmp_path / "s.json", cache_dir=int8_runners["int8"].cache_dir, log=lambda m: None)
     table = lowp.accuracy_table(st)
-    assert set(table) == {"imagenet", *runtime.store.adapter_names()}  # every shipped adapter was measured
+    assert set(table) == {"imagenet", *(runtime.load(n) for n in runtime.store.adapter_names())}  # every shipped adapter, newest version
     for name, rows in table.items():
         n = rows["int8"]["n"]
         bound = (0.5 if name == "imagenet" else 2.0) + 100 / n
