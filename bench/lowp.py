@@ -215,7 +215,9 @@ def lowp_section(batch: int = 32, rounds: int = 5, http_window_s: float = 4.0, h
     full = all(saved.get(f"{s}/{p}", {}).get("graph") == graph[p] for s in sets for p in measured)
     if full:
         out["accuracy"] = accuracy_table(saved)
-        out["accuracy_set"] = f"full ({state})"
+        root = Path(__file__).resolve().parent.parent
+        shown = state.resolve().relative_to(root) if state.resolve().is_relative_to(root) else state
+        out["accuracy_set"] = f"full ({shown}; every test image of each set)"
     else:
         small = (state.parent if state else Path("results/bench")) / "lowp-accuracy-small.json"
         out["accuracy"] = accuracy(small, ["fp32", "int8"] + (["bf16"] if "bf16" in out["images_per_s"] else []), imagenet=96 if quick else 400, per_class=5 if quick else 20, log=log)

@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     grpc_port: int = Field(8001, ge=0, le=65535, description="Open Inference Protocol gRPC port (inference.GRPCInferenceService); 0 turns gRPC off")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto = CUDA when present, else CPU")
     backend: Literal["auto", "torch", "onnx"] = Field("auto", description="compute backend behind the engine; auto = the one measured faster on the device (metalora.onnx_backend.AUTO_BACKEND)")
-    precision: Literal["auto", "fp32", "int8", "bf16"] = Field("fp32", description="numeric precision of the shared frozen prefix on the ONNX CPU backend (metalora.lowp); fp32 by default because int8 misses the 0.5-point accuracy target on the digit adapters (docs/benchmarks.md); auto = the fastest one here whose start-up accuracy check passes, int8 = ORT static INT8, bf16 = torch autocast where the CPU has avx512_bf16/amx_bf16; adapter tails stay FP32")
+    precision: Literal["auto", "fp32", "int8", "bf16"] = Field("fp32", description="numeric precision of the shared frozen prefix on the ONNX CPU backend (metalora.lowp); fp32 by default (the numbers the adapters were trained and scored with; int8 is opt-in, 2.1x faster here and within 0.5 points on every shipped adapter's test set, docs/benchmarks.md); auto = the fastest one here whose start-up accuracy check passes, int8 = ORT static INT8, bf16 = torch autocast where the CPU has avx512_bf16/amx_bf16; adapter tails stay FP32")
     admin_token: SecretStr | None = Field(None, description="bearer token for admin and gallery-write routes; unset = refused")
 
     max_batch_size: int = Field(32, ge=1, le=1024, description="images per engine batch")

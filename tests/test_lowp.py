@@ -83,7 +83,7 @@ def test_peak_fp32_derivation(tmp_path):
 def test_precision_setting(monkeypatch):
     from service.settings import Settings
 
-    assert Settings().precision == "fp32"  # int8 misses the adapters' accuracy target: opt-in
+    assert Settings().precision == "fp32"  # the adapters' own numbers by default; int8 is opt-in
     monkeypatch.setenv("METALORA_PRECISION", "int8")
     assert Settings().precision == "int8"
     monkeypatch.setenv("METALORA_PRECISION", "fp8")
@@ -205,9 +205,10 @@ def test_int8_accuracy_drop_on_a_small_set(runtime, int8_runners, tmp_path):
     """ImageNet-sample top-1 and every shipped adapter's k-NN@10 / head top-1, INT8 vs FP32.
 
     A set of n images moves in steps of 100/n points, so each bound has one image of slack.
-    ImageNet is held to the issue's 0.5 points. The adapters are held to 2 points: at full size
-    INT8 misses the 0.5-point target on some of them (worst -1.0, docs/benchmarks.md), and this
-    bound catches a regression such as quantising the stem again (-4.7 on digits).
+    ImageNet is held to the issue's 0.5 points. The adapters are held to 2 points: with 10 images
+    a class one image is 0.2-1 point, so the 0.5-point bound is the full run's to check (every
+    test image: worst drop 0.46 points, docs/benchmarks.md section h); this bound catches a
+    regression such as quantising the stem again (-4.7 on digits).
     """
     st = lowp.evaluate_precisions(runtime, ["fp32", "int8"], imagenet=200, per_class=10, state_path=tmp_path / "s.json", cache_dir=int8_runners["int8"].cache_dir, log=lambda m: None)
     table = lowp.accuracy_table(st)
