@@ -110,6 +110,20 @@ def sidecar_dir(root: str | Path, name: str, version: str) -> Path:
     return safe_join(Path(root), name) / f"{version}.thumbs"
 
 
+def atomic_write(dest: Path, data: bytes) -> None:
+    """Write `data` to `dest` so that a reader sees the old file or the whole new one: a temporary
+    file in the same directory, then `os.replace`. Raises OSError where the directory cannot be
+    written; no temporary file is left behind either way."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def sidecar_path(root: str | Path, name: str, version: str, item_id: str) -> Path:
     """The sidecar file of one item: named by sha256 of its id (ids may hold `/` and characters
     a file name should not). An empty file is a tombstone: the item has no picture."""
@@ -158,10 +172,7 @@ def write_sidecar_thumbnails(bundle: str | Path, name: str, version: str, root: 
         if data is None:
             summary["missing"] += 1
             continue
-        fd, tmp = tempfile.mkstemp(prefix=".thumb.", suffix=".tmp", dir=out)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, sidecar_path(root, name, version, item_id))  # atomic: a reader sees all or nothing
+        atomic_write(sidecar_path(root, name, version, item_id), data)
         summary["written"] += 1
     (out / COMPLETE).write_text(digest + "\n")
     return summary

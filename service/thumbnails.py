@@ -17,8 +17,6 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-import os
-import tempfile
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -28,7 +26,7 @@ from safetensors.torch import load_file
 
 from metalora.bundle import GALLERY, BundleError, Gallery, read_manifest
 from metalora.store import ModelStore
-from metalora.thumbnails import make_thumbnail, sidecar_path
+from metalora.thumbnails import atomic_write, make_thumbnail, sidecar_path
 
 log = logging.getLogger("metalora.service")
 
@@ -74,17 +72,10 @@ class ThumbnailStore:
         dest = self.sidecar(key, item_id)
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-        except OSError as e:
+            atomic_write(dest, data or b"")
+        except OSError as e:  # read-only, full or missing volume: keep it in memory
             self._remember(key, item_id, data, e)
             return
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data or b"")
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         with self._lock:
             self._memory.pop((key, item_id), None)
 

@@ -420,3 +420,29 @@ def test_console_is_keyboard_usable_and_fits_400px(server, page, files):
         assert page.evaluate("() => document.documentElement.scrollWidth") <= 400  # no sideways scrolling
         page.keyboard.press("Tab")
         assert page.evaluate("() => document.activeElement && document.activeElement !== document.body")
+
+
+def test_thumbnail_writes_are_atomic_and_fall_back_to_memory_where_the_disk_refuses(tmp_path):
+    """`atomic_write` leaves the old file or the whole new one and no temporary file; where the
+    sidecar directory cannot be written, the service keeps the picture in memory (one warning)
+    instead of failing the gallery write, and a tombstone hides the bundle's picture there too."""
+    from metalora.store import ModelStore
+    from metalora.thumbnails import atomic_write
+    from service.thumbnails import ThumbnailStore
+
+    f = tmp_path / "a.webp"
+    atomic_write(f, b"one")
+    atomic_write(f, b"two")
+    assert f.read_bytes() == b"two" and [p.name for p in tmp_path.iterdir()] == ["a.webp"]
+    with pytest.raises(OSError):
+        atomic_write(tmp_path / "missing-dir" / "b.webp", b"x")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.webp"]
+
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the sidecar directory should be")  # mkdir under it fails, root or not
+    thumbs = ThumbnailStore(ModelStore(ROOT / "model_store"), blocked)
+    thumbs.put("digits@1", "img-1", b"RIFF-picture")
+    thumbs.put("digits@1", "img-2", None)  # a tombstone
+    assert thumbs.get("digits@1", "img-1") == b"RIFF-picture"
+    assert thumbs.get("digits@1", "img-2") is None
+    assert blocked.read_text().startswith("a file")
