@@ -26,6 +26,7 @@ import copy
 import hashlib
 import io
 import json
+import logging
 import os
 import random
 import statistics
@@ -312,6 +313,10 @@ def quantize_prefix(fp32_path: Path, out: Path, calib: np.ndarray, cfg: QuantCon
     out.parent.mkdir(parents=True, exist_ok=True)
     pre = out.with_name(out.name + f".pre{os.getpid()}.onnx")
     tmp = out.with_name(out.name + f".tmp{os.getpid()}.onnx")
+    # ORT's calibrator logs one INFO line per rescaled tensor to the root logger (~70 here).
+    quiet = logging.Filter()
+    quiet.filter = lambda r: not (r.levelno <= logging.INFO and str(r.msg).startswith("Increased scale"))
+    logging.getLogger().addFilter(quiet)
     try:
         quant_pre_process(str(fp32_path), str(pre))  # shape inference + constant folding: Conv->Clip chains the quantiser can see
         import onnx
@@ -332,6 +337,7 @@ def quantize_prefix(fp32_path: Path, out: Path, calib: np.ndarray, cfg: QuantCon
         )
         os.replace(tmp, out)
     finally:
+        logging.getLogger().removeFilter(quiet)
         for p in (pre, tmp):
             p.unlink(missing_ok=True)
     return out
@@ -373,13 +379,13 @@ class LowpRunner(OrtRunner):
 
     def static_prefix_path(self) -> Path:
         digest = graph_digest(self.runtime.backbone, None, self.input_size, "prefix-static")
-        return self.cache_dir / f"{self.runtime.backbone.identity.name}-prefix-static-{digest}.onnx"
+        return self.cached(f"{self.runtime.backbone.identity.name}-prefix-static-{digest}.onnx")
 
     def int8_prefix_path(self, calib_digest: str) -> Path:
         import onnxruntime as ort
 
         tag = hashlib.sha256(f"{self.static_prefix_path().name}|{self.quant.digest()}|{calib_digest}|{ort.__version__}".encode()).hexdigest()[:16]
-        return self.cache_dir / f"{self.runtime.backbone.identity.name}-prefix-int8-{tag}.onnx"
+        return self.cached(f"{self.runtime.backbone.identity.name}-prefix-int8-{tag}.onnx")
 
     def _ensure_static(self) -> Path:
         path = self.static_prefix_path()
@@ -496,9 +502,12 @@ def choose_precision(runtime, precision: str = "auto", cache_dir: Path | None = 
         ).encode()
     ).hexdigest()[:16]
     path = cache_dir / f"precision-auto-{key}.json"
-    if path.is_file():
+    try:
         rep = json.loads(path.read_text())
-        return rep["chosen"], {**rep, "how": "cached"}
+        if rep["chosen"] in ("fp32", "int8", "bf16") and unavailable(rep["chosen"]) is None:
+            return rep["chosen"], {**rep, "how": "cached"}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # absent, unreadable or cut short: decide again
     threads = threads or torch.get_num_threads()
     cands = candidates()
     skipped = {}
@@ -514,8 +523,13 @@ def choose_precision(runtime, precision: str = "auto", cache_dir: Path | None = 
     speed = time_prefixes({p: r for p, r in runners.items() if checks[p]["pass"]}, x)
     chosen = max(speed, key=speed.get)
     rep = {"chosen": chosen, "checks": checks, "skipped": skipped, "prefix_img_s": {k: round(v, 1) for k, v in speed.items()}, "cpu": info, "threads": threads}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(rep, indent=1) + "\n")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(rep, indent=1) + "\n")
+        os.replace(tmp, path)  # atomic: a second server starting meanwhile reads all of it or nothing
+    except OSError as e:  # a read-only cache: the decision is not kept, the next start measures again
+        warnings.warn(f"precision auto: could not cache the decision in {path.parent}: {e}", stacklevel=2)
     if log:
         log(f"precision auto -> {chosen} ({rep['prefix_img_s']})")
     return chosen, {**rep, "how": "measured"}
@@ -527,6 +541,11 @@ def create_lowp_backend(runtime, precision: str = "auto", threads: int | None = 
     chosen, report = choose_precision(runtime, precision, threads=threads)
     runner = LowpRunner(runtime, chosen, threads=threads)
     runner.precision_report = report
+    try:  # now, not on the first request: a missing calibration set or a cache that cannot be written fails the start
+        runner.prefix()
+    except (OSError, RuntimeError, ValueError) as e:
+        hint = " (METALORA_CALIBRATION_DATA names the calibration images)" if chosen == "int8" else ""
+        raise RuntimeError(f"precision {chosen}: the prefix graph could not be built: {e}{hint}") from e
     return runner
 
 
@@ -600,7 +619,7 @@ def evaluate_precisions(
 
     # ImageNet sample: the backbone's own head.
     _, held = imagenet_split(data)
-    held = held[:imagenet] if imagenet else held
+    held = held[:imagenet] if imagenet is not None else held
     todo = [p for p in precisions if not (state.get(f"imagenet/{p}", {}).get("graph") == graph[p] and state[f"imagenet/{p}"].get("n") == len(held))]
     if held and todo:
         wnids = read_classes_tsv(data / "imagenet-sample" / "classes.tsv")

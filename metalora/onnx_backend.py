@@ -14,9 +14,13 @@ per sample inside one graph. `OrtRunner.run(x, keys)` has the call shape and res
 
 from __future__ import annotations
 
+import atexit
 import copy
 import hashlib
+import logging
 import os
+import shutil
+import tempfile
 import threading
 import time
 import warnings
@@ -28,6 +32,8 @@ from torch import nn
 
 from .adapters import Adapter, Output
 from .backbones.base import Backbone
+
+log = logging.getLogger("metalora.onnx")
 
 BASE = "base"
 OPSET = 17
@@ -199,6 +205,22 @@ class OrtRunner:
         self._sessions: dict[str, tuple[object, object]] = {}  # key -> (adapter object, tail session)
         self._prefix = None  # the shared prefix session, opened on first use
         self._lock = threading.Lock()
+        self._scratch: Path | None = None  # where new graphs go when cache_dir cannot be written
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.cache_dir):
+                pass
+        except OSError as e:
+            self._scratch = Path(tempfile.mkdtemp(prefix="metalora-onnx-"))
+            atexit.register(shutil.rmtree, self._scratch, ignore_errors=True)
+            log.warning("ONNX cache %s cannot be written (%s): graphs it already holds are used, new ones are built in %s for this process only "
+                        "(point METALORA_ONNX_CACHE at a writable volume to keep them)", self.cache_dir, e.strerror or e, self._scratch)
+
+    def cached(self, name: str) -> Path:
+        """Where the cached file `name` is read from or written to: `cache_dir`, or this process's
+        scratch directory for a file `cache_dir` lacks and cannot take (a read-only volume)."""
+        path = self.cache_dir / name
+        return path if self._scratch is None or path.exists() else self._scratch / name
 
     @property
     def device(self) -> torch.device:
@@ -216,11 +238,11 @@ class OrtRunner:
         """The cached tail graph of a loaded key."""
         adapter = self._adapter(key)
         digest = graph_digest(self.runtime.backbone, adapter, self.input_size, "tail")
-        return self.cache_dir / f"{key.replace('@', '-')}-tail-{digest}.onnx"
+        return self.cached(f"{key.replace('@', '-')}-tail-{digest}.onnx")
 
     def prefix_path(self) -> Path:
         digest = graph_digest(self.runtime.backbone, None, self.input_size, "prefix")
-        return self.cache_dir / f"{self.runtime.backbone.identity.name}-prefix-{digest}.onnx"
+        return self.cached(f"{self.runtime.backbone.identity.name}-prefix-{digest}.onnx")
 
     def _open(self, path: Path, adapter: Adapter | None, part: str):
         if not path.exists():

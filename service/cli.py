@@ -31,7 +31,48 @@ def serve(
         settings = Settings(**given)
     except ValidationError as e:
         raise typer.BadParameter(str(e)) from None
+    try:
+        preflight(settings)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
     run_server(settings)
+
+
+def preflight(settings: Settings) -> None:
+    """What can be refused before the server starts, with the setting to change: a precision the
+    backend, device or CPU cannot run, and calibration images that are not there. Raises
+    ValueError. (What needs the model, such as building the graphs, fails the start itself.)"""
+    import os
+
+    import torch
+
+    from metalora import lowp
+    from metalora.onnx_backend import resolve_backend
+    from metalora.runtime import pick_device
+
+    try:
+        device = pick_device(settings.device)
+    except RuntimeError as e:
+        raise ValueError(str(e)) from None
+    try:
+        backend = resolve_backend(settings.backend, device)
+    except (ImportError, RuntimeError, ValueError) as e:
+        raise ValueError(f"--backend {settings.backend}: {e}") from None
+    p = settings.precision
+    if p in ("int8", "bf16"):
+        if backend == "torch":
+            raise ValueError(f"--precision {p} runs on the onnx backend (metalora.lowp); the torch backend is fp32: use --backend onnx or --precision fp32")
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"--precision {p} is a CPU path; on {device} use --precision auto or fp32")
+        why = lowp.unavailable(p)
+        if why:
+            raise ValueError(f"--precision {p}: {why}")
+    if p in ("int8", "auto") and backend != "torch" and os.environ.get("METALORA_CALIBRATION_DATA"):
+        try:
+            if not lowp.calibration_sources():
+                raise ValueError("it names no images")
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"METALORA_CALIBRATION_DATA={os.environ['METALORA_CALIBRATION_DATA']!r}: {e}") from None
 
 
 

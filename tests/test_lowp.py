@@ -257,3 +257,47 @@ def test_auto_leaves_int8_out_without_photos_to_calibrate_on(runtime, monkeypatc
     assert {k for k, _ in lowp.calibration_sources(64)} == {"spec"}
     chosen, rep = lowp.choose_precision(runtime, "auto", cache_dir=tmp_path)
     assert chosen != "int8" and "int8" in rep["skipped"] and "int8" not in rep["checks"]
+
+
+@pytest.mark.parametrize(
+    "args, env, says",
+    [
+        (["--backend", "torch", "--precision", "int8"], {}, "torch backend is fp32"),
+        (["--precision", "int8"], {"METALORA_CALIBRATION_DATA": "/nonexistent/calibration"}, "METALORA_CALIBRATION_DATA"),
+        (["--device", "cuda"] if not torch.cuda.is_available() else ["--precision", "fp8"], {}, "cuda" if not torch.cuda.is_available() else "precision"),
+    ],
+)
+def test_serve_refuses_what_it_cannot_run_before_starting(args, env, says):
+    """A precision the backend cannot run or calibration images that are not there: a one-line
+    usage error and exit 2, not a server that starts and then fails every request."""
+    from tests.conftest import run_metalora
+
+    r = run_metalora("serve", "--port", "1", "--grpc-port", "0", *args, env=env, timeout=120)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert says in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_cache_that_cannot_be_written_builds_graphs_in_a_scratch_dir(runtime, tmp_path):
+    """A read-only ONNX cache (a volume mounted read-only) must not fail requests: graphs it
+    holds are read from it, graphs it lacks go to a per-process scratch directory."""
+    from metalora.onnx_backend import OrtRunner
+
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("")  # nothing can be created under a file, root or not
+    r = OrtRunner(runtime, cache_dir=blocked / "onnx", threads=1)
+    assert r.prefix_path().parent != blocked / "onnx" and r.prefix_path().parent.is_dir()
+    x = torch.from_numpy(lowp.check_images(runtime.preprocessor, n=2))  # (2, 3, S, S)
+    got, ref = r.run(x, [lowp.BASE] * 2), runtime.run(x, [lowp.BASE] * 2)
+    assert torch.allclose(torch.stack(got.logits), torch.stack(ref.logits), atol=1e-3)
+
+
+def test_a_cut_short_auto_decision_is_measured_again(runtime, tmp_path, monkeypatch):
+    """The cached `auto` decision is written atomically; a broken one (a crash mid-write on an
+    older version, a disk filling up) is ignored rather than failing the start."""
+    monkeypatch.setattr(lowp, "candidates", lambda flags=None: ["fp32"])  # keep it quick: no quantisation
+    chosen, rep = lowp.choose_precision(runtime, "auto", cache_dir=tmp_path)
+    (f,) = tmp_path.glob("precision-auto-*.json")
+    assert (chosen, rep["how"]) == ("fp32", "measured") and json.loads(f.read_text())["chosen"] == "fp32"
+    f.write_text('{"chos')
+    assert lowp.choose_precision(runtime, "auto", cache_dir=tmp_path)[1]["how"] == "measured"
+    assert lowp.choose_precision(runtime, "auto", cache_dir=tmp_path)[1]["how"] == "cached"
