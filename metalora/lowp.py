@@ -376,6 +376,10 @@ class LowpRunner(OrtRunner):
         self.precision = precision
         self.quant = quant or QuantConfig()
         self.data = data
+        if precision == "int8" and not any(f in cpu_flags() for f in VNNI_FLAGS):
+            # ORT's u8s8 kernels on AVX2/AVX-512 without VNNI can saturate intermediate sums
+            # (ONNX Runtime's quantisation docs, "reduce_range"); `auto` checks accuracy at start.
+            warnings.warn(f"int8 on a CPU without VNNI ({', '.join(VNNI_FLAGS)}): slower and possibly less accurate; --precision auto measures and checks it", stacklevel=2)
 
     def static_prefix_path(self) -> Path:
         digest = graph_digest(self.runtime.backbone, None, self.input_size, "prefix-static")

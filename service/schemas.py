@@ -296,6 +296,7 @@ class Ready(BaseModel):
     status: str
     device: str
     backend: str
+    precision: str = Field("", description="the shared prefix's precision on the ONNX CPU backend (fp32 | int8 | bf16; what `auto` chose); fp32 elsewhere, empty before the backend is up")
     loaded: list[str]
     failed: dict[str, str]
 

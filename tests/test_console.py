@@ -176,7 +176,7 @@ def _seed_reference(rt: Runtime, key: str, image: bytes) -> dict[str, list[float
 def test_include_seed_per_layer_matches_the_mapping_network(server, reference, cat):
     adapters = ["base", "cifar10", "mnist", "mixed"]
     with httpx.Client(base_url=server.url, timeout=120) as c:
-        assert c.get("/readyz").json()["backend"] == "onnx"
+        assert {k: c.get("/readyz").json()[k] for k in ("backend", "precision")} == {"backend": "onnx", "precision": "fp32"}  # the default
         plain = c.post("/v1/predict", json={"adapter": "cifar10", "images": [base64.b64encode(cat).decode()]}).json()
         assert "seed" not in plain["results"][0]  # only when asked for
         for route in ("/v1/predict", "/v1/embed"):

@@ -51,7 +51,7 @@ async def list_adapters(svc: ReadyDep) -> AdapterList:
         mine = [k.split("@", 1)[1] for k in loaded if k.split("@", 1)[0] == name]
         rows.append(AdapterSummary(name=name, versions=versions, latest=versions[-1] if versions else None, loaded=mine, pinned=[v for v in mine if loaded[f"{name}@{v}"].pinned]))
     bb = svc.runtime.backbone
-    return AdapterList(backbone={**bb.identity.to_dict(), "embed_dim": bb.embed_dim, "device": svc.device, "backend": svc.backend_name}, capacity=svc.registry.capacity, adapters=rows)
+    return AdapterList(backbone={**bb.identity.to_dict(), "embed_dim": bb.embed_dim, "device": svc.device, "backend": svc.backend_name, "precision": svc.precision}, capacity=svc.registry.capacity, adapters=rows)
 
 
 @router.get("/{name}", response_model=AdapterInfo)

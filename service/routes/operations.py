@@ -36,7 +36,7 @@ async def healthz_head() -> Response:
 async def readyz(svc: ServiceDep):
     """Readiness: 200 once the default adapters are loaded and one batch has run through them."""
     reg = getattr(svc, "registry", None)
-    body = Ready(status="ready" if svc.ready else ("failed" if "startup" in svc.failed else "loading"), device=getattr(svc, "device", ""), backend=getattr(svc, "backend_name", svc.settings.backend), loaded=reg.loaded() if reg else [], failed={k: svc.public(v) for k, v in svc.failed.items()})
+    body = Ready(status="ready" if svc.ready else ("failed" if "startup" in svc.failed else "loading"), device=getattr(svc, "device", ""), backend=getattr(svc, "backend_name", svc.settings.backend), precision=getattr(svc, "precision", ""), loaded=reg.loaded() if reg else [], failed={k: svc.public(v) for k, v in svc.failed.items()})
     return JSONResponse(body.model_dump(), status_code=200 if svc.ready else 503)
 
 
