@@ -341,9 +341,13 @@ def seed_charts(analyses: dict, projections: dict, out: Path) -> dict[str, Path]
         fig, axes = plt.subplots(1, len(projections), figsize=(5.2 * len(projections), 4.4), squeeze=False)
         for ax, (name, proj) in zip(axes[0], projections.items()):
             xy, tasks = proj[key]
-            for t in sorted(set(tasks)):
-                m = tasks == t
-                ax.scatter(xy[m, 0], xy[m, 1], s=3, alpha=0.5, label=t)
+            # One draw in a shuffled order, so no task (MNIST: 10,000 points) paints over another.
+            names = sorted(set(tasks))
+            colors = {t: plt.get_cmap("tab10")(i) for i, t in enumerate(names)}
+            order = np.random.default_rng(0).permutation(len(tasks))
+            ax.scatter(xy[order, 0], xy[order, 1], s=3, alpha=0.5, c=[colors[t] for t in tasks[order]])
+            for t in names:
+                ax.scatter([], [], s=12, color=colors[t], label=t)
             a = analyses[name]
             sub = f"PC1 {100 * a['pca_explained_variance'][0]:.0f} %, PC2 {100 * a['pca_explained_variance'][1]:.0f} %" if key == "pca" else f"{a['tsne']['n']} images, perplexity {a['tsne']['perplexity']:g}"
             ax.set_title(f"{name}: c(x) {title}\n{sub}; task probe {100 * a['probe']['mean']:.1f} %", fontsize=9)
