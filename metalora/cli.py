@@ -317,3 +317,7 @@ def bench_onnx_cmd(
     rt = Runtime(store, device=resolve_device(device))
     keys = add_synthetic_adapters(rt, synthetic) if synthetic else [rt.load(a) for a in adapter]
     typer.echo(json.dumps(compare_throughput(rt, keys, batch=batch, rounds=rounds, threads=threads), indent=2))
+
+
+if __name__ == "__main__":  # python -m metalora.cli: this layer's commands only; `metalora` (metalora_serve.cli) has them all
+    app()

@@ -84,3 +84,7 @@ def run_server(settings: Settings) -> None:
 
     logging.basicConfig(level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=10)
+
+
+if __name__ == "__main__":  # python -m service.cli: this layer's commands only; `metalora` (metalora_serve.cli) has them all
+    app()
