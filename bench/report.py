@@ -379,7 +379,7 @@ def _lowp_doc(g: dict | None, add) -> None:
         f"so ORT folds and fuses them): INT8 is **{_f(g.get('int8_over_fp32_static'))}×** — the precision's own gain; the rest of lowp_speedup is that graph clean-up, which every precision here gets.")
     add("")
     a = g.get("auto") or {}
-    add(f"`--precision auto` chose **{a.get('chosen')}** ({a.get('how')}); its start-up check on 32 fixed images (held-out photos and digit glyphs; glyphs alone without ../shared/data or scikit-image): "
+    add(f"`--precision auto` chose **{a.get('chosen')}** ({a.get('how')}); its start-up check on 32 fixed images (photos calibration never saw, and digit glyphs): "
         + "; ".join(f"{p}: top-1 agreement {c['agreement']:.3f}, embedding cosine {c['cosine']:.4f} ({'pass' if c['pass'] else 'FAIL'})" for p, c in (a.get("checks") or {}).items()) + ".")
     add("")
     h = g.get("http")

@@ -212,6 +212,26 @@ def imagenet_split(data: Path | None = None, every: int = 8) -> tuple[list[str],
 CALIBRATION_DOMAINS = (("cifar10", 10), ("mnist", 10), ("fashion-mnist", 10), ("eurosat", 10), ("gtsrb", 43))
 
 
+def own_images() -> list[tuple[str, str]] | None:
+    """The images METALORA_CALIBRATION_DATA names (data specs separated by ';': ImageFolder
+    directories or zips), in a seeded shuffled order; None when it is not set. Raises
+    FileNotFoundError / ValueError (metalora.data) for a spec that names nothing readable."""
+    from .data import DataSpec, list_items
+
+    env = os.environ.get("METALORA_CALIBRATION_DATA")
+    if not env:
+        return None
+    out = [("spec", f"{s.strip()}#{it.id}") for s in env.split(";") if s.strip() for it in list_items(DataSpec.parse(s.strip()))]
+    random.Random(0).shuffle(out)
+    return out
+
+
+def own_check_count(total: int) -> int:
+    """How many of the deployer's `total` images are held out for the start-up check (never
+    calibrated on): half of CHECK_IMAGES, at most a quarter of them."""
+    return min(CHECK_IMAGES // 2, total // 4)
+
+
 def calibration_sources(n: int = 256, data: Path | None = None) -> list[tuple[str, str]]:
     """What the (at most `n`, per-class rounding may leave a few less) calibration images are, as
     (kind, id) pairs; never a test image.
@@ -227,10 +247,10 @@ def calibration_sources(n: int = 256, data: Path | None = None) -> list[tuple[st
     """
     from .data import DataSpec, list_items
 
-    own = os.environ.get("METALORA_CALIBRATION_DATA")
-    if own:  # the deployer's own images: data specs separated by ';' (ImageFolder dirs or zips)
-        out = [("spec", f"{s}#{it.id}") for s in own.split(";") if s.strip() for it in list_items(DataSpec.parse(s.strip()))]
-        return random.Random(0).sample(out, n) if len(out) > n else out
+    own = own_images()
+    if own is not None:  # the deployer's own images, less those held out for the start-up check
+        rest = own[own_check_count(len(own)):]
+        return rest[:n]
     data = data or shared_data_dir()
     out: list[tuple[str, str]] = []
     specs: list[str] = []
@@ -282,15 +302,46 @@ def _read_source(kind: str, ident: str, data: Path | None) -> bytes:
     return cache[spec][item].read()
 
 
-def calibration_images(preprocessor, n: int = 256, data: Path | None = None) -> tuple[np.ndarray, str]:
-    """The preprocessed calibration images (~n, 3, S, S) float32 and the digest of their ids."""
+def _decode_all(preprocessor, src: list[tuple[str, str]], data: Path | None, what: str) -> np.ndarray:
+    """Preprocessed images (m, 3, S, S) of `src`; a file that is not an image is skipped with
+    one warning naming it, and ValueError is raised when none is left."""
     from .images import decode_image
 
+    good, bad = [], []
+    for k, i in src:
+        try:
+            good.append(preprocessor(decode_image(_read_source(k, i, data))).numpy())
+        except Exception as e:  # noqa: BLE001 - any unreadable file: skip it, say which
+            bad.append(f"{i} ({e})")
+    if bad:
+        warnings.warn(f"{what}: {len(bad)} of {len(src)} files skipped, not images: {bad[0]}{' ...' if len(bad) > 1 else ''}", stacklevel=3)
+    if not good:
+        raise ValueError(f"{what}: none of its {len(src)} files is an image ({bad[0] if bad else 'no files'})")
+    return np.stack(good).astype(np.float32)
+
+
+def calibration_digest(src: list[tuple[str, str]], data: Path | None = None) -> str:
+    """A digest of the calibration images' ids and bytes: an image replaced under the same name
+    gives a new INT8 graph and a new `auto` decision."""
+    h = hashlib.sha256(json.dumps(src).encode())
+    for k, i in src:
+        try:
+            h.update(hashlib.sha256(_read_source(k, i, data)).digest())
+        except Exception:  # noqa: BLE001 - unreadable: its id alone (decoding will say why)
+            h.update(b"?")
+    return h.hexdigest()[:12]
+
+
+def calibration_images(preprocessor, n: int = 256, data: Path | None = None) -> tuple[np.ndarray, str]:
+    """The preprocessed calibration images (~n, 3, S, S) float32 and their digest.
+
+    Raises RuntimeError when there are none, ValueError when none of them is an image."""
     src = calibration_sources(n, data)
     if not src:
         raise RuntimeError("no calibration images: neither ../shared/data nor scikit-learn's digits are available")
-    x = np.stack([preprocessor(decode_image(_read_source(k, i, data))).numpy() for k, i in src])  # (n, 3, S, S)
-    return x.astype(np.float32), hashlib.sha256(json.dumps(src).encode()).hexdigest()[:12]
+    if own_images() is not None and len(src) < 64:
+        warnings.warn(f"METALORA_CALIBRATION_DATA: calibrating INT8 on {len(src)} images; a few hundred are recommended", stacklevel=2)
+    return _decode_all(preprocessor, src, data, "calibration images"), calibration_digest(src, data)
 
 
 def quantize_prefix(fp32_path: Path, out: Path, calib: np.ndarray, cfg: QuantConfig, batch: int = 16) -> Path:
@@ -399,8 +450,7 @@ class LowpRunner(OrtRunner):
 
     def _ensure_int8(self) -> Path:
         fp32 = self._ensure_static()
-        ids = calibration_sources(self.quant.calib_images, self.data)
-        digest = hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:12]
+        digest = calibration_digest(calibration_sources(self.quant.calib_images, self.data), self.data)
         path = self.int8_prefix_path(digest)
         if not path.exists():
             calib, _ = calibration_images(self.runtime.preprocessor, self.quant.calib_images, self.data)
@@ -439,14 +489,30 @@ def check_images(preprocessor, n: int = CHECK_IMAGES, data: Path | None = None) 
     from .images import decode_image
 
     data = data or shared_data_dir()
-    _, held = imagenet_split(data) if data is not None else ([], [])
-    raw: list[bytes] = []
-    if held:
-        with zipfile.ZipFile(data / "imagenet-sample" / "val.zip") as z:
-            raw = [z.read(m) for m in held[:: max(1, len(held) // (n // 2))][: n // 2]]
+    own = own_images()
+    x: list[np.ndarray] = []
+    if own is not None:  # the deployer's own images that calibration left out
+        held_own = own[: own_check_count(len(own))]
+        if held_own:
+            x = list(_decode_all(preprocessor, held_own, data, "METALORA_CALIBRATION_DATA (check images)"))
+    else:
+        _, held = imagenet_split(data) if data is not None else ([], [])
+        if held:
+            with zipfile.ZipFile(data / "imagenet-sample" / "val.zip") as z:
+                x = [preprocessor(decode_image(z.read(m))).numpy() for m in held[:: max(1, len(held) // (n // 2))][: n // 2]]
     items = list_items(DataSpec.parse(f"sklearn:digits?split=test,per_class={max(1, n // 10 + 1)}"))
-    raw += [it.read() for it in items[:: max(1, len(items) // (n - len(raw)))][: n - len(raw)]]
-    return np.stack([preprocessor(decode_image(b)).numpy() for b in raw]).astype(np.float32)  # (n, 3, S, S)
+    x += [preprocessor(decode_image(it.read())).numpy() for it in items[:: max(1, len(items) // (n - len(x)))][: n - len(x)]]
+    return np.stack(x).astype(np.float32)  # (n, 3, S, S)
+
+
+def photos_held_out(data: Path | None = None) -> bool:
+    """Whether the start-up check has photos that calibration did not see (held-out ImageNet
+    sample, or part of METALORA_CALIBRATION_DATA): without them `auto` leaves int8 out."""
+    own = own_images()
+    if own is not None:
+        return own_check_count(len(own)) > 0
+    data = data or shared_data_dir()
+    return bool(data is not None and imagenet_split(data)[1])
 
 
 def _base_outputs(runtime, feats: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -502,7 +568,7 @@ def choose_precision(runtime, precision: str = "auto", cache_dir: Path | None = 
     info = cpu_info()
     key = hashlib.sha256(
         json.dumps(
-            [graph_digest(runtime.backbone, None, int(runtime.preprocess_cfg.input_size), "prefix"), QuantConfig().digest(), os.environ.get("METALORA_CALIBRATION_DATA"), str(data or shared_data_dir()), info["model"], sorted(cpu_flags()), torch.__version__, ort.__version__, threads]
+            [graph_digest(runtime.backbone, None, int(runtime.preprocess_cfg.input_size), "prefix"), QuantConfig().digest(), calibration_digest(calibration_sources(QuantConfig().calib_images, data), data), str(data or shared_data_dir()), info["model"], sorted(cpu_flags()), torch.__version__, ort.__version__, threads]
         ).encode()
     ).hexdigest()[:16]
     path = cache_dir / f"precision-auto-{key}.json"
@@ -515,12 +581,11 @@ def choose_precision(runtime, precision: str = "auto", cache_dir: Path | None = 
     threads = threads or torch.get_num_threads()
     cands = candidates()
     skipped = {}
-    kinds = {k for k, _ in calibration_sources(QuantConfig().calib_images, data)}
-    if "int8" in cands and not os.environ.get("METALORA_CALIBRATION_DATA") and not kinds & {"imagenet", "skimage"}:
-        # Calibrated on digit glyphs alone, int8 would be checked on glyphs alone too: not enough
-        # to trust it on photos, so `auto` leaves it out (an explicit --precision int8 still runs).
+    if "int8" in cands and not photos_held_out(data):
+        # Checked on digit glyphs alone, int8 could not be trusted on photos, so `auto` leaves it
+        # out (an explicit --precision int8 still runs).
         cands.remove("int8")
-        skipped["int8"] = "no photos to calibrate on (no ../shared/data, no scikit-image): set METALORA_CALIBRATION_DATA"
+        skipped["int8"] = "no held-out photos to check it on (no ../shared/data, and METALORA_CALIBRATION_DATA unset or under 4 images)"
     runners = {p: LowpRunner(runtime, p, cache_dir=cache_dir, threads=threads, data=data) for p in cands}
     x = check_images(runtime.preprocessor, data=data)
     checks = check_precision(runtime, runners, x)

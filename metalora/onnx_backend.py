@@ -216,6 +216,12 @@ class OrtRunner:
             log.warning("ONNX cache %s cannot be written (%s): graphs it already holds are used, new ones are built in %s for this process only "
                         "(point METALORA_ONNX_CACHE at a writable volume to keep them)", self.cache_dir, e.strerror or e, self._scratch)
 
+    def close(self) -> None:
+        """Remove this process's scratch directory, if any (the server's shutdown calls it; atexit
+        does too, but a process that dies of the signal it caught never runs atexit)."""
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+
     def cached(self, name: str) -> Path:
         """Where the cached file `name` is read from or written to: `cache_dir`, or this process's
         scratch directory for a file `cache_dir` lacks and cannot take (a read-only volume)."""

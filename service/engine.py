@@ -101,3 +101,6 @@ class Engine:
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+        close = getattr(self.backend, "close", None)  # OrtRunner: its scratch directory
+        if close is not None:
+            close()

@@ -301,3 +301,32 @@ def test_a_cut_short_auto_decision_is_measured_again(runtime, tmp_path, monkeypa
     f.write_text('{"chos')
     assert lowp.choose_precision(runtime, "auto", cache_dir=tmp_path)[1]["how"] == "measured"
     assert lowp.choose_precision(runtime, "auto", cache_dir=tmp_path)[1]["how"] == "cached"
+
+
+def test_deployer_images_split_into_calibration_and_held_out_check_photos(tmp_path, monkeypatch, runtime):
+    """METALORA_CALIBRATION_DATA: 16 of its images are kept out of calibration for the start-up
+    check (so `auto` may take int8 on them), a file that is not an image is skipped with a warning
+    naming it, and replacing an image under the same name changes the calibration digest."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "calib" / "photos"
+    root.mkdir(parents=True)
+    for i in range(80):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(root / f"{i:03d}.png")
+    (root / "zz-broken.png").write_bytes(b"not an image")
+    monkeypatch.setenv("METALORA_CALIBRATION_DATA", str(tmp_path / "calib"))
+    own = lowp.own_images()
+    calib = lowp.calibration_sources(256)
+    held = own[: lowp.own_check_count(len(own))]
+    assert len(held) == 16 and len(calib) == len(own) - 16 and not set(held) & set(calib)
+    assert lowp.photos_held_out()
+    with pytest.warns(UserWarning, match="zz-broken"):
+        x, digest = lowp.calibration_images(runtime.preprocessor, 256)
+    assert x.shape[0] == len(calib) - (0 if all("zz-broken" not in i for _, i in calib) else 1)
+    chk = lowp.check_images(runtime.preprocessor) if all("zz-broken" not in i for _, i in held) else None
+    if chk is not None:
+        assert chk.shape[0] == lowp.CHECK_IMAGES
+    victim = next(i for _, i in calib if "zz-broken" not in i).rpartition("#")[2]
+    Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(root.parent / victim)
+    assert lowp.calibration_digest(lowp.calibration_sources(256)) != digest
