@@ -106,6 +106,28 @@ def plot_all(res: dict, out: Path) -> dict[str, Path]:
         ax.set_title("(e) random adapter per request")
         ax.legend(fontsize=8)
         figs["many"] = _save(fig, out / "many_adapters.png")
+    g = res.get("lowp")
+    if g:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [1, 1.6]})
+        names = list(g["images_per_s"])
+        bars = ax1.bar(names, [g["images_per_s"][k] for k in names], color=["0.6", "C0", "C2", "C1"][: len(names)])
+        for b, k in zip(bars, names):
+            ax1.annotate(f"×{g['speedup_vs_fp32_ort'][k]:.2f}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)
+        ax1.set_ylabel("images/s (batch 32, 4 adapters)")
+        ax1.set_title(f"(h) throughput, × the plain FP32 export; {g['cpu']['model']}", fontsize=9)
+        acc = g.get("accuracy") or {}
+        sets = [n for n in acc if "int8" in acc[n]]
+        for j, (m, label) in enumerate((("knn_top1", "k-NN@10 / top-1"), ("head_top1", "head top-1"))):
+            vals = [acc[n]["int8"].get(f"{m}_drop_points", acc[n]["int8"].get("top1_drop_points") if m == "knn_top1" else None) for n in sets]
+            xs = [i + (j - 0.5) * 0.38 for i in range(len(sets))]
+            ax2.bar([x for x, v in zip(xs, vals) if v is not None], [v for v in vals if v is not None], width=0.38, label=label)
+        ax2.axhline(0.5, color="r", ls="--", lw=1, label="bound (0.5 points)")
+        ax2.axhline(0, color="k", lw=0.5)
+        ax2.set_xticks(range(len(sets)), sets, rotation=30, ha="right", fontsize=8)
+        ax2.set_ylabel("INT8 drop vs FP32 (points)")
+        ax2.set_title("(h) accuracy kept: every test image of each set", fontsize=9)
+        ax2.legend(fontsize=7)
+        figs["lowp"] = _save(fig, out / "lowp.png")
     return figs
 
 
@@ -326,7 +348,7 @@ def write_doc(res: dict, figs: dict[str, Path], path: Path, json_path: Path) -> 
         add("parity (max |Δ| ≤ 1e-4, fp32) is tested in `tests/test_onnx.py`; more configurations in")
         add("[docs/deploy.md](deploy.md#onnx-runtime-backend).")
         add("")
-    _lowp_doc(res.get("lowp"), add)
+    _lowp_doc(res.get("lowp"), add, rel.get("lowp"))
     g = res.get("photos")
     if g:
         add("## (i) Phone photos vs small images over HTTP")
@@ -359,7 +381,7 @@ def write_doc(res: dict, figs: dict[str, Path], path: Path, json_path: Path) -> 
     path.write_text("\n".join(L) + "\n")
 
 
-def _lowp_doc(g: dict | None, add) -> None:
+def _lowp_doc(g: dict | None, add, fig: str | None = None) -> None:
     """Section (h): precision table, lowp_speedup, limit_fraction with its derivation, accuracy."""
     if not g:
         return
@@ -368,6 +390,9 @@ def _lowp_doc(g: dict | None, add) -> None:
     cpu = g["cpu"]
     add(f"{g['what']}. CPU: {cpu['model']}, ISA flags read at run time: {', '.join(cpu['isa']) or 'none'}.")
     add("")
+    if fig:
+        add(f"![low precision]({fig})")
+        add("")
     add("| variant | images/s | × FP32 ORT (plain export) | limit_fraction |")
     add("|---|---|---|---|")
     for k, v in g["images_per_s"].items():
