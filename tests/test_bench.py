@@ -83,7 +83,7 @@ def test_bench_tiny_run_writes_json_plots_and_report(tmp_path):
     for k, t in res["targets"].items():
         assert t["pass"] in (True, False, None) and t["target"].endswith(str(TARGETS[k][1]))
     pngs = {p.name for p in (tmp_path / "plots").glob("*.png")}
-    assert pngs == {"overhead.png", "hetero.png", "serving.png", "knn.png", "many_adapters.png"}
+    assert pngs == {"overhead.png", "hetero.png", "serving.png", "knn.png", "many_adapters.png", "lowp.png"}
     doc = (tmp_path / "benchmarks.md").read_text()
     assert "metalora bench --quick --json" in doc and "## Targets" in doc and "not measured" in doc
 
