@@ -5,7 +5,8 @@ from __future__ import annotations
 import secrets
 from typing import Annotated
 
-from fastapi import Depends, Path, Request
+from fastapi import Depends, Path, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from .container import Service
 from .errors import ServiceError
@@ -33,7 +34,12 @@ def check_admin(settings, authorization: str) -> None:
         raise ServiceError(401, "unauthorized", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
 
 
-async def require_admin(request: Request) -> None:
+# Declares the bearer scheme in the OpenAPI document (Swagger UI's "Authorize" button); it never
+# refuses by itself (auto_error=False): check_admin does, with the service's own 401/403 errors.
+bearer = HTTPBearer(auto_error=False, scheme_name="adminToken", description="`Authorization: Bearer $METALORA_ADMIN_TOKEN` (admin and gallery-write routes)")
+
+
+async def require_admin(request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)] = None) -> None:
     """`check_admin` on the Authorization header.
 
     Dependencies are `async def` so FastAPI runs them on the loop, not via a thread hand-off.

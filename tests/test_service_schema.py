@@ -137,3 +137,17 @@ def test_body_and_deadline_errors_are_declared_where_they_happen():
         assert ("504" in declared) == ((method, path) in DEADLINE), (method, path, sorted(declared))
         for status in {"413", "504"} & declared.keys():
             assert declared[status]["content"]["application/json"]["schema"]["$ref"] == _error_body(path), (method, path, status)
+
+
+def test_openapi_declares_the_admin_bearer_scheme_on_the_guarded_routes_only():
+    """Swagger UI's Authorize button and generated clients read `securitySchemes`; the routes that
+    carry it must be exactly those that answer 401 without the token."""
+    from service.app import create_app
+    from service.settings import Settings
+
+    doc = create_app(Settings()).openapi()
+    assert doc["components"]["securitySchemes"]["adminToken"] == {**doc["components"]["securitySchemes"]["adminToken"], "type": "http", "scheme": "bearer"}
+    guarded = {(m, p) for p, ms in doc["paths"].items() for m, op in ms.items() if op.get("security")}
+    answers_401 = {(m, p) for p, ms in doc["paths"].items() for m, op in ms.items() if "401" in op.get("responses", {})}
+    assert guarded and guarded == answers_401
+    assert ("post", "/v1/adapters/{name}/gallery") in guarded and ("post", "/v1/predict") not in guarded
