@@ -229,6 +229,11 @@ def check_backbone(manifest: dict, backbone: Backbone) -> None:
             f"bundle was trained on {have.name} weights sha256 {str(want.get('weights_sha256'))[:12]}…, "
             f"these weights are {str(have.weights_sha256)[:12]}…",
         )
+    if want.get("cut") != have.cut:
+        raise BundleError(
+            "backbone_mismatch",
+            f"bundle was trained with the prefix cut at {want.get('cut') or 'the default'}, this backbone cuts at {have.cut or 'the default'}",
+        )
     for key, val in (("embed_dim", backbone.embed_dim), ("seed_in_dim", backbone.seed_in_dim)):
         if key in want and want[key] != val:
             raise BundleError("backbone_mismatch", f"bundle expects {key}={want[key]}, backbone has {val}")

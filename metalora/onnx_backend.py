@@ -117,6 +117,8 @@ class ExportGraph(nn.Module):
 def graph_digest(backbone: Backbone, adapter: Adapter | None, input_size: int, part: str = "full") -> str:
     """Content hash naming a cached graph: backbone weights, adapter tensors and config, input size, part."""
     h = hashlib.sha256(f"{backbone.identity.name}|{backbone.identity.weights_sha256}|{input_size}|{OPSET}|{torch.__version__}|{part}".encode())
+    if backbone.identity.cut is not None:  # a non-default prefix/tail cut is another graph
+        h.update(f"|cut={backbone.identity.cut}".encode())
     if backbone.identity.weights_sha256 is None:  # random-init backbones (tests): hash the weights
         for k, v in backbone.state_dict().items():
             h.update(k.encode())

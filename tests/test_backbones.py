@@ -81,3 +81,27 @@ def test_imagenet_sample_top1_at_least_85():
     res = evaluate_imagenet_sample(bb, DATA / "imagenet-sample" / "val.zip", DATA / "imagenet-sample" / "classes.tsv", progress=False)
     assert res["n"] == 1000
     assert res["top1"] >= 0.85, res
+
+
+def test_a_non_default_prefix_cut_gets_its_own_cache_keys_and_bundles(tmp_path):
+    """Features and graphs of blocks[:6] must never be read for a backbone cut at blocks[:5]."""
+    from metalora.bundle import BundleError, check_backbone
+    from metalora.data import DataSpec, cache_path
+    from metalora.onnx_backend import graph_digest
+
+    default, cut5 = create_backbone("efficientnet_lite0", pretrained=False), create_backbone("efficientnet_lite0", pretrained=False, split=5)
+    cut5.net.load_state_dict(default.net.state_dict())  # same weights: only the cut differs
+    assert default.identity.cut is None and "cut" not in default.identity.to_dict()  # old keys unchanged
+    assert cut5.identity.to_dict()["cut"] == "blocks[:5]"
+    spec = DataSpec.parse("sklearn:digits?split=train")
+    assert cache_path(spec, default, tmp_path) != cache_path(spec, cut5, tmp_path)
+    for part in ("prefix", "full"):
+        assert graph_digest(default, None, 224, part) != graph_digest(cut5, None, 224, part)
+    x = torch.randn(1, 3, 224, 224)
+    assert default.prefix(x).shape[1:] == (192, 7, 7) and cut5.prefix(x).shape[1:] == (112, 14, 14)
+    manifest = {"backbone": {**default.identity.to_dict(), "embed_dim": 1280, "seed_in_dim": 192}}
+    check_backbone(manifest, default)
+    with pytest.raises(BundleError, match="cut"):
+        check_backbone(manifest, cut5)
+    with pytest.raises(ValueError, match="split"):
+        create_backbone("efficientnet_lite0", pretrained=False, split=7)

@@ -38,9 +38,17 @@ class BackboneIdentity:
     weights_sha256: str | None  # None: random init (tests only)
     weights_source: str = "random-init"
     extra: dict = field(default_factory=dict)
+    # Where the shared prefix ends when it is not the backbone's default (e.g. "blocks[:5]").
+    # Part of every cache key (prefix features, ONNX graphs) and checked when a bundle loads:
+    # features or graphs of one cut must never be read for another. None keeps the default
+    # cut's keys exactly as they were, so existing caches and bundles stay valid.
+    cut: str | None = None
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "weights_sha256": self.weights_sha256, "weights_source": self.weights_source}
+        d = {"name": self.name, "weights_sha256": self.weights_sha256, "weights_source": self.weights_source}
+        if self.cut is not None:
+            d["cut"] = self.cut
+        return d
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -110,8 +110,12 @@ class EfficientNetLite(Backbone):
     padding on the stride-2 convs) and mean = std = 0.5 are what they expect.
     """
 
-    def __init__(self, pretrained: bool = True, weights: str | Path | None = None, split: int = 6):
+    DEFAULT_SPLIT = 6
+
+    def __init__(self, pretrained: bool = True, weights: str | Path | None = None, split: int = DEFAULT_SPLIT):
         super().__init__()
+        if not 1 <= split <= 6:
+            raise ValueError(f"split must be 1..6 (blocks[:split] are the prefix; block 6 stays in the tail), got {split}")
         self.net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
         self.split = split  # blocks[:split] are the shared prefix, blocks[split:] the tail
         if pretrained or weights:
@@ -123,6 +127,8 @@ class EfficientNetLite(Backbone):
             self.identity = BackboneIdentity("efficientnet_lite0", sha256_file(path), src)
         else:
             self.identity = BackboneIdentity("efficientnet_lite0", None)
+        if split != self.DEFAULT_SPLIT:
+            self.identity.cut = f"blocks[:{split}]"
         cfg = self.net.pretrained_cfg
         self.preprocess = Preprocess(
             input_size=cfg["input_size"][-1],
@@ -232,6 +238,8 @@ class Mixer(Backbone):
             interpolation=cfg["interpolation"], crop_pct=cfg["crop_pct"],
         )
         self.split = len(self.net.blocks) - tail_blocks
+        if tail_blocks != 2:
+            self.identity.cut = f"blocks[:{self.split}]"
         self.embed_dim = self.net.num_features
         self.num_classes = self.net.num_classes
         self.seed_in_dim = self.embed_dim
