@@ -100,6 +100,24 @@ def unavailable(precision: str, flags: frozenset[str] | None = None) -> str | No
     return None
 
 
+def refused(precision: str, backend: str, device) -> str | None:
+    """Why a resolved `backend` ("torch" | "onnx") on `device` cannot serve `precision`, or None.
+
+    The one rule the server's pre-flight (`service.cli.preflight`) and its backend factory
+    (`service.engine.make_backend`) both apply: int8/bf16 are the ONNX backend's CPU paths.
+    """
+    import torch
+
+    if precision in ("auto", "fp32"):
+        return None
+    if backend == "torch":
+        return f"--precision {precision} runs on the onnx backend (metalora.lowp); the torch backend is fp32: use --backend onnx or --precision fp32"
+    if torch.device(device).type != "cpu":
+        return f"--precision {precision} is a CPU path; on {device} use --precision auto or fp32"
+    why = unavailable(precision)
+    return f"--precision {precision}: {why}" if why else None
+
+
 def candidates(flags: frozenset[str] | None = None) -> list[str]:
     """The concrete precisions this CPU can run, FP32 first."""
     return [p for p in ("fp32", "int8", "bf16") if unavailable(p, flags) is None]

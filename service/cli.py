@@ -44,8 +44,6 @@ def preflight(settings: Settings) -> None:
     ValueError. (What needs the model, such as building the graphs, fails the start itself.)"""
     import os
 
-    import torch
-
     from metalora import lowp
     from metalora.onnx_backend import resolve_backend
     from metalora.runtime import pick_device
@@ -59,14 +57,9 @@ def preflight(settings: Settings) -> None:
     except (ImportError, RuntimeError, ValueError) as e:
         raise ValueError(f"--backend {settings.backend}: {e}") from None
     p = settings.precision
-    if p in ("int8", "bf16"):
-        if backend == "torch":
-            raise ValueError(f"--precision {p} runs on the onnx backend (metalora.lowp); the torch backend is fp32: use --backend onnx or --precision fp32")
-        if torch.device(device).type != "cpu":
-            raise ValueError(f"--precision {p} is a CPU path; on {device} use --precision auto or fp32")
-        why = lowp.unavailable(p)
-        if why:
-            raise ValueError(f"--precision {p}: {why}")
+    why = lowp.refused(p, backend, device)
+    if why:
+        raise ValueError(why)
     if p in ("int8", "auto") and backend != "torch" and os.environ.get("METALORA_CALIBRATION_DATA"):
         try:
             if not lowp.calibration_sources():

@@ -45,22 +45,21 @@ def make_backend(name: str, runtime, settings) -> tuple[str, Backend]:
     (`metalora.lowp`). Raises ValueError for an unknown name or a precision the backend or CPU
     cannot run, and RuntimeError when `onnx` is asked for without onnxruntime.
     """
+    from metalora.lowp import refused
     from metalora.onnx_backend import resolve_backend
 
     name = resolve_backend(name, runtime.device)
-    if name == "torch":
-        precision = getattr(settings, "precision", "fp32")
-        if precision not in ("auto", "fp32"):
-            raise ValueError(f"precision {precision!r} runs on the onnx backend (metalora.lowp); the torch backend is fp32")
-        return name, runtime
     precision = getattr(settings, "precision", "fp32")
+    why = refused(precision, name, runtime.device)
+    if why:
+        raise ValueError(why)
+    if name == "torch":
+        return name, runtime
     try:
         if torch.device(runtime.device).type == "cpu":
             from metalora.lowp import create_lowp_backend
 
             return name, create_lowp_backend(runtime, precision, threads=torch.get_num_threads())
-        if precision not in ("auto", "fp32"):
-            raise ValueError(f"precision {precision!r} is a CPU path; on {runtime.device} use auto or fp32")
         from metalora import onnx_backend
 
         return name, onnx_backend.create_backend(runtime, settings)
