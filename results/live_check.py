@@ -4,6 +4,11 @@ figures for the same images; and the class of scikit-image's `chelsea` (a cat).
 
     python -m results.live_check --adapter cifar10 --data '../shared/data/cifar10/test.zip?per_class=100' \
         --out results/full_scale/cifar10-live.json [--ood '../shared/data/mnist/test.zip?per_class=20']
+    python -m results.live_check --adapter mixed --data 'cifar10=../shared/data/cifar10/test.zip' \
+        --data 'mnist=../shared/data/mnist/test.zip' ... --out results/full_scale/mixed-live-full.json
+
+Several `--data` specs (each `task=`, as `metalora train` takes them) give labels `task/class`
+and a figure per task beside the overall one.
 
 Images go as multipart files, `batch` at a time, exactly the bytes in the zip.
 """
@@ -22,6 +27,16 @@ from PIL import Image
 from metalora.data import DataSpec, list_items
 from metalora.store import DEFAULT_STORE
 from service.launch import ServerProcess
+
+
+def items_of(spec: str) -> list:
+    """The spec's images; a `task=` prefix makes each label `task/class`, the joint label space."""
+    ds = DataSpec.parse(spec)
+    items = list_items(ds)
+    if ds.task:
+        for it in items:
+            it.label = f"{ds.task}/{it.label}"
+    return items
 
 
 def run(c: httpx.Client, adapter: str, items, batch: int) -> dict:
@@ -45,7 +60,7 @@ def run(c: httpx.Client, adapter: str, items, batch: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--adapter", required=True)
-    ap.add_argument("--data", required=True)
+    ap.add_argument("--data", required=True, action="append", help="test data spec; repeat with task= for a multi-task adapter")
     ap.add_argument("--ood", action="append", default=[])
     ap.add_argument("--store", default=str(DEFAULT_STORE))
     ap.add_argument("--backend", default="auto")
@@ -61,9 +76,14 @@ def main() -> None:
         with httpx.Client(base_url=srv.url, timeout=600) as c:
             t0 = time.perf_counter()
             chelsea = c.post("/v1/predict", files=[("images", ("chelsea.png", buf.getvalue()))], data={"adapter": a.adapter, "top_k": "3"}).json()
-            res = {"adapter": a.adapter, "data": a.data, "backend": c.get("/readyz").json().get("backend"),
-                   "chelsea": chelsea["results"][0], **run(c, a.adapter, list_items(DataSpec.parse(a.data)), a.batch)}
-            res["ood"] = {spec: run(c, a.adapter, list_items(DataSpec.parse(spec)), a.batch) for spec in a.ood}
+            res = {"adapter": a.adapter, "data": a.data if len(a.data) > 1 else a.data[0], "backend": c.get("/readyz").json().get("backend"),
+                   "chelsea": chelsea["results"][0]}
+            parts = {DataSpec.parse(spec).name: run(c, a.adapter, items_of(spec), a.batch) for spec in a.data}
+            n = sum(r["n"] for r in parts.values())
+            res.update({"n": n, **{k: sum(r[k] * r["n"] for r in parts.values()) / n for k in next(iter(parts.values())) if k != "n"}})
+            if len(parts) > 1:
+                res["per_task"] = parts
+            res["ood"] = {spec: run(c, a.adapter, items_of(spec), a.batch) for spec in a.ood}
             res["seconds"] = time.perf_counter() - t0
     finally:
         srv.stop()
