@@ -232,7 +232,8 @@ def check_backbone(manifest: dict, backbone: Backbone) -> None:
     if want.get("cut") != have.cut:
         raise BundleError(
             "backbone_mismatch",
-            f"bundle was trained with the prefix cut at {want.get('cut') or 'the default'}, this backbone cuts at {have.cut or 'the default'}",
+            f"bundle was trained with the shared prefix ending at {want.get('cut') or 'the default cut'}, "
+            f"this backbone's prefix ends at {have.cut or 'the default cut'} (metalora train/eval --split)",
         )
     for key, val in (("embed_dim", backbone.embed_dim), ("seed_in_dim", backbone.seed_in_dim)):
         if key in want and want[key] != val:

@@ -30,6 +30,27 @@ def fail(message: str, code: int = 1):
     raise typer.Exit(code)
 
 
+def _backbone(name: str, split: int | None, store: Path | None = None):
+    """The registered backbone `name`, cut at `split` when given, else as the store's backbone
+    manifest says (its `kwargs`; the repository's store when `store` is None), else its default."""
+    from .backbones import create_backbone
+    from .store import DEFAULT_STORE, ModelStore
+
+    if split is not None:
+        kw = {"split": split}
+    else:
+        root = Path(store) if store is not None else Path(DEFAULT_STORE)
+        kw = dict(((ModelStore(root).backbone_manifest(name) or {}) if root.is_dir() else {}).get("kwargs", {}))
+    try:
+        return create_backbone(name, **kw)
+    except (TypeError, ValueError) as e:
+        raise typer.BadParameter(f"backbone {name} with {kw}: {e}") from None
+
+
+SPLIT_HELP = ("where the shared, cached prefix ends: efficientnet_lite0 blocks[:N], N = 2..6 (default: the store's backbone "
+              "manifest, 6); part of every cache key and recorded in the bundle, which then loads only on that cut")
+
+
 @app.command()
 def predict(
     images: Annotated[list[Path], typer.Argument(help="image files")],
@@ -126,6 +147,7 @@ def train(
     thumbnails: Annotated[bool, typer.Option(help="store a <= 64 px WebP of each gallery item's source image inside the gallery (copies of your data: off by default; `metalora thumbnails` makes them beside the service's galleries instead)")] = False,
     cache_dir: Annotated[Optional[Path], typer.Option(help="prefix-feature cache (default: $METALORA_CACHE or ~/.cache/metalora)")] = None,
     backbone: Annotated[str, typer.Option(help="registered backbone")] = "efficientnet_lite0",
+    split: Annotated[Optional[int], typer.Option(help=SPLIT_HELP)] = None,
     device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ):
@@ -143,7 +165,7 @@ def train(
     version = version or out.name
     ckpt = checkpoint or Path("runs") / "ckpt" / f"{name}-{version}"
     try:
-        res = run_train(cfg, create_backbone(backbone), out=out, name=name, version=version, eval_data=eval_data,
+        res = run_train(cfg, _backbone(backbone, split), out=out, name=name, version=version, eval_data=eval_data,
                         ckpt_dir=ckpt, resume=resume, device=resolve_device(device), cache_dir=cache_dir, baseline=baseline,
                         ood_data=ood_data, thumbnails=thumbnails)
     except (ValueError, FileNotFoundError) as e:
@@ -175,6 +197,7 @@ def cache_features(
     chunk_size: Annotated[int, typer.Option(min=1, help="images per chunk committed to disk (resume skips finished chunks)")] = 2048,
     cache_dir: Annotated[Optional[Path], typer.Option(help="prefix-feature cache (default: $METALORA_CACHE or ~/.cache/metalora)")] = None,
     backbone: Annotated[str, typer.Option(help="registered backbone")] = "efficientnet_lite0",
+    split: Annotated[Optional[int], typer.Option(help=SPLIT_HELP)] = None,
     device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
 ):
     """Compute the frozen prefix features of data sets into the cache, resumably, with a progress bar."""
@@ -183,7 +206,7 @@ def cache_features(
     from .backbones import create_backbone
     from .data import DataSpec, cache_path, prefix_features
 
-    bb = create_backbone(backbone).to(resolve_device(device))
+    bb = _backbone(backbone, split).to(resolve_device(device))
     for text in data:
         try:
             spec = DataSpec.parse(text)
@@ -207,6 +230,7 @@ def eval_cmd(
     store: Annotated[Optional[Path], typer.Option(help="model store (default: the repository's model_store/)")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="prefix-feature cache (default: $METALORA_CACHE or ~/.cache/metalora)")] = None,
     backbone: Annotated[str, typer.Option(help="registered backbone")] = "efficientnet_lite0",
+    split: Annotated[Optional[int], typer.Option(help=SPLIT_HELP)] = None,
     device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
     out: Annotated[Optional[Path], typer.Option(help="also write the JSON result to this file")] = None,
     per_class: Annotated[bool, typer.Option(help="include per-class figures in the printed text")] = False,
@@ -219,7 +243,7 @@ def eval_cmd(
     from .evaluate import evaluate
 
     try:
-        res = evaluate(adapter, data, create_backbone(backbone), k=k, gallery_data=gallery_data, store=store,
+        res = evaluate(adapter, data, _backbone(backbone, split, store), k=k, gallery_data=gallery_data, store=store,
                        device=resolve_device(device), cache_dir=cache_dir, progress=not as_json, ood=ood)
     except (ValueError, FileNotFoundError, BundleError) as e:
         raise typer.BadParameter(str(e)) from None

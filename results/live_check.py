@@ -67,6 +67,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
+    specs = [DataSpec.parse(s) for s in a.data]
+    if len(specs) > 1:  # the joint label space, as `metalora train` builds it (metalora.data.load_features)
+        if any(s.task is None for s in specs):
+            ap.error("several --data specs form a joint label space: prefix each with task= (e.g. cifar10=PATH)")
+        if len({s.name for s in specs}) != len(specs):
+            ap.error(f"task names must differ, got {[s.name for s in specs]}")
     import skimage.data
 
     buf = io.BytesIO()

@@ -9,7 +9,7 @@ import torch
 from metalora.adapters import Adapter, AdapterConfig, MetaLoRAModel
 from metalora.backbones import BACKBONES, create_backbone, efficientnet_lite0_key_map, efficientnet_lite0_weights_path
 
-from .conftest import DATA, needs_shared, randomize
+from .conftest import DATA, needs_shared, randomize, run_metalora
 
 
 def test_key_map_covers_every_tensor_of_the_weights_file():
@@ -101,7 +101,22 @@ def test_a_non_default_prefix_cut_gets_its_own_cache_keys_and_bundles(tmp_path):
     assert default.prefix(x).shape[1:] == (192, 7, 7) and cut5.prefix(x).shape[1:] == (112, 14, 14)
     manifest = {"backbone": {**default.identity.to_dict(), "embed_dim": 1280, "seed_in_dim": 192}}
     check_backbone(manifest, default)
-    with pytest.raises(BundleError, match="cut"):
+    with pytest.raises(BundleError, match="prefix ending"):
         check_backbone(manifest, cut5)
     with pytest.raises(ValueError, match="split"):
         create_backbone("efficientnet_lite0", pretrained=False, split=7)
+    with pytest.raises(ValueError, match="split"):
+        create_backbone("efficientnet_lite0", pretrained=False, split=1)
+
+
+def test_cli_caches_features_at_the_cut_it_is_given(tmp_path):
+    """`--split` reaches the backbone: blocks[:5] features are 112 x 14 x 14, the default's 192 x 7 x 7,
+    and an impossible cut is one line, not a traceback."""
+    spec = "sklearn:digits?split=train,per_class=1"
+    r5 = run_metalora("cache-features", "--data", spec, "--split", "5", "--cache-dir", str(tmp_path))
+    r6 = run_metalora("cache-features", "--data", spec, "--cache-dir", str(tmp_path))
+    assert r5.returncode == 0 and r6.returncode == 0, r5.stderr + r6.stderr
+    assert "(112, 14, 14)" in r5.stdout and "(192, 7, 7)" in r6.stdout
+    assert len(list((tmp_path / "prefix").glob("*.safetensors"))) == 2  # two entries, not one overwritten
+    bad = run_metalora("cache-features", "--data", spec, "--split", "9", "--cache-dir", str(tmp_path), env={"COLUMNS": "300"})
+    assert bad.returncode == 2 and "split must be 2..6" in bad.stderr and "Traceback" not in bad.stderr

@@ -114,8 +114,8 @@ class EfficientNetLite(Backbone):
 
     def __init__(self, pretrained: bool = True, weights: str | Path | None = None, split: int = DEFAULT_SPLIT):
         super().__init__()
-        if not 1 <= split <= 6:
-            raise ValueError(f"split must be 1..6 (blocks[:split] are the prefix; block 6 stays in the tail), got {split}")
+        if not 2 <= split <= 6:  # blocks[0] has no conv_pwl to size the seed input from; block 6 stays in the tail
+            raise ValueError(f"split must be 2..6 (blocks[:split] are the shared prefix), got {split}")
         self.net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
         self.split = split  # blocks[:split] are the shared prefix, blocks[split:] the tail
         if pretrained or weights:
