@@ -28,6 +28,10 @@ def _pct(x) -> str:
     return "—" if x is None else f"{100 * x:.1f}"
 
 
+def _diff(a, b) -> str:
+    return "—" if a is None or b is None else f"{100 * (a - b):+.1f}"
+
+
 def row(ref: str) -> str:
     name, version, path = ModelStore(ROOT / "model_store").resolve(ref)
     m = read_manifest(path)
@@ -39,6 +43,8 @@ def row(ref: str) -> str:
     ood = "; ".join(f"{OOD_NAMES.get(Path(k.split('?')[0]).parent.name, k)} {_pct(v)}" for k, v in (met.get("ood_rejection") or {}).items())
     ranks = m["adapter"]["ranks"]
     frozen_knn = next((v for k, v in fz.items() if k.startswith("knn10_gallery_") and k != "knn10_gallery_full"), None)
+    if frozen_knn is None:  # no separate frozen run (mixed): the manifest's, on the bundle's own gallery images
+        frozen_knn = met.get("baseline_knn_top1")
     ece = f"{_pct(met.get('ece'))} → {_pct(met.get('ece_calibrated'))} (T {cal['temperature']:.2f})" if cal else "—"
     n_held = int(cal["fitted_on"].split()[0]) if cal.get("fitted_on", "").split()[:1] and cal["fitted_on"].split()[0].isdigit() \
         else round(tr["n_train"] * tr["holdout_frac"] / (1 - tr["holdout_frac"])) if tr.get("holdout_frac") else 0  # the calibration's own count
@@ -72,9 +78,47 @@ def target_row(ref: str) -> str:
     return f"| `{name}@{version}` | ≥ {_pct(t)} | {_pct(met.get('knn_top1'))} | {_pct(met.get('head_top1'))} | {gap} |"
 
 
+TASKS = ["cifar10", "mnist", "fashion-mnist", "eurosat", "gtsrb"]
+
+
+def mixed_table(ref: str = "mixed") -> str:
+    """Issue #11's last target: the multi-task adapter per task against each single-task bundle
+    (within 1 point), on the same (whole) test sets; tasks of `TASKS` only. k-NN with each bundle's
+    shipped gallery, and with its whole training set as gallery where measured
+    (`<name>-<version>-eval-fullgallery.json`), which takes the gallery size out of the comparison.
+    Raises ValueError when the two bundles were measured on different test images."""
+    store = ModelStore(ROOT / "model_store")
+    name, version, path = store.resolve(ref)
+    m = read_manifest(path)
+    met, per_class = m["metrics"], m.get("training", {}).get("gallery_per_class")
+    gal = f"{per_class} a class" if per_class else "every training image"
+    fg_path = FULL / f"{name}-{version}-eval-fullgallery.json"
+    fg = json.loads(fg_path.read_text()).get("per_task", {}) if fg_path.is_file() else {}
+    lines = [f"| task | `{name}@{version}` k-NN@10 % ({gal} in the gallery) | whole train set as gallery % | head top-1 % "
+             "| single-task bundle | its k-NN@10 % | whole train set as gallery % | its head % | head Δ | k-NN Δ (whole train set as gallery) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for task in TASKS:
+        pt = met.get("per_task", {}).get(task)
+        if pt is None or task not in store.adapter_names():
+            continue
+        sn, sv, sp = store.resolve(task)
+        sm = read_manifest(sp)["metrics"]
+        if pt.get("n") != sm.get("n"):
+            raise ValueError(f"{name}@{version} was measured on {pt.get('n')} {task} test images, {sn}@{sv} on {sm.get('n')}: not comparable")
+        sfg_path = FULL / f"{sn}-{sv}-eval-fullgallery.json"
+        sfg = json.loads(sfg_path.read_text()).get("knn_top1") if sfg_path.is_file() else None
+        mfg = (fg.get(task) or {}).get("knn_top1")
+        dk = f"{100 * (mfg - sfg):+.1f}" if mfg is not None and sfg is not None else "—"
+        lines.append(f"| {task} | {_pct(pt['knn_top1'])} | {_pct(mfg)} | {_pct(pt['head_top1'])} | `{sn}@{sv}` | {_pct(sm['knn_top1'])} "
+                     f"| {_pct(sfg)} | {_pct(sm['head_top1'])} | {_diff(pt.get('head_top1'), sm.get('head_top1'))} | {dk} |")
+    return "\n".join(lines)
+
+
 def _replace(path: Path, block: str, text: str) -> None:
     doc = path.read_text()
     start, end = f"<!-- {block}:start -->\n", f"<!-- {block}:end -->"
+    if start not in doc or end not in doc:
+        raise ValueError(f"{path} has no {start.strip()} ... {end} markers")
     i, j = doc.index(start) + len(start), doc.index(end)
     path.write_text(doc[:i] + text + "\n" + doc[j:])
 
@@ -82,12 +126,19 @@ def _replace(path: Path, block: str, text: str) -> None:
 def main(refs: list[str], write: bool = False) -> None:
     table = "\n".join([HEADER, *(row(r) for r in refs)])
     print(table)
-    if write:  # README and docs/results.md carry the table between their markers
-        _replace(ROOT / "README.md", "readme-bundles", table)
-        _replace(ROOT / "docs" / "results.md", "bundles-table", table)
-        _replace(ROOT / "docs" / "results.md", "targets", "\n".join(target_row(r) for r in refs))
+    if write:  # README and docs/results.md carry the tables between their markers; all computed before any write
+        blocks = [(ROOT / "README.md", "readme-bundles", table), (ROOT / "docs" / "results.md", "bundles-table", table),
+                  (ROOT / "docs" / "results.md", "targets", "\n".join(target_row(r) for r in refs if r.split("@")[0] != "mixed"))]
+        if any(r.split("@")[0] == "mixed" for r in refs):
+            blocks.append((ROOT / "docs" / "results.md", "mixed-table", mixed_table()))
+        for path, block, _ in blocks:
+            doc = path.read_text()
+            if f"<!-- {block}:start -->" not in doc or f"<!-- {block}:end -->" not in doc:
+                raise SystemExit(f"{path} has no <!-- {block}:start/end --> markers: nothing written")
+        for path, block, text in blocks:
+            _replace(path, block, text)
 
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if a != "--write"]
-    main(args or ["cifar10", "mnist", "fashion-mnist", "eurosat", "gtsrb"], write="--write" in sys.argv)
+    main(args or [*TASKS, "mixed"], write="--write" in sys.argv)
