@@ -21,7 +21,7 @@ from metalora.store import ModelStore
 
 ROOT = Path(__file__).resolve().parent.parent
 FULL = ROOT / "results" / "full_scale"
-OOD_NAMES = {"cifar10": "C10", "mnist": "MNIST", "fashion-mnist": "F-MNIST", "eurosat": "EuroSAT", "gtsrb": "GTSRB"}
+OOD_NAMES = {"cifar10": "C10", "mnist": "MNIST", "fashion-mnist": "F-MNIST", "eurosat": "EuroSAT", "gtsrb": "GTSRB", "imagenet-sample": "ImageNet sample"}
 
 
 def _pct(x) -> str:
