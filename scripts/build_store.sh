@@ -37,7 +37,7 @@ DIGITS_TR="sklearn:digits?split=train,per_class=50"; DIGITS_TE="sklearn:digits?s
     --out model_store/adapters/digits/1
 # (mixed/1, the v1 LoRA over cifar10 + mnist + digits subsets, was replaced by mixed/2 below.)
 
-# The full-data bundles (issue #11): cifar10/3, fashion-mnist/1, eurosat/1, gtsrb/1. Calibrated: 10 % of
+# The full-data bundles (issue #11): cifar10/3, mnist/2, fashion-mnist/1, eurosat/1, gtsrb/1, mixed/2. Calibrated: 10 % of
 # each class held out (head temperature; k-NN "unknown" threshold at 5 % false rejects), the other
 # tasks' test images give the OOD rejection. The prefix features of the whole sets come first
 # (`cache-features`: ONNX Runtime on CPU, torch on CUDA, chunked and resumable; ~15 min for all of
