@@ -165,13 +165,15 @@ def _same_training(saved: dict | None, cfg: "TrainConfig") -> bool:
     return bool(saved) and norm(saved) == norm(asdict(cfg))
 
 
-def _load_ckpt(ckpt: Path, adapter: Adapter, opt: torch.optim.Optimizer, cfg: "TrainConfig") -> dict | None:
+def _load_ckpt(ckpt: Path, adapter: Adapter, opt: torch.optim.Optimizer, cfg: "TrainConfig", cut: str | None = None) -> dict | None:
     f = ckpt / "state.json"
     if not f.is_file():
         return None
     state = json.loads(f.read_text())
     if state.get("run_hash") != cfg.run_hash() and not _same_training(state.get("config"), cfg):
         return None  # a checkpoint of a different run: start over rather than mix them
+    if state.get("backbone_cut") != cut:
+        return None  # the same settings at another prefix cut (`--split`): other layers, other shapes
     adapter.load_state_dict(load_file(str(ckpt / "adapter.safetensors")), strict=True)
     opt_t = load_file(str(ckpt / "optim.safetensors"))
     sd = opt.state_dict()
@@ -246,7 +248,7 @@ def train(
     ckpt = Path(ckpt_dir) if ckpt_dir is not None else None
     start_epoch, history = 0, []
     if ckpt is not None and resume:
-        st = _load_ckpt(ckpt, adapter, opt, cfg)
+        st = _load_ckpt(ckpt, adapter, opt, cfg, backbone.identity.cut)
         if st is not None:
             start_epoch, history = st["epoch"], st["history"]
 
@@ -287,7 +289,8 @@ def train(
             held = f"  held-out top-1 {row['heldout_head_top1']:.4f}" if "heldout_head_top1" in row else ""
             print(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['loss']:.4f}  train acc {row['train_acc']:.4f}{held}", flush=True)
         if ckpt is not None:
-            _save_ckpt(ckpt, adapter, opt, {"epoch": epoch + 1, "run_hash": run_hash, "history": history, "config": asdict(cfg)})
+            _save_ckpt(ckpt, adapter, opt, {"epoch": epoch + 1, "run_hash": run_hash, "history": history, "config": asdict(cfg),
+                                             "backbone_cut": backbone.identity.cut})
 
     adapter.eval()
     emb, _, _ = embed_features(model, adapter, train_fs, device=dev)

@@ -159,3 +159,15 @@ def test_cli_train_then_eval_json(backbone, cache, tmp_path):
     assert res["knn_top1"] == pytest.approx(summary["metrics"]["knn_top1"], abs=1e-9)
     r = runner.invoke(app, ["train", "--data", "sklearn:digits", "--out", str(tmp_path / "x" / "1")])
     assert r.exit_code != 0 and "split" in r.output
+
+
+def test_a_checkpoint_of_another_prefix_cut_is_not_resumed(tmp_path):
+    """Same settings, other `--split`: the layers and shapes differ, so the run starts over."""
+    import json as _json
+
+    from metalora.train import TrainConfig, _load_ckpt
+
+    cfg = TrainConfig(data=["sklearn:digits?split=train"])
+    (tmp_path / "state.json").write_text(_json.dumps({"epoch": 1, "run_hash": cfg.run_hash(), "backbone_cut": "blocks[:5]"}))
+    assert _load_ckpt(tmp_path, None, None, cfg, cut=None) is None
+    assert _load_ckpt(tmp_path, None, None, cfg, cut="blocks[:4]") is None
