@@ -43,6 +43,13 @@ class Runtime:
         want = bm.get("weights", {}).get("sha256")
         if want and want != self.backbone.identity.weights_sha256:
             raise BundleError("backbone_mismatch", f"store says {name} weights sha256 {want[:12]}…, loaded {str(self.backbone.identity.weights_sha256)[:12]}…")
+        # What the manifest states about the cut must be what its kwargs build (e.g. after editing "split").
+        stated = {"seed_in_dim": bm.get("seed_in_dim"), "targetable": bm.get("targetable")}
+        built = {"seed_in_dim": self.backbone.seed_in_dim, "targetable": sorted(self.backbone.targetable())}
+        for key, val in stated.items():
+            if val is not None and (sorted(val) if key == "targetable" else val) != built[key]:
+                raise BundleError("backbone_mismatch", f"the store's {name} manifest says {key} {val}, but its kwargs {bm.get('kwargs', {})} "
+                                                       f"build {built[key]}: update the manifest")
         # One resolution per backbone in the store: the manifest may override the weights' default.
         self.preprocess_cfg = Preprocess(**{**self.backbone.preprocess.to_dict(), **bm.get("preprocess", {})})
         self.preprocessor = Preprocessor(self.preprocess_cfg)

@@ -120,3 +120,25 @@ def test_cli_caches_features_at_the_cut_it_is_given(tmp_path):
     assert len(list((tmp_path / "prefix").glob("*.safetensors"))) == 2  # two entries, not one overwritten
     bad = run_metalora("cache-features", "--data", spec, "--split", "9", "--cache-dir", str(tmp_path), env={"COLUMNS": "300"})
     assert bad.returncode == 2 and "split must be 2..6" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_store_manifest_whose_kwargs_contradict_its_cut_is_refused(tmp_path):
+    """Editing `"split"` in the store's backbone manifest without its seed_in_dim/targetable is caught at start."""
+    import json
+    import shutil
+
+    from metalora.bundle import BundleError
+    from metalora.runtime import Runtime
+    from metalora.store import DEFAULT_STORE
+
+    bdir = tmp_path / "backbones" / "efficientnet_lite0"
+    shutil.copytree(DEFAULT_STORE / "backbones" / "efficientnet_lite0", bdir)
+    (tmp_path / "adapters").mkdir()
+    man = json.loads((bdir / "manifest.json").read_text())
+    man["kwargs"] = {"split": 5}
+    (bdir / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(BundleError, match="seed_in_dim 192"):
+        Runtime(tmp_path)
+    man.update(seed_in_dim=112, targetable=None)
+    (bdir / "manifest.json").write_text(json.dumps(man))
+    assert Runtime(tmp_path).backbone.identity.cut == "blocks[:5]"
