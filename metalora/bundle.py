@@ -218,7 +218,9 @@ def verify_files(path: str | Path, manifest: dict) -> None:
             raise BundleError("checksum_mismatch", f"{f}: sha256 differs from the manifest (tampered or corrupt)")
 
 
-def check_backbone(manifest: dict, backbone: Backbone) -> None:
+def check_backbone(manifest: dict, backbone: Backbone) -> Backbone:
+    """Refuse a bundle trained on another backbone, other weights or a cut this one cannot serve;
+    returns the backbone (or its `at_cut` view) the bundle's adapter is built on."""
     want = manifest["backbone"]
     have = backbone.identity
     if want.get("name") != have.name:
@@ -229,15 +231,41 @@ def check_backbone(manifest: dict, backbone: Backbone) -> None:
             f"bundle was trained on {have.name} weights sha256 {str(want.get('weights_sha256'))[:12]}…, "
             f"these weights are {str(have.weights_sha256)[:12]}…",
         )
-    if want.get("cut") != have.cut:
-        raise BundleError(
-            "backbone_mismatch",
-            f"bundle was trained with the shared prefix ending at {want.get('cut') or 'the default cut'}, "
-            f"this backbone's prefix ends at {have.cut or 'the default cut'} (metalora train/eval --split)",
-        )
-    for key, val in (("embed_dim", backbone.embed_dim), ("seed_in_dim", backbone.seed_in_dim)):
+    own = _bundle_view(manifest, backbone)
+    for key, val in (("embed_dim", own.embed_dim), ("seed_in_dim", own.seed_in_dim)):
         if key in want and want[key] != val:
             raise BundleError("backbone_mismatch", f"bundle expects {key}={want[key]}, backbone has {val}")
+    return own
+
+
+def _bundle_view(manifest: dict, backbone: Backbone) -> Backbone:
+    """The backbone cut where the bundle was trained: `backbone` itself, or its `at_cut` view for a
+    bundle cut later than the backbone's shared prefix ends (the runtime pools its seed there).
+    A bundle cut earlier cannot load: its first adapted layers are inside the shared prefix."""
+    want, have = manifest["backbone"], backbone.identity
+    try:
+        split = backbone.split_of(want.get("cut"))
+    except ValueError as e:
+        raise BundleError("backbone_mismatch", f"bundle records cut {want.get('cut')!r}: {e}") from None
+    if split == backbone.split and want.get("cut") == have.cut:
+        return backbone
+
+    def shown(cut, n):
+        return cut or (f"blocks[:{n}] (the default cut)" if n is not None else "the default cut")
+
+    if split is None or backbone.split is None or split < backbone.split:
+        later = split is not None and backbone.split is not None
+        raise BundleError(
+            "backbone_mismatch",
+            f"bundle was trained with the shared prefix ending at {shown(want.get('cut'), split)}, this backbone's prefix ends "
+            f"{'later, ' if later else ''}at {shown(have.cut, backbone.split)}"
+            + (": a store serves bundles cut at its backbone's split or after it (lower `split` in the store's backbone "
+               "manifest; metalora train/eval --split)" if later else ""),
+        )
+    try:
+        return backbone.at_cut(split)
+    except ValueError as e:
+        raise BundleError("backbone_mismatch", f"bundle records cut {want.get('cut')!r}: {e}") from None
 
 
 def load_bundle(path: str | Path, backbone: Backbone, device: str | torch.device = "cpu") -> tuple[Adapter, dict]:
@@ -245,10 +273,10 @@ def load_bundle(path: str | Path, backbone: Backbone, device: str | torch.device
     path = Path(path)
     manifest = read_manifest(path)
     verify_files(path, manifest)
-    check_backbone(manifest, backbone)
+    own = check_backbone(manifest, backbone)
     try:
         config = AdapterConfig.from_dict(manifest["adapter"])
-        adapter = Adapter(backbone, config)
+        adapter = Adapter(own, config)
     except (KeyError, TypeError, ValueError) as e:
         raise BundleError("bad_manifest", f"{path}: adapter config cannot be built: {e}") from None
     if adapter.targets != manifest.get("resolved_targets", adapter.targets):

@@ -47,8 +47,31 @@ def _backbone(name: str, split: int | None, store: Path | None = None):
         raise typer.BadParameter(f"backbone {name} with {kw}: {e}") from None
 
 
+def _eval_backbone(name: str, split: int | None, store: Path | None, adapter: str):
+    """`metalora eval`'s backbone: cut at `split` when given, else at the bundle's own cut (so its
+    cached features are reused whatever the store's serving cut), else as `_backbone` says."""
+    if split is None and adapter != "base":
+        from .bundle import BundleError, read_manifest
+        from .store import DEFAULT_STORE, ModelStore
+
+        try:
+            path = Path(adapter) if (Path(adapter) / "manifest.json").is_file() else ModelStore(store or DEFAULT_STORE).resolve(adapter)[2]
+            want = read_manifest(path)["backbone"]
+        except (BundleError, ValueError, KeyError, OSError):
+            want = None  # evaluate() reports the bad reference itself
+        if want and want.get("name") == name:
+            bb = _backbone(name, None, store)
+            try:
+                own = bb.split_of(want.get("cut"))
+            except ValueError:
+                return bb  # load_bundle says what is wrong
+            return bb if own is None or own == bb.split else _backbone(name, own, store)
+    return _backbone(name, split, store)
+
+
 SPLIT_HELP = ("where the shared, cached prefix ends: efficientnet_lite0 blocks[:N], N = 2..6 (default: the store's backbone "
-              "manifest, 6); part of every cache key and recorded in the bundle, which then loads only on that cut")
+              "manifest, 6; eval: the bundle's own cut); part of every cache key and recorded in the bundle, which loads on a "
+              "backbone cut there or earlier (the runtime reads its seed at its own cut)")
 
 
 @app.command()
@@ -153,19 +176,20 @@ def train(
 ):
     """Train an adapter bundle on cached frozen-prefix features, with a k-NN gallery."""
     from .backbones import create_backbone
-    from .train import DEFAULT_TARGETS, TrainConfig
+    from .train import TrainConfig, default_targets
     from .train import train as run_train
 
+    bb = _backbone(backbone, split)
     cfg = TrainConfig(
         data=data, format=format, ranks=tuple(rank) if rank else None, budget=budget,
-        targets=targets or list(DEFAULT_TARGETS), epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, seed_mode=seed_mode,
+        targets=targets or default_targets(bb), epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, seed_mode=seed_mode,
         gallery_per_class=gallery_per_class, holdout_frac=holdout_frac, false_reject_rate=false_reject_rate,
     )
     name = name or out.resolve().parent.name
     version = version or out.name
     ckpt = checkpoint or Path("runs") / "ckpt" / f"{name}-{version}"
     try:
-        res = run_train(cfg, _backbone(backbone, split), out=out, name=name, version=version, eval_data=eval_data,
+        res = run_train(cfg, bb, out=out, name=name, version=version, eval_data=eval_data,
                         ckpt_dir=ckpt, resume=resume, device=resolve_device(device), cache_dir=cache_dir, baseline=baseline,
                         ood_data=ood_data, thumbnails=thumbnails)
     except (ValueError, FileNotFoundError) as e:
@@ -243,7 +267,7 @@ def eval_cmd(
     from .evaluate import evaluate
 
     try:
-        res = evaluate(adapter, data, _backbone(backbone, split, store), k=k, gallery_data=gallery_data, store=store,
+        res = evaluate(adapter, data, _eval_backbone(backbone, split, store, adapter), k=k, gallery_data=gallery_data, store=store,
                        device=resolve_device(device), cache_dir=cache_dir, progress=not as_json, ood=ood)
     except (ValueError, FileNotFoundError, BundleError) as e:
         raise typer.BadParameter(str(e)) from None

@@ -1,8 +1,9 @@
 """Low-precision CPU inference of the shared frozen prefix: ONNX Runtime static INT8 and torch BF16.
 
-The frozen prefix (`blocks[:6]` of efficientnet_lite0, ~88 % of the model's FLOPs) runs once per
-batch for every adapter, so it is where lower precision pays; the per-adapter tail graphs stay
-FP32. Precisions:
+The frozen prefix runs once per batch for every adapter, so it is where lower precision pays
+(efficientnet_lite0: `blocks[:6]`, 87 % of the model's FLOPs, at the default cut; `blocks[:5]`,
+63 %, in a store cut there); the per-adapter tail graphs, and the frozen bridge blocks that take
+default-cut adapters' rows from an earlier cut to theirs (`OrtRunner.bridge`), stay FP32. Precisions:
 
 * `fp32`: the prefix graph with TF "SAME" padding made static for the fixed input size (timm's
   `Conv2dSame` pads from the runtime shape; the traced graph then keeps Shape/Ceil/Pad chains
@@ -181,6 +182,26 @@ def export_static_prefix(backbone, path: str | Path, input_size: int) -> Path:
             opset_version=OPSET,
             dynamo=False,
         )
+    os.replace(tmp, path)
+    return path
+
+
+def export_static_bridge(backbone, start: int, stop: int, path: str | Path, input_size: int) -> Path:
+    """The frozen blocks[start:stop] (`features` -> `features_out`) with static pads, FP32,
+    dynamic batch: `OrtRunner`'s bridge (onnx_backend.export_bridge) as `export_static_prefix`
+    makes the prefix (block 5 of efficientnet_lite0 opens with a stride-2 TF-"SAME" conv)."""
+    from .onnx_backend import _Bridge
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    graph = _Bridge(static_pad_copy(backbone.at_cut(start), input_size), start, stop)
+    with torch.no_grad():
+        x = graph.backbone.prefix(torch.zeros(2, 3, input_size, input_size)).contiguous()  # (2, C, H, W) at cut start
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(graph, (x,), str(tmp), input_names=["features"], output_names=["features_out"],
+                          dynamic_axes={"features": {0: "batch"}, "features_out": {0: "batch"}}, opset_version=OPSET, dynamo=False)
     os.replace(tmp, path)
     return path
 
@@ -484,6 +505,18 @@ class LowpRunner(OrtRunner):
         """What this runner computes with: the precision, and for int8 the quantised graph's file
         name (it hashes the quantisation config, the calibration set and the ORT version)."""
         return f"int8 {self.prefix_graph().name}" if self.precision == "int8" else self.precision
+
+    def bridge(self, start: int, stop: int):
+        """The frozen blocks[start:stop] for rows of adapters cut after the prefix: FP32 in every
+        precision (static pads, as the fp32 prefix), so only the shared prefix is quantised."""
+        with self._lock:
+            if (start, stop) not in self._bridges:
+                digest = graph_digest(self.runtime.backbone.at_cut(start), None, self.input_size, f"bridge-static:{start}:{stop}")
+                path = self.cached(f"{self.runtime.backbone.identity.name}-bridge-static-{start}-{stop}-{digest}.onnx")
+                if not path.exists():
+                    export_static_bridge(self.runtime.backbone, start, stop, path, self.input_size)
+                self._bridges[(start, stop)] = self.ort.InferenceSession(str(path), self.options, providers=self.providers)
+            return self._bridges[(start, stop)]
 
     def prefix(self):
         with self._lock:

@@ -37,7 +37,7 @@ log = logging.getLogger("metalora.onnx")
 
 BASE = "base"
 OPSET = 17
-PARTS = ("full", "prefix", "tail")
+PARTS = ("full", "prefix", "tail")  # plus "bridge:START:STOP" (`export_bridge`)
 OUTPUTS = ("embedding", "logits", "seed")
 
 # Which backend `auto` picks per device kind, from the side-by-side measurement in
@@ -83,6 +83,7 @@ class ExportGraph(nn.Module):
         if part not in PARTS:
             raise ValueError(f"part must be one of {PARTS}, got {part!r}")
         self.part = part
+        backbone = own_cut(backbone, adapter)  # a tail graph starts at its adapter's cut
         # A private copy: the live backbone is shared with the torch path (and may be wrapped by
         # MetaLoRAModel); its wrapped layers behave as the frozen layer when no segment is set.
         self.backbone = copy.deepcopy(backbone).eval()
@@ -114,8 +115,27 @@ class ExportGraph(nn.Module):
         return emb, logits
 
 
+def own_cut(backbone: Backbone, adapter: Adapter | None) -> Backbone:
+    """The backbone cut where `adapter` reads its seed: `backbone`, or its `at_cut` view for an
+    adapter cut later than the serving prefix (its graphs are the ones a store cut there builds)."""
+    split = getattr(adapter, "split", None)
+    return backbone if adapter is None or split is None or split == backbone.split else backbone.at_cut(split)
+
+
+class _Bridge(nn.Module):
+    """The frozen blocks[start:stop] as a graph: features at one cut -> features at a later one."""
+
+    def __init__(self, backbone: Backbone, start: int, stop: int):
+        super().__init__()
+        self.backbone, self.start, self.stop = copy.deepcopy(backbone).eval(), start, stop
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.backbone.bridge(h, self.start, self.stop)
+
+
 def graph_digest(backbone: Backbone, adapter: Adapter | None, input_size: int, part: str = "full") -> str:
     """Content hash naming a cached graph: backbone weights, adapter tensors and config, input size, part."""
+    backbone = own_cut(backbone, adapter)
     h = hashlib.sha256(f"{backbone.identity.name}|{backbone.identity.weights_sha256}|{input_size}|{OPSET}|{torch.__version__}|{part}".encode())
     if backbone.identity.cut is not None:  # a non-default prefix/tail cut is another graph
         h.update(f"|cut={backbone.identity.cut}".encode())
@@ -165,6 +185,25 @@ def export_onnx(backbone: Backbone, adapter: Adapter | None, path: str | Path, i
     return path
 
 
+def export_bridge(backbone: Backbone, start: int, stop: int, path: str | Path, input_size: int | None = None) -> Path:
+    """Export the frozen blocks[start:stop] (`features` at cut start (N, C, H, W) -> `features`
+    at cut stop), FP32, dynamic batch: how a runtime whose prefix ends at `start` brings the rows of
+    adapters cut at `stop` to their own cut, once for all of them."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    size = input_size or backbone.preprocess.input_size
+    graph = _Bridge(backbone.at_cut(start), start, stop).float().cpu()
+    with torch.no_grad():
+        x = graph.backbone.prefix(torch.zeros(2, 3, size, size)).contiguous()  # (2, C, H, W) at cut start
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(graph, (x,), str(tmp), input_names=["features"], output_names=["features_out"],
+                          dynamic_axes={"features": {0: "batch"}, "features_out": {0: "batch"}}, opset_version=OPSET, dynamo=False)
+    os.replace(tmp, path)
+    return path
+
+
 def default_cache_dir() -> Path:
     env = os.environ.get("METALORA_ONNX_CACHE")
     if env:
@@ -206,6 +245,7 @@ class OrtRunner:
         self.options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._sessions: dict[str, tuple[object, object]] = {}  # key -> (adapter object, tail session)
         self._prefix = None  # the shared prefix session, opened on first use
+        self._bridges: dict[tuple[int, int], object] = {}  # (start, stop) -> frozen blocks[start:stop] session
         self._lock = threading.Lock()
         self._scratch: Path | None = None  # where new graphs go when cache_dir cannot be written
         try:
@@ -279,6 +319,26 @@ class OrtRunner:
                 del self._sessions[k]
             return sess
 
+    def bridge_path(self, start: int, stop: int) -> Path:
+        digest = graph_digest(self.runtime.backbone.at_cut(start), None, self.input_size, f"bridge:{start}:{stop}")
+        return self.cached(f"{self.runtime.backbone.identity.name}-bridge-{start}-{stop}-{digest}.onnx")
+
+    def bridge(self, start: int, stop: int):
+        """The session of the frozen blocks[start:stop] (exported on first use, cached on disk)."""
+        with self._lock:
+            if (start, stop) not in self._bridges:
+                path = self.bridge_path(start, stop)
+                if not path.exists():
+                    export_bridge(self.runtime.backbone, start, stop, path, self.input_size)
+                self._bridges[(start, stop)] = self.ort.InferenceSession(str(path), self.options, providers=self.providers)
+            return self._bridges[(start, stop)]
+
+    def split_of(self, key: str) -> int | None:
+        """The cut whose features the key's tail graph reads (the serving prefix's for base)."""
+        adapter = self._adapter(key)
+        own = getattr(adapter, "split", None)
+        return self.runtime.backbone.split if adapter is None or own is None else own
+
     def forget(self, key: str) -> None:
         with self._lock:
             self._sessions.pop(key, None)
@@ -296,11 +356,17 @@ class OrtRunner:
         groups: dict[str, list[int]] = {}
         for i, k in enumerate(keys):
             groups.setdefault(k, []).append(i)
+        at = self._features_at_cuts(feats, keys)  # split -> (rows, features of those rows)
         emb = np.empty((n, 0), np.float32)
         logits: list[torch.Tensor | None] = [None] * n
         seeds: list[torch.Tensor | None] = [None] * n
         for key, idx in groups.items():
-            hs = feats if len(idx) == n else feats[idx]  # (n_k, C_p, H_p, W_p)
+            rows, fs = at[self.split_of(key)]
+            if len(idx) == len(rows):
+                hs = fs  # (n_k, C, H, W)
+            else:
+                pos = {r: j for j, r in enumerate(rows)}
+                hs = fs[[pos[i] for i in idx]]
             out = sessions[key].run(None, {"features": hs})
             if emb.shape[1] == 0:
                 emb = np.empty((n, out[0].shape[1]), np.float32)
@@ -312,6 +378,22 @@ class OrtRunner:
                 seeds[i] = sd[j] if sd is not None else None
         stages = {"prefix": t1 - t0, "adapters": time.perf_counter() - t1}
         return Output(embeddings=torch.from_numpy(emb), logits=logits, seeds=seeds, stages=stages)
+
+
+    def _features_at_cuts(self, feats: np.ndarray, keys: list[str]) -> dict:
+        """{split: (rows, features at that cut of those rows)} for every cut the keys' tails read.
+        The serving prefix's features cover every row; rows whose adapters are cut later go through
+        the frozen bridge blocks together, cut by cut, each row only as far as its own cut."""
+        base = self.runtime.backbone.split
+        need = [self.split_of(k) for k in keys]
+        at = {base: (list(range(len(keys))), feats)}
+        cur, rows, fs = base, at[base][0], feats
+        for stop in sorted({s for s in need if s is not None and base is not None and s > base}):
+            keep = [j for j, r in enumerate(rows) if need[r] >= stop]
+            rows, fs = [rows[j] for j in keep], fs if len(keep) == len(rows) else fs[keep]
+            fs = self.bridge(cur, stop).run(None, {"features": np.ascontiguousarray(fs)})[0]  # (n_stop, C, H, W)
+            at[stop], cur = (rows, fs), stop
+        return at
 
 
 def add_synthetic_adapters(runtime, n: int, fmt: str = "tr", seed: int = 0) -> list[str]:

@@ -27,6 +27,16 @@ from .features import embed_features, model_for
 from .thumbnails import thumbnails_for
 
 DEFAULT_TARGETS = ["blocks.6.0.conv_pw", "blocks.6.0.conv_pwl", "conv_head"]
+# Every 1x1 conv of the tail's blocks and conv_head: what `metalora train` adapts at an earlier cut
+# than the default (at the default cut, the same three layers as DEFAULT_TARGETS). The target-layer
+# sweep (docs/results.md) measured it at the same trainable budget.
+TAIL_TARGETS = ["blocks.*.conv_pw", "blocks.*.conv_pwl", "conv_head"]
+
+
+def default_targets(backbone) -> list[str]:
+    """DEFAULT_TARGETS at a backbone's default cut; TAIL_TARGETS where its prefix ends earlier."""
+    early = backbone.split is not None and backbone.default_split is not None and backbone.split < backbone.default_split
+    return list(TAIL_TARGETS if early else DEFAULT_TARGETS)
 DEFAULT_RANKS = {"lora": (16,), "cp": (16,), "tr": (4, 4, 4)}
 
 

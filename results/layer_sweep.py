@@ -17,7 +17,8 @@ runs once per batch (the prefix) rather than once per adapter segment (the tail)
     python -m results.layer_sweep                  # every run; resumable (one JSON per run)
     python -m results.layer_sweep --tasks cifar10 --splits 6 5
     python -m results.layer_sweep --tasks cifar10 --splits 5 --budget 545408   # twice the budget
-Writes results/layer_sweep/<task>-split<S>.json and results/layer_sweep/serving.json.
+    python -m results.layer_sweep --serving-mixed   # a blocks[:5] store serving default-cut adapters
+Writes results/layer_sweep/<task>-split<S>.json, results/layer_sweep/serving.json and serving-mixed.json.
 """
 
 from __future__ import annotations
@@ -50,6 +51,96 @@ def targets_for(backbone) -> list[str]:
 SERVING_CONFIGS = ((32, 4), (16, 16))  # (batch, distinct adapters): 8 images per adapter; one image per adapter
 
 
+def _store_at(root: Path, split: int) -> Path:
+    """An empty store at `root` whose backbone (the shipped manifest's) is cut at blocks[:split]."""
+    bdir = root / "backbones" / "efficientnet_lite0"
+    bdir.mkdir(parents=True)
+    man = json.loads(Path("model_store/backbones/efficientnet_lite0/manifest.json").read_text())
+    bb = create_backbone("efficientnet_lite0", pretrained=False, split=split)
+    man.update(kwargs={"split": split}, seed_in_dim=bb.seed_in_dim, targetable=sorted(bb.targetable()))
+    (bdir / "manifest.json").write_text(json.dumps(man))
+    (root / "adapters").mkdir()
+    return root
+
+
+MIXED_STORES = ("split6", "split5", "split5-mixed")
+
+
+def serving_mixed(configs=SERVING_CONFIGS, rounds: int = 7) -> dict:
+    """What a store cut at blocks[:5] costs the default-cut bundles it also serves (`OrtRunner` fp32).
+
+    Three runtimes, timed in alternation in one run (median of `rounds`):
+    `split6` — a blocks[:6] store with 16 default-cut tr adapters (BUDGET, blocks.6 + conv_head);
+    `split5` — a blocks[:5] store with the same 16 adapters: the prefix graph stops at block 5, a
+    frozen bridge graph runs block 5 once for all their rows, then each adapter's own tail graph;
+    `split5-mixed` — the blocks[:5] store with every 4th adapter replaced by a cut-5 one (11 layers
+    at the same budget), as the shipped store mixes them. Each (batch, adapters) config cycles
+    through the first `adapters` of them.
+    """
+    import shutil
+    import statistics
+    import tempfile
+
+    from metalora.adapters import Adapter, AdapterConfig
+    from metalora.onnx_backend import OrtRunner
+    from metalora.runtime import Runtime
+    from metalora.train import ranks_for_budget
+
+    tmp = Path(tempfile.mkdtemp(prefix="layer-sweep-mixed-"))
+    n_max = max(n for _, n in configs)
+    torch.manual_seed(0)
+    xs = {b: torch.rand(b, 3, 224, 224) * 2 - 1 for b, _ in configs}
+    runners, out = {}, {}
+    try:
+        rts = {name: Runtime(store=_store_at(tmp / name, 6 if name == "split6" else 5)) for name in MIXED_STORES}
+        b6 = rts["split6"].backbone
+        tg6 = targets_for(b6)
+        r6, n6 = ranks_for_budget(b6, "tr", BUDGET, tg6, 64, "input")
+        b5 = rts["split5"].backbone
+        tg5 = targets_for(b5)
+        r5, n5 = ranks_for_budget(b5, "tr", BUDGET, tg5, 64, "input")
+        gen = torch.Generator().manual_seed(6)
+        late = [Adapter(b6, AdapterConfig("tr", r6, tg6, [f"c{j}" for j in range(10)])).perturb_(0.05, gen).eval() for _ in range(n_max)]
+        early = [Adapter(b5, AdapterConfig("tr", r5, tg5, [f"c{j}" for j in range(10)])).perturb_(0.05, gen).eval() for _ in range(n_max)]
+        for name, rt in rts.items():
+            for i in range(n_max):
+                if name == "split5-mixed" and i % 4 == 0:
+                    ad = early[i]
+                else:  # the same default-cut adapter, built on this runtime's view at blocks[:6]
+                    ad = Adapter(rt.backbone.at_cut(6), late[i].config).eval()
+                    ad.load_state_dict(late[i].state_dict())
+                rt.model.add_adapter(f"a{i}@1", ad)
+            runner = OrtRunner(rt, threads=torch.get_num_threads())
+            for i in range(n_max):
+                runner.prepare(f"a{i}@1")
+            runners[name] = runner
+            out[name] = {"prefix": rt.backbone.identity.cut or "blocks[:6]", "serving": {}}
+            for bsz, n_ad in configs:
+                runner.run(xs[bsz], [f"a{i % n_ad}@1" for i in range(bsz)])  # warm-up (exports the bridge)
+                out[name]["serving"][f"batch{bsz}-adapters{n_ad}"] = {"times": []}
+        for _ in range(rounds):
+            for bsz, n_ad in configs:
+                for name, runner in runners.items():
+                    t0 = time.perf_counter()
+                    runner.run(xs[bsz], [f"a{i % n_ad}@1" for i in range(bsz)])
+                    out[name]["serving"][f"batch{bsz}-adapters{n_ad}"]["times"].append(time.perf_counter() - t0)
+        for bsz, n_ad in configs:
+            key = f"batch{bsz}-adapters{n_ad}"
+            for name in MIXED_STORES:
+                c = out[name]["serving"][key]
+                c["images_per_s"] = bsz / statistics.median(c["times"])
+            for name in MIXED_STORES:
+                c = out[name]["serving"][key]
+                c["vs_split6"] = c["images_per_s"] / out["split6"]["serving"][key]["images_per_s"]
+    finally:
+        for runner in runners.values():
+            runner.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"configs": [{"batch": b, "distinct_adapters": n} for b, n in configs], "rounds": rounds, "threads": torch.get_num_threads(),
+            "ranks": {"default_cut": list(r6), "blocks[:5]": list(r5)}, "trainable_params": {"default_cut": n6, "blocks[:5]": n5},
+            "by_store": out, "note": "OrtRunner fp32; median of alternated rounds; split5-mixed: every 4th adapter cut at blocks[:5]"}
+
+
 def serving_cost(splits: list[int], configs=SERVING_CONFIGS, rounds: int = 7) -> dict:
     """Per cut: the prefix's share of the backbone's FLOPs, and the CPU serving path's images/s.
 
@@ -76,13 +167,7 @@ def serving_cost(splits: list[int], configs=SERVING_CONFIGS, rounds: int = 7) ->
     runners, out = {}, {}
     try:
         for s in splits:
-            bdir = tmp / f"split{s}" / "backbones" / "efficientnet_lite0"
-            bdir.mkdir(parents=True)
-            man = json.loads(Path("model_store/backbones/efficientnet_lite0/manifest.json").read_text())
-            man["kwargs"] = {"split": s}
-            (bdir / "manifest.json").write_text(json.dumps(man))
-            (tmp / f"split{s}" / "adapters").mkdir()
-            rt = Runtime(store=tmp / f"split{s}")
+            rt = Runtime(store=_store_at(tmp / f"split{s}", s))
             bb = rt.backbone
             tg = targets_for(bb)
             ranks, n = ranks_for_budget(bb, "tr", BUDGET, tg, 64, "input")
@@ -178,6 +263,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--budget", type=int, default=BUDGET, help="trainable parameters (a non-default budget is in the file name)")
     ap.add_argument("--serving-only", action="store_true")
+    ap.add_argument("--serving-mixed", action="store_true", help="only measure what a blocks[:5] store costs default-cut adapters "
+                                                                 "(results/layer_sweep/serving-mixed.json)")
     ap.add_argument("--report", action="store_true", help="only write the table (stdout) and results/layer_sweep/layer_sweep.png from the JSONs")
     args = ap.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -187,6 +274,14 @@ def main(argv: list[str] | None = None) -> None:
     from metalora.lowp import cpu_info  # CPU model and ISA flags go with every figure
 
     machine = cpu_info()
+    if args.serving_mixed:
+        res = serving_mixed()
+        res["machine"] = machine
+        (OUT / "serving-mixed.json").write_text(json.dumps(res, indent=2))
+        for name, r in res["by_store"].items():
+            print(f"{name} (prefix {r['prefix']}): " + ", ".join(f"{k} {c['images_per_s']:.1f} img/s ({c['vs_split6']:.2f}x split6)"
+                                                                for k, c in r["serving"].items()), flush=True)
+        return
     sv = OUT / "serving.json"
     if not sv.exists():
         res = serving_cost(sorted(set(args.splits) | {6, 5, 4}, reverse=True))

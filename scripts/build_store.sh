@@ -23,7 +23,7 @@ D=../shared/data   # relative on purpose: the manifests record these exact specs
 FMT_CIFAR10=${FMT_CIFAR10:-tr}
 FMT_MNIST=${FMT_MNIST:-cp}
 FMT_DIGITS=${FMT_DIGITS:-tr}
-COMMON=(--budget 70000 --epochs 2 --lr 0.003 --batch-size 32 --seed 0)
+COMMON=(--budget 70000 --epochs 2 --lr 0.003 --batch-size 32 --seed 0 --split 6)  # the default cut, blocks[:6]
 
 CIFAR_TR="$D/cifar10/train.zip?per_class=100";   CIFAR_TE="$D/cifar10/test.zip?per_class=50"
 MNIST_TR="$D/mnist/train.zip?per_class=50";      MNIST_TE="$D/mnist/test.zip?per_class=30"
@@ -42,17 +42,17 @@ DIGITS_TR="sklearn:digits?split=train,per_class=50"; DIGITS_TE="sklearn:digits?s
 # tasks' test images give the OOD rejection. The prefix features of the whole sets come first
 # (`cache-features`: ONNX Runtime on CPU, torch on CUDA, chunked and resumable; ~15 min for all of
 # them on 2 idle cores, 899 MiB for CIFAR-10's 50,000).
-"$METALORA" cache-features --data "$D/cifar10/test.zip" --data "$D/cifar10/train.zip" \
+"$METALORA" cache-features --split 6 --data "$D/cifar10/test.zip" --data "$D/cifar10/train.zip" \
     --data "$D/fashion-mnist/test.zip" --data "$D/fashion-mnist/train.zip" \
     --data "$D/eurosat/test.zip" --data "$D/eurosat/train.zip" \
     --data "$D/gtsrb/test.zip" --data "$D/gtsrb/train.zip" --data "$D/mnist/test.zip?per_class=20"
 ood() { for t in cifar10 mnist fashion-mnist eurosat gtsrb; do [ "$t" = "$1" ] && continue; n=20; [ "$t" = gtsrb ] && n=5; echo --ood-data "$D/$t/test.zip?per_class=$n"; done; }
-CAL=(--format tr --lr 0.003 --seed 0 --holdout-frac 0.1 --json)
+CAL=(--format tr --lr 0.003 --seed 0 --holdout-frac 0.1 --json --split 6)
 "$METALORA" train "${CAL[@]}" --budget 280000 --epochs 4 --batch-size 128 --gallery-per-class 300 \
     --data "$D/cifar10/train.zip" --eval-data "$D/cifar10/test.zip" $(ood cifar10) \
     --checkpoint runs/ckpt/cifar10-3 --out model_store/adapters/cifar10/3
 # MNIST on all 60,000 training images (cache: 1,078 MiB, ~10 min on 2 idle cores).
-"$METALORA" cache-features --data "$D/mnist/train.zip" --data "$D/mnist/test.zip"
+"$METALORA" cache-features --split 6 --data "$D/mnist/train.zip" --data "$D/mnist/test.zip"
 "$METALORA" train "${CAL[@]}" --budget 140000 --epochs 3 --batch-size 128 --gallery-per-class 300 \
     --data "$D/mnist/train.zip" --eval-data "$D/mnist/test.zip" $(ood mnist) \
     --checkpoint runs/ckpt/mnist-2 --out model_store/adapters/mnist/2

@@ -100,9 +100,16 @@ def test_a_non_default_prefix_cut_gets_its_own_cache_keys_and_bundles(tmp_path):
     x = torch.randn(1, 3, 224, 224)
     assert default.prefix(x).shape[1:] == (192, 7, 7) and cut5.prefix(x).shape[1:] == (112, 14, 14)
     manifest = {"backbone": {**default.identity.to_dict(), "embed_dim": 1280, "seed_in_dim": 192}}
-    check_backbone(manifest, default)
-    with pytest.raises(BundleError, match="prefix ending"):
-        check_backbone(manifest, cut5)
+    assert check_backbone(manifest, default) is default
+    # A default-cut bundle loads where the shared prefix ends earlier: on that backbone's view at its own cut.
+    view = check_backbone(manifest, cut5)
+    assert view.split == 6 and view.identity.cut is None and view.seed_in_dim == 192 and view.net is cut5.net
+    # A bundle cut earlier than the serving prefix cannot: its first adapted layers are inside it.
+    manifest5 = {"backbone": {**cut5.identity.to_dict(), "embed_dim": 1280, "seed_in_dim": 112}}
+    with pytest.raises(BundleError, match=r"prefix ending at blocks\[:5\].*ends later, at blocks\[:6\]"):
+        check_backbone(manifest5, default)
+    with pytest.raises(BundleError, match="cut"):
+        check_backbone({"backbone": {**manifest5["backbone"], "cut": "layer[:3]"}}, cut5)
     with pytest.raises(ValueError, match="split"):
         create_backbone("efficientnet_lite0", pretrained=False, split=7)
     with pytest.raises(ValueError, match="split"):
@@ -114,10 +121,11 @@ def test_cli_caches_features_at_the_cut_it_is_given(tmp_path):
     and an impossible cut is one line, not a traceback."""
     spec = "sklearn:digits?split=train,per_class=1"
     r5 = run_metalora("cache-features", "--data", spec, "--split", "5", "--cache-dir", str(tmp_path))
-    r6 = run_metalora("cache-features", "--data", spec, "--cache-dir", str(tmp_path))
-    assert r5.returncode == 0 and r6.returncode == 0, r5.stderr + r6.stderr
-    assert "(112, 14, 14)" in r5.stdout and "(192, 7, 7)" in r6.stdout
-    assert len(list((tmp_path / "prefix").glob("*.safetensors"))) == 2  # two entries, not one overwritten
+    r6 = run_metalora("cache-features", "--data", spec, "--split", "6", "--cache-dir", str(tmp_path))
+    rd = run_metalora("cache-features", "--data", spec, "--cache-dir", str(tmp_path))  # the shipped store's cut: blocks[:5]
+    assert r5.returncode == 0 and r6.returncode == 0 and rd.returncode == 0, r5.stderr + r6.stderr + rd.stderr
+    assert "(112, 14, 14)" in r5.stdout and "(192, 7, 7)" in r6.stdout and "(112, 14, 14)" in rd.stdout
+    assert len(list((tmp_path / "prefix").glob("*.safetensors"))) == 2  # two entries, not one overwritten, and the default reused r5's
     bad = run_metalora("cache-features", "--data", spec, "--split", "9", "--cache-dir", str(tmp_path), env={"COLUMNS": "300"})
     assert bad.returncode == 2 and "split must be 2..6" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -135,10 +143,11 @@ def test_a_store_manifest_whose_kwargs_contradict_its_cut_is_refused(tmp_path):
     shutil.copytree(DEFAULT_STORE / "backbones" / "efficientnet_lite0", bdir)
     (tmp_path / "adapters").mkdir()
     man = json.loads((bdir / "manifest.json").read_text())
-    man["kwargs"] = {"split": 5}
+    assert man["kwargs"] == {"split": 5} and man["seed_in_dim"] == 112  # the shipped store's cut
+    man["kwargs"] = {"split": 6}
     (bdir / "manifest.json").write_text(json.dumps(man))
-    with pytest.raises(BundleError, match="seed_in_dim 192"):
+    with pytest.raises(BundleError, match="seed_in_dim 112"):
         Runtime(tmp_path)
-    man.update(seed_in_dim=112, targetable=None)
+    man.update(seed_in_dim=192, targetable=None)
     (bdir / "manifest.json").write_text(json.dumps(man))
-    assert Runtime(tmp_path).backbone.identity.cut == "blocks[:5]"
+    assert Runtime(tmp_path).backbone.identity.cut is None

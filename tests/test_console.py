@@ -167,9 +167,10 @@ def _seed_reference(rt: Runtime, key: str, image: bytes) -> dict[str, list[float
     """c(x) straight from the adapter's mapping network (the library's reference path)."""
     rt.load(key)
     adapter = rt.model.adapters[key]
+    bb = rt.backbone.at_cut(adapter.split)  # the cut the bundle was trained at (the store's prefix may end earlier)
     with torch.inference_mode():
-        h = rt.backbone.prefix(rt.preprocess([image]))  # (1, C, H, W)
-        return {k: v[0].tolist() for k, v in adapter.seeds(rt.backbone.pool_prefix(h)).items()}
+        h = bb.prefix(rt.preprocess([image]))  # (1, C, H, W)
+        return {k: v[0].tolist() for k, v in adapter.seeds(bb.pool_prefix(h)).items()}
 
 
 @pytest.mark.slow

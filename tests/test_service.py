@@ -177,8 +177,6 @@ def test_include_seed_on_the_torch_backend(server, reference, images):
         assert m.status_code == 200, m.text
     res = r.json()["results"]
     x = reference.preprocess(images[:2])
-    with torch.inference_mode():
-        f = reference.backbone.pool_prefix(reference.backbone.prefix(x))  # (2, F)
     for j, ref in enumerate(refs):
         for i in range(2):
             got = res[i * len(refs) + j]["seed"]
@@ -186,6 +184,12 @@ def test_include_seed_on_the_torch_backend(server, reference, images):
                 assert got is None
                 continue
             adapter = reference.model.adapters[reference.load(ref)]
+            # The bundles are cut at blocks[:6], the shipped store's backbone at blocks[:5]: the seed
+            # is the mapping network on the features at the bundle's own cut.
+            own = reference.backbone.at_cut(adapter.split)
+            assert own.split == 6 and reference.backbone.split == 5
+            with torch.inference_mode():
+                f = own.pool_prefix(own.prefix(x))  # (2, 192)
             want = {k: v[i].numpy() for k, v in adapter.seeds(f).items()}
             assert list(got) == adapter.targets  # named by layer, in target order
             for layer, vals in got.items():

@@ -117,6 +117,9 @@ class Adapter(nn.Module):
     def __init__(self, backbone: Backbone, config: AdapterConfig):
         super().__init__()
         self.config = config
+        # The cut its mapping network reads (the backbone's `split`; None for a one-cut backbone):
+        # a runtime whose shared prefix ends earlier pools this adapter's seed later, at this cut.
+        self.split = backbone.split
         self.targets = resolve_targets(backbone, config.targets)
         layers = backbone.targetable()
         self.branches = nn.ModuleDict(

@@ -149,7 +149,28 @@ class MetaLoRAModel(nn.Module):
         self._ctx.gather = bool(on)
 
     def add_adapter(self, name: str, adapter: Adapter) -> None:
+        """Register `adapter` under `name`. It may be cut at this backbone's split or later (built
+        on `backbone.at_cut(split)`), never earlier: its first layers would be in the shared prefix."""
+        own, base = getattr(adapter, "split", None), self.backbone.split
+        if own is not None and base is not None and own < base:
+            raise ValueError(f"adapter {name!r} is cut at blocks[:{own}], before this backbone's shared prefix ends (blocks[:{base}])")
         self.adapters[name] = adapter
+
+    def _later_cut(self, adapter: Adapter) -> bool:
+        """Whether `adapter` reads its seed at a cut after this backbone's (see `add_adapter`)."""
+        return adapter.split is not None and self.backbone.split is not None and adapter.split > self.backbone.split
+
+    def _fill_seeds(self, segments: list[Segment], runs, js: list[int], f: torch.Tensor) -> None:
+        """Seeds of runs `js` from pooled features `f` (N, F) of the whole (grouped) batch, into their segments."""
+        if not js:
+            return
+        sub = [runs[j] for j in js]
+        if self._ctx.gather:
+            got = _batched_seeds(sub, f)
+        else:
+            got = [ad.seeds(f[start:end]) if ad is not None else {} for start, end, ad in sub]
+        for j, sd in zip(js, got):
+            segments[j].seeds.update(sd)
 
     def remove_adapter(self, name: str) -> Adapter | None:
         return self.adapters.pop(name, None)
@@ -191,15 +212,23 @@ class MetaLoRAModel(nn.Module):
         inv[order] = torch.arange(n, device=order.device)
         identity = bool((order == torch.arange(n)).all())
         hs = h if identity else h[order.to(h.device)]
-        f = self.backbone.pool_prefix(hs)  # (N, F)
         runs = list(_runs([adapters[i] for i in order.tolist()]))
-        if self._ctx.gather:
-            run_seeds = _batched_seeds(runs, f)
-        else:
-            run_seeds = [ad.seeds(f[start:end]) if ad is not None else {} for start, end, ad in runs]
-        segments = [Segment(ad, start, end, sd) for (start, end, ad), sd in zip(runs, run_seeds)]
+        # Adapters cut later than this backbone's prefix read their seed where the tail passes
+        # their cut (their layers before it are not adapted): the rest read it now.
+        later: dict[int, list[int]] = {}
+        for j, (_, _, ad) in enumerate(runs):
+            if ad is not None and ad.mapping is not None and self._later_cut(ad):
+                later.setdefault(ad.split, []).append(j)
+        segments = [Segment(ad, start, end, {}) for start, end, ad in runs]
+        now = [j for j in range(len(runs)) if not any(j in js for js in later.values())]
+        self._fill_seeds(segments, runs, now, self.backbone.pool_prefix(hs))  # pooled (N, F)
+
+        def on_cut(split: int, h: torch.Tensor) -> None:  # h: (N, C, H, W), the features at `split`
+            if split in later:
+                self._fill_seeds(segments, runs, later[split], self.backbone.pool_prefix(h))
+
         with self._segments(segments):
-            emb = self.backbone.tail(hs)  # (N, D)
+            emb = self.backbone.tail(hs, on_cut=on_cut) if later else self.backbone.tail(hs)  # (N, D)
         if self._ctx.gather:
             run_logits = _batched_heads(runs, emb, self.backbone.head)
         else:
@@ -226,10 +255,17 @@ class MetaLoRAModel(nn.Module):
         embs, logits, seeds = [], [], []
         for i, ad in enumerate(self._resolve(names)):
             h = self.backbone.prefix(x[i : i + 1])
-            f = self.backbone.pool_prefix(h)
-            sd = ad.seeds(f) if ad is not None else {}
+            sd: dict[str, torch.Tensor] = {}
+            at = ad.split if ad is not None and self._later_cut(ad) else None  # its seed is read later, at its own cut
+
+            def on_cut(split, h, ad=ad, sd=sd, at=at):
+                if split == at:
+                    sd.update(ad.seeds(self.backbone.pool_prefix(h)))
+
+            if ad is not None and at is None:
+                sd.update(ad.seeds(self.backbone.pool_prefix(h)))
             with self._segments([Segment(ad, 0, 1, sd)], reference=True):
-                e = self.backbone.tail(h)  # (1, D)
+                e = self.backbone.tail(h, on_cut=on_cut) if at is not None else self.backbone.tail(h)  # (1, D)
             embs.append(e)
             logits.append((ad.head if ad is not None else self.backbone.head)(e)[0])
             seeds.append(torch.cat(list(sd.values()), dim=1)[0] if sd else None)

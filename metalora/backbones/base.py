@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,6 +73,43 @@ class Backbone(nn.Module):
     preprocess: Preprocess
     identity: BackboneIdentity
     labels: list[str] | None = None
+    # Where the shared prefix ends, as a block index (`blocks[:split]`); None for a backbone with
+    # one fixed cut. Backbones with several possible cuts (EfficientNet-Lite) serve adapters of
+    # any later cut beside their own: see `at_cut` and `tail(on_cut=...)`.
+    split: int | None = None
+
+    def split_of(self, cut: str | None) -> int | None:
+        """The block index of a recorded cut (`BackboneIdentity.cut`: "blocks[:5]", None = this
+        architecture's default); None for a backbone with one fixed cut. Raises ValueError on a
+        string that names no cut."""
+        if self.split is None:
+            if cut is not None:
+                raise ValueError(f"{self.identity.name} has one fixed cut; got {cut!r}")
+            return None
+        if cut is None:
+            return self.default_split
+        m = re.fullmatch(r"blocks\[:(\d+)\]", cut)
+        if not m:
+            raise ValueError(f"a cut reads 'blocks[:N]', got {cut!r}")
+        return int(m.group(1))
+
+    # The split of the architecture's default cut (whose identity records no `cut`).
+    default_split: int | None = None
+
+    def at_cut(self, split: int | None) -> "Backbone":
+        """This backbone with its prefix ending at `blocks[:split]`: the same modules and weights
+        (no copy), another prefix/tail boundary. An adapter trained at a later cut than the
+        serving one is built on its own cut's view (its mapping network reads the features there,
+        its targets are in that view's tail). Returns self for its own split; raises ValueError for
+        a cut this backbone cannot take."""
+        if split == self.split:
+            return self
+        raise ValueError(f"{self.identity.name} cannot be cut at blocks[:{split}]")
+
+    def bridge(self, h: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """The frozen blocks[start:stop]: features at cut `start` -> features at cut `stop`
+        (start < stop, both within the tail's blocks)."""
+        raise NotImplementedError(f"{self.identity.name} has one fixed cut")
 
     def prefix(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -80,8 +118,12 @@ class Backbone(nn.Module):
         """Pooled prefix features `f` (B, seed_in_dim): the mapping network's input."""
         return h.mean(dim=(2, 3))  # (B, C, H, W) -> (B, C)
 
-    def tail(self, h: torch.Tensor) -> torch.Tensor:
-        """Adaptable part of the trunk: prefix features -> pooled embedding (B, embed_dim)."""
+    def tail(self, h: torch.Tensor, on_cut=None) -> torch.Tensor:
+        """Adaptable part of the trunk: prefix features -> pooled embedding (B, embed_dim).
+
+        `on_cut(split, h)`, where the backbone has later cuts, is called with the features at each
+        later cut the tail passes (the output of blocks[:split]) before it goes on: adapters cut
+        there pool their seeds from it (`MetaLoRAModel.forward_from_prefix`)."""
         raise NotImplementedError
 
     def head(self, emb: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import OrderedDict
 from pathlib import Path
@@ -114,10 +115,8 @@ class EfficientNetLite(Backbone):
 
     def __init__(self, pretrained: bool = True, weights: str | Path | None = None, split: int = DEFAULT_SPLIT):
         super().__init__()
-        if not 2 <= split <= 6:  # blocks[0] has no conv_pwl to size the seed input from; block 6 stays in the tail
-            raise ValueError(f"split must be 2..6 (blocks[:split] are the shared prefix), got {split}")
+        self._check_split(split)
         self.net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-        self.split = split  # blocks[:split] are the shared prefix, blocks[split:] the tail
         if pretrained or weights:
             path = Path(weights) if weights else efficientnet_lite0_weights_path()
             raw = _load_user_weights(path)
@@ -127,8 +126,6 @@ class EfficientNetLite(Backbone):
             self.identity = BackboneIdentity("efficientnet_lite0", sha256_file(path), src)
         else:
             self.identity = BackboneIdentity("efficientnet_lite0", None)
-        if split != self.DEFAULT_SPLIT:
-            self.identity.cut = f"blocks[:{split}]"
         cfg = self.net.pretrained_cfg
         self.preprocess = Preprocess(
             input_size=cfg["input_size"][-1],
@@ -139,7 +136,21 @@ class EfficientNetLite(Backbone):
         )
         self.embed_dim = self.net.num_features
         self.num_classes = self.net.num_classes
-        self.seed_in_dim = self.net.blocks[split - 1][-1].conv_pwl.out_channels
+        self._set_split(split)
+        self.freeze()
+
+    default_split = DEFAULT_SPLIT
+
+    @staticmethod
+    def _check_split(split: int) -> None:
+        if not isinstance(split, int) or not 2 <= split <= 6:  # blocks[0] has no conv_pwl to size the seed input from; block 6 stays in the tail
+            raise ValueError(f"split must be 2..6 (blocks[:split] are the shared prefix), got {split}")
+
+    def _set_split(self, split: int) -> None:
+        self.split = split  # blocks[:split] are the shared prefix, blocks[split:] the tail
+        self.identity.cut = None if split == self.DEFAULT_SPLIT else f"blocks[:{split}]"
+        last = self.net.blocks[split - 1][-1].conv_pwl
+        self.seed_in_dim = getattr(last, "base", last).out_channels  # a layer an adapter runtime wrapped keeps its conv in `base`
         self._tail = nn.ModuleDict(
             {
                 # Keys keep the global block index, so target names read like the timm model's.
@@ -148,16 +159,37 @@ class EfficientNetLite(Backbone):
                 "bn2": self.net.bn2,
             }
         )
-        self.freeze()
+
+    def at_cut(self, split: int | None) -> "EfficientNetLite":
+        if split == self.split:
+            return self
+        self._check_split(split)
+        view = EfficientNetLite.__new__(EfficientNetLite)
+        Backbone.__init__(view)
+        view.net = self.net  # shared: same weights (and the same wrapped layers, which run frozen outside a segment)
+        view.identity = dataclasses.replace(self.identity)
+        view.preprocess, view.embed_dim, view.num_classes = self.preprocess, self.embed_dim, self.num_classes
+        view._set_split(split)
+        return view
 
     def prefix(self, x: torch.Tensor) -> torch.Tensor:
         n = self.net
         x = n.bn1(n.conv_stem(x))
         return n.blocks[: self.split](x)  # (B, C_p, H/16, W/16)
 
-    def tail(self, h: torch.Tensor) -> torch.Tensor:
+    def bridge(self, h: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        if not self.split <= start < stop <= self.DEFAULT_SPLIT:
+            raise ValueError(f"a bridge runs blocks[start:stop] with {self.split} <= start < stop <= {self.DEFAULT_SPLIT}, got [{start}:{stop}]")
+        return self.net.blocks[start:stop](h)  # (B, C at stop, H', W')
+
+    def tail(self, h: torch.Tensor, on_cut=None) -> torch.Tensor:
         t = self._tail
-        h = t["bn2"](t["conv_head"](t["blocks"](h)))  # (B, 1280, H', W')
+        for name, block in t["blocks"].named_children():
+            i = int(name)
+            if on_cut is not None and self.split < i <= self.DEFAULT_SPLIT:
+                on_cut(i, h)  # h: the output of blocks[:i], the prefix features of cut i
+            h = block(h)
+        h = t["bn2"](t["conv_head"](h))  # (B, 1280, H', W')
         return h.mean(dim=(2, 3))  # (B, 1280)
 
     def head(self, emb: torch.Tensor) -> torch.Tensor:
@@ -198,7 +230,7 @@ class TorchvisionResNet(Backbone):
         x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
         return n.layer3(n.layer2(n.layer1(x)))  # (B, C_p, H/16, W/16)
 
-    def tail(self, h: torch.Tensor) -> torch.Tensor:
+    def tail(self, h: torch.Tensor, on_cut=None) -> torch.Tensor:  # one cut: on_cut is never called
         return self._tail["layer4"](h).mean(dim=(2, 3))  # (B, D)
 
     def head(self, emb: torch.Tensor) -> torch.Tensor:
@@ -238,6 +270,7 @@ class Mixer(Backbone):
             interpolation=cfg["interpolation"], crop_pct=cfg["crop_pct"],
         )
         self.split = len(self.net.blocks) - tail_blocks
+        self.default_split = len(self.net.blocks) - 2
         if tail_blocks != 2:
             self.identity.cut = f"blocks[:{self.split}]"
         self.embed_dim = self.net.num_features
@@ -253,7 +286,7 @@ class Mixer(Backbone):
     def pool_prefix(self, h: torch.Tensor) -> torch.Tensor:
         return h.mean(dim=1)  # (B, T, C) -> (B, C)
 
-    def tail(self, h: torch.Tensor) -> torch.Tensor:
+    def tail(self, h: torch.Tensor, on_cut=None) -> torch.Tensor:  # adapters load at its own cut only: on_cut is never called
         h = self._tail["norm"](self._tail["blocks"](h))  # (B, T, C)
         return h.mean(dim=1)  # (B, C)
 
