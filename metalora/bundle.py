@@ -259,8 +259,9 @@ def _bundle_view(manifest: dict, backbone: Backbone) -> Backbone:
             "backbone_mismatch",
             f"bundle was trained with the shared prefix ending at {shown(want.get('cut'), split)}, this backbone's prefix ends "
             f"{'later, ' if later else ''}at {shown(have.cut, backbone.split)}"
-            + (": a store serves bundles cut at its backbone's split or after it (lower `split` in the store's backbone "
-               "manifest; metalora train/eval --split)" if later else ""),
+            + (f": a store serves bundles cut at its backbone's cut or after it. Cut the store at blocks[:{split}] or earlier: in "
+               f"its backbone manifest set `kwargs.split` and the `seed_in_dim` and `targetable` that cut builds (README, "
+               f"\"The backbone\"), or retrain the bundle at this store's cut (metalora train --split {backbone.split})" if later else ""),
         )
     try:
         return backbone.at_cut(split)

@@ -70,14 +70,15 @@ def _eval_backbone(name: str, split: int | None, store: Path | None, adapter: st
 
 
 SPLIT_HELP = ("where the shared, cached prefix ends: efficientnet_lite0 blocks[:N], N = 2..6 (default: the store's backbone "
-              "manifest, 6; eval: the bundle's own cut); part of every cache key and recorded in the bundle, which loads on a "
+              "manifest's kwargs.split — the shipped store: 5 — else 6; eval: the bundle's own cut); part of every cache key and recorded in the bundle, which loads on a "
               "backbone cut there or earlier (the runtime reads its seed at its own cut)")
 
 
 @app.command()
 def predict(
     images: Annotated[list[Path], typer.Argument(help="image files")],
-    adapter: Annotated[str, typer.Option(help="adapter name[@version] in the store, or 'base' for the ImageNet head")] = "base",
+    adapter: Annotated[Optional[list[str]], typer.Option(help="adapter name[@version] in the store, or 'base' for the ImageNet head; "
+                                                            "repeat it for several (each image through each, as /v1/predict fans out)")] = None,
     store: Annotated[Optional[Path], typer.Option(help="model store (default: the repository's model_store/)")] = None,
     top_k: Annotated[int, typer.Option(min=1, help="labels per image")] = 5,
     device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
@@ -104,9 +105,12 @@ def predict(
             fail(f"{p}: {e.strerror or e}", 2)
     try:
         rt = Runtime(store, device=resolve_device(device))
-        key = rt.load(adapter)
+        keys = [rt.load(a) for a in (adapter or ["base"])]  # every reference checked before any compute
+        pairs = []  # (image path, result), image-major like /v1/predict
         with torch.inference_mode():
-            results = rt.predict(blobs, key, top_k=top_k)
+            per_key = [rt.predict(blobs, key, top_k=top_k) for key in keys]
+        for i, p in enumerate(images):
+            pairs += [(p, res[i]) for res in per_key]
     except BundleError as e:
         fail(str(e), 2)
     except ImageError:
@@ -117,9 +121,9 @@ def predict(
                 fail(f"{p}: {e}", 2)
         raise
     if as_json:
-        typer.echo(json.dumps([{"image": str(p), **r} for p, r in zip(images, results)], indent=2))
+        typer.echo(json.dumps([{"image": str(p), **r} for p, r in pairs], indent=2))
         return
-    for p, r in zip(images, results):
+    for p, r in pairs:
         preds = ", ".join(f"{x['label']} {x['score']:.3f}" for x in r["predictions"])
         ref = f"{r['adapter']}@{r['version']}" if r["version"] else r["adapter"]
         unknown = "  unknown (none of its classes, by the k-NN threshold)" if r.get("unknown") else ""
@@ -151,7 +155,9 @@ def train(
     format: Annotated[str, typer.Option("--format", help="lora | cp | tr")] = "cp",
     rank: Annotated[Optional[list[int]], typer.Option(help="rank(s): one for lora/cp, three (R1 R2 R3) for tr; repeat the option")] = None,
     budget: Annotated[Optional[int], typer.Option(help="pick ranks for this many trainable parameters (mapping net + branches, head excluded)")] = None,
-    targets: Annotated[Optional[list[str]], typer.Option(help="target layer patterns (default: blocks.6.0.conv_pw, blocks.6.0.conv_pwl, conv_head)")] = None,
+    targets: Annotated[Optional[list[str]], typer.Option(help="target layer patterns (default: every 1x1 conv of the tail and conv_head, "
+                                                                        "'blocks.*.conv_pw' 'blocks.*.conv_pwl' 'conv_head': at blocks[:6] the three layers "
+                                                                        "blocks.6.0.conv_pw, blocks.6.0.conv_pwl, conv_head; at blocks[:5] eleven)")] = None,
     epochs: Annotated[int, typer.Option(min=1)] = 2,
     lr: Annotated[float, typer.Option(help="peak AdamW learning rate (warm-up, cosine decay)")] = 3e-3,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,

@@ -46,10 +46,11 @@ class Runtime:
         # What the manifest states about the cut must be what its kwargs build (e.g. after editing "split").
         stated = {"seed_in_dim": bm.get("seed_in_dim"), "targetable": bm.get("targetable")}
         built = {"seed_in_dim": self.backbone.seed_in_dim, "targetable": sorted(self.backbone.targetable())}
-        for key, val in stated.items():
-            if val is not None and (sorted(val) if key == "targetable" else val) != built[key]:
-                raise BundleError("backbone_mismatch", f"the store's {name} manifest says {key} {val}, but its kwargs {bm.get('kwargs', {})} "
-                                                       f"build {built[key]}: update the manifest")
+        wrong = [f"{key} {val} (they build {built[key]})" for key, val in stated.items()
+                 if val is not None and (sorted(val) if key == "targetable" else val) != built[key]]
+        if wrong:
+            raise BundleError("backbone_mismatch", f"the store's {name} manifest says {' and '.join(wrong)}, which its kwargs "
+                                                   f"{bm.get('kwargs', {})} contradict: set them to what the kwargs build")
         # One resolution per backbone in the store: the manifest may override the weights' default.
         self.preprocess_cfg = Preprocess(**{**self.backbone.preprocess.to_dict(), **bm.get("preprocess", {})})
         self.preprocessor = Preprocessor(self.preprocess_cfg)

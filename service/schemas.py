@@ -248,6 +248,8 @@ class AdapterVersion(BaseModel):
     num_classes: int | None = None
     labels: list[str] | None = None
     trainable_params: int | None = None
+    cut: str | None = Field(None, description="where the bundle's shared prefix ends (e.g. 'blocks[:5]'; 'blocks[:6]', the default, for bundles "
+                                              "that record none); it loads on a store cut there or earlier")
     metrics: dict | None = None
     gallery_items: int | None = None
     error: str | None = Field(None, description="why the bundle cannot be read, if it cannot")

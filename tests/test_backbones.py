@@ -146,7 +146,7 @@ def test_a_store_manifest_whose_kwargs_contradict_its_cut_is_refused(tmp_path):
     assert man["kwargs"] == {"split": 5} and man["seed_in_dim"] == 112  # the shipped store's cut
     man["kwargs"] = {"split": 6}
     (bdir / "manifest.json").write_text(json.dumps(man))
-    with pytest.raises(BundleError, match="seed_in_dim 112"):
+    with pytest.raises(BundleError, match=r"seed_in_dim 112 \(they build 192\) and targetable"):  # every field to fix, in one message
         Runtime(tmp_path)
     man.update(seed_in_dim=192, targetable=None)
     (bdir / "manifest.json").write_text(json.dumps(man))

@@ -76,6 +76,23 @@ def test_in_process_base_matches_server_and_prints_base(server, cat):
     assert r.exit_code == 0 and f"{cat}: [base] " in r.stdout and "[base@]" not in r.stdout, r.output
 
 
+def test_in_process_predict_fans_out_over_repeated_adapters_like_the_server(server, cat):
+    """`--adapter` repeated: every image through every adapter, image-major, as /v1/predict answers
+    a list of adapters (it kept only the last one, silently); here across two cuts (gtsrb's is blocks[:5])."""
+    r = httpx.post(server.url + "/v1/predict", files=[("images", (cat.name, cat.read_bytes()))] * 2,
+                   data={"adapter": [CIFAR, "gtsrb"], "top_k": "3"}, timeout=120)
+    assert r.status_code == 200, r.text
+    want = r.json()["results"]
+    got = CliRunner().invoke(lib_app, ["predict", "--adapter", CIFAR, "--adapter", "gtsrb", "--top-k", "3", "--device", "cpu", "--json", str(cat), str(cat)])
+    assert got.exit_code == 0, got.output
+    got = json.loads(got.stdout)
+    assert [(g["adapter"], g["version"]) for g in got] == [(w["adapter"], w["version"]) for w in want]
+    assert [g["adapter"] for g in got] == ["cifar10", "gtsrb"] * 2
+    for g, w in zip(got, want):
+        assert [p["label"] for p in g["predictions"]] == [p["label"] for p in w["predictions"]]
+        assert max(abs(a["score"] - b["score"]) for a, b in zip(g["predictions"], w["predictions"])) < 1e-4
+
+
 def test_in_process_predict_user_errors_are_one_line(cat, tmp_path):
     text = tmp_path / "notes.jpg"
     text.write_text("not an image")

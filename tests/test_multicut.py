@@ -121,6 +121,6 @@ def test_a_bundle_cut_before_the_serving_prefix_is_refused_with_the_fix(stores, 
     """The cut-5 bundle in a default (blocks[:6]) store: a 4xx-able BundleError naming both cuts."""
     root = _store(tmp_path, 6)
     shutil.copytree(stores["own5"] / "adapters" / "early", root / "adapters" / "early")
-    with pytest.raises(BundleError, match=r"blocks\[:5\].*later, at blocks\[:6\].*lower `split`") as e:
+    with pytest.raises(BundleError, match=r"blocks\[:5\].*later, at blocks\[:6\].*kwargs.split. and the .seed_in_dim. and .targetable.*--split 6") as e:
         Runtime(root).load("early")
     assert e.value.code == "backbone_mismatch"

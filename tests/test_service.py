@@ -127,6 +127,8 @@ def test_health_ready_and_listing(server):
         assert set(names) == {"alpha", "beta", "gamma", "broken"} and names["beta"]["versions"] == ["1", "2"]
         info = c.get("/v1/adapters/alpha").json()
         assert info["versions"][0]["labels"] == ADAPTERS["alpha"][2] and info["versions"][0]["loaded"]
+        # Trained at the default cut (no `cut` in the manifest), served by a store cut at blocks[:5].
+        assert info["versions"][0]["cut"] == "blocks[:6]" and listing["backbone"]["cut"] == "blocks[:5]"
         assert "/v1/predict" in c.get("/openapi.json").json()["paths"] and c.get("/docs").status_code == 200
 
 

@@ -158,7 +158,8 @@ class MetaLoRAModel(nn.Module):
 
     def _later_cut(self, adapter: Adapter) -> bool:
         """Whether `adapter` reads its seed at a cut after this backbone's (see `add_adapter`)."""
-        return adapter.split is not None and self.backbone.split is not None and adapter.split > self.backbone.split
+        own = getattr(adapter, "split", None)
+        return own is not None and self.backbone.split is not None and own > self.backbone.split
 
     def _fill_seeds(self, segments: list[Segment], runs, js: list[int], f: torch.Tensor) -> None:
         """Seeds of runs `js` from pooled features `f` (N, F) of the whole (grouped) batch, into their segments."""

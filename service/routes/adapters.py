@@ -54,6 +54,11 @@ async def list_adapters(svc: ReadyDep) -> AdapterList:
     return AdapterList(backbone={**bb.identity.to_dict(), "embed_dim": bb.embed_dim, "device": svc.device, "backend": svc.backend_name, "precision": svc.precision}, capacity=svc.registry.capacity, adapters=rows)
 
 
+def _default_cut(backbone) -> str | None:
+    """The default cut's name ('blocks[:6]' for efficientnet_lite0), which bundles leave unrecorded."""
+    return f"blocks[:{backbone.default_split}]" if backbone.default_split is not None else None
+
+
 @router.get("/{name}", response_model=AdapterInfo)
 async def adapter_info(name: RefPath, svc: ReadyDep) -> AdapterInfo:
     """Versions of one adapter: format, ranks, labels, metrics, and whether each is loaded."""
@@ -71,7 +76,8 @@ async def adapter_info(name: RefPath, svc: ReadyDep) -> AdapterInfo:
             m = read_manifest(store.resolve(k)[2])
             a = m["adapter"]
             row = row.model_copy(
-                update=dict(format=a.get("format"), ranks=a.get("ranks"), targets=m.get("resolved_targets"), num_classes=len(a.get("labels", [])), labels=a.get("labels"), trainable_params=m.get("trainable_params"), metrics=m.get("metrics"))
+                update=dict(format=a.get("format"), ranks=a.get("ranks"), targets=m.get("resolved_targets"), num_classes=len(a.get("labels", [])), labels=a.get("labels"), trainable_params=m.get("trainable_params"), metrics=m.get("metrics"),
+                            cut=m["backbone"].get("cut") or _default_cut(svc.runtime.backbone))
             )
         except BundleError as e:
             row.error = svc.public(f"{e.code}: {e}")
