@@ -66,11 +66,15 @@ def _store_at(root: Path, split: int) -> Path:
 MIXED_STORES = ("split6", "split5", "split5-mixed")
 
 
-def serving_mixed(configs=SERVING_CONFIGS, rounds: int = 7) -> dict:
-    """What a store cut at blocks[:5] costs the default-cut bundles it also serves (`OrtRunner` fp32).
+def serving_mixed(configs=SERVING_CONFIGS, rounds: int = 7, precisions: tuple[str, ...] = ("fp32", "int8")) -> dict:
+    """What a store cut at blocks[:5] costs the default-cut bundles it also serves.
+
+    The runner is the service's CPU backend, `metalora.lowp.LowpRunner` (static-pad prefix and
+    bridge graphs, FP32 tails), once per precision: `fp32` (what `metalora serve` runs by default)
+    and `int8` (the prefix quantised; bridges and tails FP32), where this CPU offers it.
 
     Three runtimes, timed in alternation in one run (median of `rounds`):
-    `split6` — a blocks[:6] store with 16 default-cut tr adapters (BUDGET, blocks.6 + conv_head);
+    Stores: `split6` — a blocks[:6] store with 16 default-cut tr adapters (BUDGET, blocks.6 + conv_head);
     `split5` — a blocks[:5] store with the same 16 adapters: the prefix graph stops at block 5, a
     frozen bridge graph runs block 5 once for all their rows, then each adapter's own tail graph;
     `split5-mixed` — the blocks[:5] store with every 4th adapter replaced by a cut-5 one (11 layers
@@ -82,10 +86,11 @@ def serving_mixed(configs=SERVING_CONFIGS, rounds: int = 7) -> dict:
     import tempfile
 
     from metalora.adapters import Adapter, AdapterConfig
-    from metalora.onnx_backend import OrtRunner
+    from metalora.lowp import LowpRunner, unavailable
     from metalora.runtime import Runtime
     from metalora.train import ranks_for_budget
 
+    precs = [p for p in precisions if unavailable(p) is None]
     tmp = Path(tempfile.mkdtemp(prefix="layer-sweep-mixed-"))
     n_max = max(n for _, n in configs)
     torch.manual_seed(0)
@@ -110,35 +115,39 @@ def serving_mixed(configs=SERVING_CONFIGS, rounds: int = 7) -> dict:
                     ad = Adapter(rt.backbone.at_cut(6), late[i].config).eval()
                     ad.load_state_dict(late[i].state_dict())
                 rt.model.add_adapter(f"a{i}@1", ad)
-            runner = OrtRunner(rt, threads=torch.get_num_threads())
-            for i in range(n_max):
-                runner.prepare(f"a{i}@1")
-            runners[name] = runner
-            out[name] = {"prefix": rt.backbone.identity.cut or "blocks[:6]", "serving": {}}
-            for bsz, n_ad in configs:
-                runner.run(xs[bsz], [f"a{i % n_ad}@1" for i in range(bsz)])  # warm-up (exports the bridge)
-                out[name]["serving"][f"batch{bsz}-adapters{n_ad}"] = {"times": []}
+            for prec in precs:
+                runner = LowpRunner(rt, prec, threads=torch.get_num_threads())
+                for i in range(n_max):
+                    runner.prepare(f"a{i}@1")
+                runners[(name, prec)] = runner
+                out.setdefault(prec, {})[name] = {"prefix": rt.backbone.identity.cut or "blocks[:6]", "serving": {}}
+                for bsz, n_ad in configs:
+                    runner.run(xs[bsz], [f"a{i % n_ad}@1" for i in range(bsz)])  # warm-up (exports the bridge)
+                    out[prec][name]["serving"][f"batch{bsz}-adapters{n_ad}"] = {"times": []}
         for _ in range(rounds):
             for bsz, n_ad in configs:
-                for name, runner in runners.items():
+                for (name, prec), runner in runners.items():
                     t0 = time.perf_counter()
                     runner.run(xs[bsz], [f"a{i % n_ad}@1" for i in range(bsz)])
-                    out[name]["serving"][f"batch{bsz}-adapters{n_ad}"]["times"].append(time.perf_counter() - t0)
-        for bsz, n_ad in configs:
-            key = f"batch{bsz}-adapters{n_ad}"
-            for name in MIXED_STORES:
-                c = out[name]["serving"][key]
-                c["images_per_s"] = bsz / statistics.median(c["times"])
-            for name in MIXED_STORES:
-                c = out[name]["serving"][key]
-                c["vs_split6"] = c["images_per_s"] / out["split6"]["serving"][key]["images_per_s"]
+                    out[prec][name]["serving"][f"batch{bsz}-adapters{n_ad}"]["times"].append(time.perf_counter() - t0)
+        for prec in precs:
+            for bsz, n_ad in configs:
+                key = f"batch{bsz}-adapters{n_ad}"
+                for name in MIXED_STORES:
+                    c = out[prec][name]["serving"][key]
+                    c["images_per_s"] = bsz / statistics.median(c["times"])
+                for name in MIXED_STORES:
+                    c = out[prec][name]["serving"][key]
+                    c["vs_split6"] = c["images_per_s"] / out[prec]["split6"]["serving"][key]["images_per_s"]
+                    c["vs_split6_fp32"] = c["images_per_s"] / out["fp32"]["split6"]["serving"][key]["images_per_s"] if "fp32" in out else None
     finally:
         for runner in runners.values():
             runner.close()
         shutil.rmtree(tmp, ignore_errors=True)
     return {"configs": [{"batch": b, "distinct_adapters": n} for b, n in configs], "rounds": rounds, "threads": torch.get_num_threads(),
             "ranks": {"default_cut": list(r6), "blocks[:5]": list(r5)}, "trainable_params": {"default_cut": n6, "blocks[:5]": n5},
-            "by_store": out, "note": "OrtRunner fp32; median of alternated rounds; split5-mixed: every 4th adapter cut at blocks[:5]"}
+            "by_precision": out, "note": "LowpRunner (the service's CPU backend) per precision; median of alternated rounds; "
+                                         "split5-mixed: every 4th adapter cut at blocks[:5]"}
 
 
 def serving_cost(splits: list[int], configs=SERVING_CONFIGS, rounds: int = 7) -> dict:
@@ -278,9 +287,10 @@ def main(argv: list[str] | None = None) -> None:
         res = serving_mixed()
         res["machine"] = machine
         (OUT / "serving-mixed.json").write_text(json.dumps(res, indent=2))
-        for name, r in res["by_store"].items():
-            print(f"{name} (prefix {r['prefix']}): " + ", ".join(f"{k} {c['images_per_s']:.1f} img/s ({c['vs_split6']:.2f}x split6)"
-                                                                for k, c in r["serving"].items()), flush=True)
+        for prec, stores in res["by_precision"].items():
+            for name, r in stores.items():
+                print(f"{prec} {name} (prefix {r['prefix']}): " + ", ".join(f"{k} {c['images_per_s']:.1f} img/s ({c['vs_split6']:.2f}x split6)"
+                                                                           for k, c in r["serving"].items()), flush=True)
         return
     sv = OUT / "serving.json"
     if not sv.exists():
