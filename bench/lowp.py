@@ -167,13 +167,16 @@ def lowp_throughput(batch: int = 32, rounds: int = 5, precisions: list[str] | No
     }
 
 
-def accuracy(state: Path, precisions: list[str] | None = None, imagenet: int | None = None, per_class: int | None = None, log=print) -> dict:
-    """Full accuracy per precision (resumable through `state`), with drops vs FP32 and pass/fail."""
+def accuracy(state: Path, precisions: list[str] | None = None, imagenet: int | None = None, per_class: int | None = None, log=print,
+             adapters: list[str] | None = None) -> dict:
+    """Full accuracy per precision (resumable through `state`), with drops vs FP32 and pass/fail;
+    `adapters` limits the bundles (default: every one in the store), `imagenet=0` skips the ImageNet sample."""
     from metalora.lowp import accuracy_table, candidates, evaluate_precisions
     from metalora.runtime import Runtime
 
     rt = Runtime(device="cpu")
-    st = evaluate_precisions(rt, precisions or candidates(), imagenet=imagenet, per_class=per_class, state_path=state, log=log, threads=torch.get_num_threads())
+    st = evaluate_precisions(rt, precisions or candidates(), adapters=adapters, imagenet=imagenet, per_class=per_class, state_path=state, log=log,
+                             threads=torch.get_num_threads())
     return accuracy_table(st)
 
 
@@ -266,10 +269,12 @@ if __name__ == "__main__":
     ap.add_argument("--imagenet", type=int, default=None)
     ap.add_argument("--per-class", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--adapters", default=None, help="accuracy: comma list of bundles (default: every one in the store)")
     a = ap.parse_args()
     precs = a.precisions.split(",") if a.precisions else None
     if a.what == "accuracy":
-        res = accuracy(a.state, precs, a.imagenet, a.per_class, log=lambda s: print(s, flush=True))
+        res = accuracy(a.state, precs, a.imagenet, a.per_class, log=lambda s: print(s, flush=True),
+                       adapters=a.adapters.split(",") if a.adapters else None)
     else:
         res = lowp_throughput(rounds=a.rounds, precisions=precs)
     print(json.dumps(res, indent=1, default=float))
