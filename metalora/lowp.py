@@ -187,23 +187,12 @@ def export_static_prefix(backbone, path: str | Path, input_size: int) -> Path:
 
 
 def export_static_bridge(backbone, start: int, stop: int, path: str | Path, input_size: int) -> Path:
-    """The frozen blocks[start:stop] (`features` -> `features_out`) with static pads, FP32,
-    dynamic batch: `OrtRunner`'s bridge (onnx_backend.export_bridge) as `export_static_prefix`
-    makes the prefix (block 5 of efficientnet_lite0 opens with a stride-2 TF-"SAME" conv)."""
-    from .onnx_backend import _Bridge
+    """`OrtRunner`'s bridge graph (onnx_backend.export_bridge: frozen blocks[start:stop]) with
+    static pads, as `export_static_prefix` makes the prefix (block 5 of efficientnet_lite0 opens
+    with a stride-2 TF-"SAME" conv)."""
+    from .onnx_backend import export_bridge
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    graph = _Bridge(static_pad_copy(backbone.at_cut(start), input_size), start, stop)
-    with torch.no_grad():
-        x = graph.backbone.prefix(torch.zeros(2, 3, input_size, input_size)).contiguous()  # (2, C, H, W) at cut start
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(graph, (x,), str(tmp), input_names=["features"], output_names=["features_out"],
-                          dynamic_axes={"features": {0: "batch"}, "features_out": {0: "batch"}}, opset_version=OPSET, dynamo=False)
-    os.replace(tmp, path)
-    return path
+    return export_bridge(static_pad_copy(backbone.at_cut(start), input_size), start, stop, path, input_size)
 
 
 # ------------------------------------------------------------------------------------ calibration
