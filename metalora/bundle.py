@@ -43,9 +43,29 @@ def check_name(name: str, what: str = "name") -> str:
     return name
 
 
+PQ_BITS = 8  # bits per sub-quantizer code: 256 centroids each, one uint8 per sub-vector
+
+
+def pq_decode(centroids: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Product-quantised vectors back to L2-normalised float32 (N, D).
+
+    centroids (M, 256, D / M) fp16: each sub-quantizer's codebook; codes (N, M) uint8. Item i is
+    the concatenation over m of centroids[m, codes[i, m]] (Jégou, Douze & Schmid, "Product
+    quantization for nearest neighbor search", IEEE TPAMI 2011), then L2-normalised: the gallery
+    is searched by cosine similarity.
+    """
+    m, _, sub = centroids.shape
+    parts = centroids.float()[torch.arange(m)[None, :], codes.long()]  # (N, M, D / M)
+    return torch.nn.functional.normalize(parts.reshape(codes.shape[0], m * sub), dim=-1)
+
+
 @dataclass
 class Gallery:
-    """k-NN gallery of one adapter: L2-normalised embeddings, label indices and item ids."""
+    """k-NN gallery of one adapter: L2-normalised embeddings, label indices and item ids.
+
+    With `pq` the gallery is stored product-quantised (`compress`): `embeddings` are then the
+    decoded vectors, exactly what a reader of the file gets.
+    """
 
     embeddings: torch.Tensor  # (N, D) float
     labels: torch.Tensor  # (N,) int64, indices into the adapter's labels
@@ -53,6 +73,29 @@ class Gallery:
     # Per item: a small image file (metalora.thumbnails, WebP <= 64 px), or None for an item that has
     # none (added as a bare vector). None for the whole gallery: no thumbnails at all (older bundles).
     thumbnails: list[bytes | None] | None = None
+    pq: tuple[torch.Tensor, torch.Tensor] | None = None  # (centroids (M, 256, D/M) fp16, codes (N, M) uint8)
+
+    def compress(self, m: int, seed: int = 0) -> "Gallery":
+        """This gallery product-quantised with `m` sub-quantizers of 8 bits: m bytes an item instead of
+        2·D (fp16), plus a 2·256·D-byte codebook. The codebooks are k-means (FAISS `ProductQuantizer`)
+        on these embeddings. Raises BundleError when D is not a multiple of m or there are fewer
+        than 256 items to train on.
+        """
+        import faiss
+
+        n, d = self.embeddings.shape
+        if m < 1 or d % m:
+            raise BundleError("gallery_pq", f"product quantisation needs D = {d} to be a multiple of the {m} sub-quantizers")
+        if n < 2**PQ_BITS:
+            raise BundleError("gallery_pq", f"product quantisation needs at least {2**PQ_BITS} items to train its codebooks, the gallery has {n}")
+        x = torch.nn.functional.normalize(self.embeddings.float(), dim=-1).numpy()
+        pq = faiss.ProductQuantizer(d, m, PQ_BITS)
+        pq.cp.seed = seed
+        pq.cp.min_points_per_centroid = 1  # small galleries train on what they have, without FAISS's warning per sub-quantizer
+        pq.train(x)
+        codes = torch.from_numpy(pq.compute_codes(x))  # (N, M) uint8
+        centroids = torch.from_numpy(faiss.vector_to_array(pq.centroids).reshape(m, 2**PQ_BITS, d // m)).to(torch.float16)
+        return Gallery(pq_decode(centroids, codes), self.labels, self.ids, self.thumbnails, (centroids, codes))
 
     def __post_init__(self):
         n = self.embeddings.shape[0]
@@ -71,13 +114,18 @@ class Gallery:
         """The safetensors layout (`metalora-gallery`): `embeddings` (N, D) fp16, `labels` (N,) int64,
         `ids_utf8` the ids joined by newlines; with thumbnails also `thumbnails` (B,) uint8, the
         image files back to back, and `thumbnail_offsets` (N + 1,) int64: item i is bytes
-        [offsets[i], offsets[i + 1]) (empty: no thumbnail). Readers that predate thumbnails ignore them."""
+        [offsets[i], offsets[i + 1]) (empty: no thumbnail). Readers that predate thumbnails ignore them.
+        A product-quantised gallery has `pq_centroids` (M, 256, D/M) fp16 and `pq_codes` (N, M) uint8
+        instead of `embeddings` (see `pq_decode`)."""
         ids = "\n".join(self.ids).encode("utf-8")
         out = {
-            "embeddings": self.embeddings.to(torch.float16).contiguous(),
             "labels": self.labels.to(torch.int64).contiguous(),
             "ids_utf8": _bytes_tensor(ids),
         }
+        if self.pq is not None:
+            out["pq_centroids"], out["pq_codes"] = (t.contiguous() for t in self.pq)
+        else:
+            out["embeddings"] = self.embeddings.to(torch.float16).contiguous()
         if self.thumbnails is not None:
             sizes = [len(b) if b else 0 for b in self.thumbnails]
             out["thumbnails"] = _bytes_tensor(b"".join(b for b in self.thumbnails if b))
@@ -86,6 +134,16 @@ class Gallery:
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor]) -> "Gallery":
+        pq = None
+        if "pq_codes" in t or "pq_centroids" in t:
+            cent, codes = t.get("pq_centroids"), t.get("pq_codes")
+            ok = (cent is not None and codes is not None and cent.dim() == 3 and codes.dim() == 2 and cent.shape[1] == 2**PQ_BITS
+                  and codes.dtype == torch.uint8 and codes.shape[1] == cent.shape[0] and cent.dtype == torch.float16)
+            if not ok:
+                got = {k: (tuple(v.shape), str(v.dtype)) for k, v in t.items() if k.startswith("pq_")}
+                raise BundleError("gallery_pq", f"a product-quantised gallery needs pq_centroids (M, 256, D/M) float16 and pq_codes (N, M) uint8; got {got}")
+            pq = (cent, codes)
+            t = {**t, "embeddings": pq_decode(cent, codes)}
         missing = {"embeddings", "labels", "ids_utf8"} - set(t)
         if missing:
             raise BundleError("gallery_keys", f"gallery misses tensors {sorted(missing)}")
@@ -98,7 +156,7 @@ class Gallery:
                 raise BundleError("gallery_thumbnails", f"gallery thumbnails do not fit: {len(ids)} items need {len(ids) + 1} increasing offsets from 0 to the blob's size")
             data, o = blob.numpy().tobytes(), off.tolist()
             thumbs = [data[a:b] or None for a, b in zip(o, o[1:])]
-        return cls(t["embeddings"].float(), t["labels"].long(), ids, thumbs)
+        return cls(t["embeddings"].float(), t["labels"].long(), ids, thumbs, pq)
 
 
 def _bytes_tensor(b: bytes) -> torch.Tensor:

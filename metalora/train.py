@@ -61,6 +61,8 @@ class TrainConfig:
     gallery_per_class: int | None = None  # None: every training image goes into the gallery
     holdout_frac: float = 0.0  # seeded stratified share of the training images kept out to calibrate
     false_reject_rate: float = 0.05  # of the held-out images, for the k-NN "unknown" threshold
+    gallery_pq: int | None = None  # store the gallery product-quantised with this many sub-quantizers (bytes an item); None: fp16
+    augment: str | None = None  # "hflip": each step sees each image or its mirror (p = 0.5, seeded); None: as is
 
     def run_hash(self) -> str:
         d = asdict(self)
@@ -69,6 +71,10 @@ class TrainConfig:
             d.pop("false_reject_rate")
         if self.seed_mode == "input":  # likewise for the default seed mode
             d.pop("seed_mode")
+        if self.augment is None:  # and for runs without augmentation
+            d.pop("augment")
+        if self.gallery_pq is None:
+            d.pop("gallery_pq")
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
@@ -148,6 +154,28 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
+def epoch_flips(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """(n,) bool: which training images an epoch sees mirrored (`augment="hflip"`), a pure function
+    of (seed, epoch) like `epoch_order`, so a resumed run sees what an uninterrupted one does."""
+    g = torch.Generator().manual_seed(seed * 100_019 + epoch + 7)
+    return torch.rand(n, generator=g) < 0.5
+
+
+AUGMENTS = ("hflip",)
+
+
+def _mirrored_features(cfg: "TrainConfig", train_fs: FeatureSet, backbone: Backbone, **kw) -> FeatureSet:
+    """The features of `cfg.data` mirrored left to right (`hflip=1` specs: cached once like the rest),
+    row for row the same images as `train_fs`."""
+    from .data import DataSpec
+
+    specs = [DataSpec.parse(t).flipped().text for t in cfg.data]
+    alt = load_features(specs, backbone, **kw)
+    if alt.ids != train_fs.ids or alt.labels != train_fs.labels:
+        raise ValueError("the mirrored features do not list the same images as the training data")
+    return alt
+
+
 def _save_ckpt(ckpt: Path, adapter: Adapter, opt: torch.optim.Optimizer, state: dict) -> None:
     ckpt.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in adapter.state_dict().items()}, str(ckpt / "adapter.tmp"))
@@ -165,7 +193,7 @@ def _save_ckpt(ckpt: Path, adapter: Adapter, opt: torch.optim.Optimizer, state: 
 
 # TrainConfig fields that shape only what is built after the last epoch (the gallery, the k-NN
 # threshold): a checkpoint that differs in these alone is the same training run and resumes.
-POST_TRAINING = ("gallery_per_class", "false_reject_rate")
+POST_TRAINING = ("gallery_per_class", "false_reject_rate", "gallery_pq")
 
 
 def _same_training(saved: dict | None, cfg: "TrainConfig") -> bool:
@@ -233,10 +261,14 @@ def train(
     backbone = backbone.to(dev)
     train_fs = train_features if train_features is not None else load_features(cfg.data, backbone, cache_dir=cache_dir, device=dev, progress=progress)
     labels = train_fs.classes
+    if cfg.augment is not None and cfg.augment not in AUGMENTS:
+        raise ValueError(f"augment must be one of {AUGMENTS} or None, got {cfg.augment!r}")
+    mirror_fs = _mirrored_features(cfg, train_fs, backbone, cache_dir=cache_dir, device=dev, progress=progress) if cfg.augment == "hflip" else None
     fit_idx, hold_idx = holdout_split(train_fs.labels, cfg.holdout_frac, cfg.seed)
     hold_fs = train_fs.take(hold_idx) if hold_idx else None
     if hold_idx:
         train_fs = train_fs.take(fit_idx)
+        mirror_fs = mirror_fs.take(fit_idx) if mirror_fs is not None else None  # held-out images stay out in both views
     y = torch.tensor([labels.index(lab) for lab in train_fs.labels])  # (N,)
     y_hold = torch.tensor([labels.index(lab) for lab in hold_fs.labels]) if hold_fs is not None else None
 
@@ -267,6 +299,7 @@ def train(
             break
         adapter.train()
         order = epoch_order(len(train_fs), cfg.seed, epoch)
+        flips = epoch_flips(len(train_fs), cfg.seed, epoch) if mirror_fs is not None else None
         bar = tqdm(range(steps_per_epoch), desc=f"{cfg.format} epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
         seen = correct = 0
         loss_sum = 0.0
@@ -275,7 +308,10 @@ def train(
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, cfg)
             idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            h = train_fs.h[idx].to(dev, torch.float32)  # (B, C, H, W)
+            h = train_fs.h[idx]  # (B, C, H, W) fp16
+            if flips is not None:
+                h = torch.where(flips[idx, None, None, None], mirror_fs.h[idx], h)
+            h = h.to(dev, torch.float32)
             yb = y[idx].to(dev)
             fwd = model.forward_from_prefix(h, [adapter] * h.shape[0])
             logits = torch.stack(fwd.logits)  # (B, classes)
@@ -302,10 +338,13 @@ def train(
             _save_ckpt(ckpt, adapter, opt, {"epoch": epoch + 1, "run_hash": run_hash, "history": history, "config": asdict(cfg),
                                              "backbone_cut": backbone.identity.cut})
 
+    del mirror_fs
     adapter.eval()
-    emb, _, _ = embed_features(model, adapter, train_fs, device=dev)
+    emb, _, _ = embed_features(model, adapter, train_fs, device=dev)  # the gallery holds the images as they are
     keep = _gallery_subset(train_fs, cfg.gallery_per_class)
     gallery = Gallery(emb[keep], y[keep], [train_fs.ids[i] for i in keep])
+    if cfg.gallery_pq:  # the threshold and the metrics below then see the vectors a reader decodes
+        gallery = gallery.compress(cfg.gallery_pq, seed=cfg.seed)
     if thumbnails and out is not None:
         gallery.thumbnails = thumbnails_for(cfg.data, gallery.ids)
     calibration = None

@@ -171,3 +171,64 @@ def test_a_checkpoint_of_another_prefix_cut_is_not_resumed(tmp_path):
     (tmp_path / "state.json").write_text(_json.dumps({"epoch": 1, "run_hash": cfg.run_hash(), "backbone_cut": "blocks[:5]"}))
     assert _load_ckpt(tmp_path, None, None, cfg, cut=None) is None
     assert _load_ckpt(tmp_path, None, None, cfg, cut="blocks[:4]") is None
+
+
+def test_hflip_view_is_the_mirrored_photo(backbone, cache):
+    """`hflip=1` caches the features of each image mirrored left to right: the reference is the prefix
+    run on the photo mirrored by PIL before any preprocessing; ids and labels are the set's own."""
+    from PIL import ImageOps
+
+    from metalora.data import cache_path
+    from metalora.images import Preprocessor
+
+    spec = DataSpec.parse(TRAIN)
+    flipped = spec.flipped()
+    assert flipped.hflip and flipped.text == TRAIN + ",hflip=1" and DataSpec.parse(flipped.text) == flipped
+    assert cache_path(flipped, backbone, cache) != cache_path(spec, backbone, cache)
+    with pytest.raises(ValueError, match="hflip"):
+        DataSpec.parse("x.zip?hflip=yes")
+    plain = load_features([TRAIN], backbone, cache_dir=cache, progress=False)
+    mirror = load_features([flipped.text], backbone, cache_dir=cache, progress=False)
+    assert mirror.ids == plain.ids and mirror.labels == plain.labels
+    pre = Preprocessor(backbone.preprocess)
+    items = list_items(spec)
+    with torch.no_grad():
+        for i in (0, 7):
+            img = ImageOps.mirror(Image.open(io.BytesIO(items[i].read())).convert("RGB"))
+            want = backbone.prefix(pre(img)[None]).float()[0]
+            got = mirror.h[i].float()
+            assert torch.allclose(got, want, atol=2e-2, rtol=2e-2), float((got - want).abs().max())
+            assert not torch.allclose(plain.h[i].float(), want, atol=2e-2, rtol=2e-2)  # a digit is not its own mirror
+
+
+def test_hflip_augment_is_seeded_resumable_and_recorded(backbone, cache, tmp_path):
+    from metalora.data import cache_path
+
+    cfg = lambda **kw: TrainConfig(data=[TRAIN], format="tr", budget=30_000, epochs=2, batch_size=8, seed=1, **kw)  # noqa: E731
+    full = _weights(train(cfg(augment="hflip"), backbone, cache_dir=cache, progress=False))
+    assert cache_path(DataSpec.parse(TRAIN).flipped(), backbone, cache).is_file()  # the mirrored view is cached once
+    plain = _weights(train(cfg(), backbone, cache_dir=cache, progress=False))
+    assert not all(torch.equal(full[k], plain[k]) for k in full)  # it did see other inputs
+    ck = tmp_path / "ckpt"
+    train(cfg(augment="hflip"), backbone, ckpt_dir=ck, cache_dir=cache, progress=False, stop_after_epoch=1)
+    out = tmp_path / "digits" / "2"
+    resumed = train(cfg(augment="hflip"), backbone, out=out, ckpt_dir=ck, cache_dir=cache, progress=False)
+    assert all(torch.equal(full[k], v) for k, v in _weights(resumed).items())
+    assert read_manifest(out)["training"]["augment"] == "hflip"
+    assert cfg().run_hash() != cfg(augment="hflip").run_hash()
+    with pytest.raises(ValueError, match="augment"):
+        train(cfg(augment="rotate"), backbone, cache_dir=cache, progress=False)
+
+
+def test_gallery_form_is_not_a_new_training_run():
+    """`gallery_pq` (like the gallery size) shapes only what is built after the last epoch: a finished
+    checkpoint resumes with it, and runs without it keep the hashes they had before it existed."""
+    from dataclasses import asdict
+
+    from metalora.train import _same_training
+
+    cfg = TrainConfig(data=[TRAIN], format="tr", budget=30_000)
+    assert "gallery_pq" not in json.dumps(cfg.run_hash()) and cfg.run_hash() == TrainConfig(data=[TRAIN], format="tr", budget=30_000).run_hash()
+    assert _same_training(asdict(cfg), replace(cfg, gallery_pq=160, gallery_per_class=1000))
+    assert not _same_training(asdict(cfg), replace(cfg, augment="hflip"))
+    assert replace(cfg, gallery_pq=160).run_hash() != cfg.run_hash()
