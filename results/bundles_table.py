@@ -50,12 +50,13 @@ def row(ref: str) -> str:
         else round(tr["n_train"] * tr["holdout_frac"] / (1 - tr["holdout_frac"])) if tr.get("holdout_frac") else 0  # the calibration's own count
     held = f" (+{n_held:,} held out)" if n_held else ""
     cut = m["backbone"].get("cut") or "blocks[:6]"  # where the shared prefix ends (no `cut`: the default)
+    form = f"PQ{tr['gallery_pq']}" if tr.get("gallery_pq") else "fp16"  # how the gallery file stores its vectors
     return (f"| `{name}@{version}` | {m['adapter']['format']} {list(ranks)}, `{cut}` | {tr['trainable_params']:,} | {tr['n_train']:,}{held} "
-            f"| {tr['gallery_items']:,} | **{_pct(met.get('knn_top1'))}** | {_pct(fg)} | **{_pct(met.get('head_top1'))}** "
+            f"| {tr['gallery_items']:,} {form} | **{_pct(met.get('knn_top1'))}** | {_pct(fg)} | **{_pct(met.get('head_top1'))}** "
             f"| {_pct(frozen_knn)} / {_pct(fz.get('probe_top1'))} | {ece} | {_pct(met.get('test_false_reject_rate'))} | {ood} | {met['n']:,} |")
 
 
-HEADER = ("| bundle | format, ranks, prefix cut | trainable | train images | gallery | k-NN@10 % | k-NN@10, whole train set as gallery % | head top-1 % "
+HEADER = ("| bundle | format, ranks, prefix cut | trainable | train images | gallery (items, stored as) | k-NN@10 % | k-NN@10, whole train set as gallery % | head top-1 % "
           "| frozen k-NN@10 / probe % | ECE % → after T | unknown on own test % | OOD answered unknown % | test images |\n"
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
