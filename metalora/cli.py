@@ -163,6 +163,8 @@ def train(
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     seed: Annotated[int, typer.Option()] = 0,
     seed_mode: Annotated[str, typer.Option(help="input: the seed c(x) comes from the mapping network (MetaLoRA); frozen: c(x) is the format's start value for every input, the mapping network off (the ablation; cp/tr only)")] = "input",
+    sampling: Annotated[Optional[str], typer.Option(help="task-balanced: with several --data tasks, each epoch draws every task equally often "
+                                                     "(small tasks repeated, large ones subsampled); default: every image once an epoch")] = None,
     augment: Annotated[Optional[str], typer.Option(help="hflip: each step sees each training image or its mirror image (p = 0.5, seeded); "
                                                     "the mirrored features are cached once like the rest (data spec option hflip=1). "
                                                     "Not for tasks where left and right differ (digits, traffic signs)")] = None,
@@ -195,7 +197,7 @@ def train(
         data=data, format=format, ranks=tuple(rank) if rank else None, budget=budget,
         targets=targets or default_targets(bb), epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, seed_mode=seed_mode,
         gallery_per_class=gallery_per_class, holdout_frac=holdout_frac, false_reject_rate=false_reject_rate, augment=augment,
-        gallery_pq=gallery_pq,
+        gallery_pq=gallery_pq, sampling=sampling,
     )
     name = name or out.resolve().parent.name
     version = version or out.name

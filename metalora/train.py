@@ -62,6 +62,7 @@ class TrainConfig:
     holdout_frac: float = 0.0  # seeded stratified share of the training images kept out to calibrate
     false_reject_rate: float = 0.05  # of the held-out images, for the k-NN "unknown" threshold
     gallery_pq: int | None = None  # store the gallery product-quantised with this many sub-quantizers (bytes an item); None: fp16
+    sampling: str | None = None  # "task-balanced": each epoch draws every task (spec) equally often; None: every image once
     augment: str | None = None  # "hflip": each step sees each image or its mirror (p = 0.5, seeded); None: as is
 
     def run_hash(self) -> str:
@@ -75,6 +76,8 @@ class TrainConfig:
             d.pop("augment")
         if self.gallery_pq is None:
             d.pop("gallery_pq")
+        if self.sampling is None:
+            d.pop("sampling")
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
@@ -162,6 +165,31 @@ def epoch_flips(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 AUGMENTS = ("hflip",)
+SAMPLINGS = ("task-balanced",)
+
+
+def task_balanced_order(tasks: list[str], seed: int, epoch: int) -> torch.Tensor:
+    """(N,) indices for one epoch in which each of the T tasks fills N // T places (the remainder
+    goes to the first tasks): a large task is subsampled without replacement, a small one is
+    repeated (whole shuffled passes, then a partial one), and the union is shuffled. Seeded by
+    (seed, epoch) like `epoch_order`; one task gives `epoch_order`'s permutation of it."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    names = list(dict.fromkeys(tasks))
+    n = len(tasks)
+    if len(names) == 1:
+        return torch.randperm(n, generator=g)
+    by = {t: torch.tensor([i for i, x in enumerate(tasks) if x == t]) for t in names}
+    picks = []
+    for j, t in enumerate(names):
+        want = n // len(names) + (j < n % len(names))
+        idx, parts = by[t], []
+        while want > 0:
+            take = min(want, len(idx))
+            parts.append(idx[torch.randperm(len(idx), generator=g)[:take]])
+            want -= take
+        picks.append(torch.cat(parts))
+    order = torch.cat(picks)
+    return order[torch.randperm(n, generator=g)]
 
 
 def _mirrored_features(cfg: "TrainConfig", train_fs: FeatureSet, backbone: Backbone, **kw) -> FeatureSet:
@@ -256,13 +284,15 @@ def train(
     from tqdm.auto import tqdm
 
 
+    if cfg.sampling is not None and cfg.sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS} or None, got {cfg.sampling!r}")
+    if cfg.augment is not None and cfg.augment not in AUGMENTS:
+        raise ValueError(f"augment must be one of {AUGMENTS} or None, got {cfg.augment!r}")
     dev = pick_device(device)
     torch.manual_seed(cfg.seed)
     backbone = backbone.to(dev)
     train_fs = train_features if train_features is not None else load_features(cfg.data, backbone, cache_dir=cache_dir, device=dev, progress=progress)
     labels = train_fs.classes
-    if cfg.augment is not None and cfg.augment not in AUGMENTS:
-        raise ValueError(f"augment must be one of {AUGMENTS} or None, got {cfg.augment!r}")
     mirror_fs = _mirrored_features(cfg, train_fs, backbone, cache_dir=cache_dir, device=dev, progress=progress) if cfg.augment == "hflip" else None
     fit_idx, hold_idx = holdout_split(train_fs.labels, cfg.holdout_frac, cfg.seed)
     hold_fs = train_fs.take(hold_idx) if hold_idx else None
@@ -298,7 +328,7 @@ def train(
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             break
         adapter.train()
-        order = epoch_order(len(train_fs), cfg.seed, epoch)
+        order = task_balanced_order(train_fs.tasks, cfg.seed, epoch) if cfg.sampling == "task-balanced" else epoch_order(len(train_fs), cfg.seed, epoch)
         flips = epoch_flips(len(train_fs), cfg.seed, epoch) if mirror_fs is not None else None
         bar = tqdm(range(steps_per_epoch), desc=f"{cfg.format} epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
         seen = correct = 0

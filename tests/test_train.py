@@ -232,3 +232,23 @@ def test_gallery_form_is_not_a_new_training_run():
     assert _same_training(asdict(cfg), replace(cfg, gallery_pq=160, gallery_per_class=1000))
     assert not _same_training(asdict(cfg), replace(cfg, augment="hflip"))
     assert replace(cfg, gallery_pq=160).run_hash() != cfg.run_hash()
+
+
+def test_task_balanced_order_draws_each_task_equally():
+    from collections import Counter
+
+    from metalora.train import epoch_order, task_balanced_order
+
+    tasks = ["big"] * 900 + ["mid"] * 250 + ["tiny"] * 50  # 1,200 images: 400 places a task
+    order = task_balanced_order(tasks, seed=0, epoch=3)
+    assert order.shape == (1200,) and torch.equal(order, task_balanced_order(tasks, seed=0, epoch=3))
+    assert not torch.equal(order, task_balanced_order(tasks, seed=0, epoch=4))
+    counts = Counter(tasks[i] for i in order.tolist())
+    assert counts == {"big": 400, "mid": 400, "tiny": 400}
+    big = [i for i in order.tolist() if tasks[i] == "big"]
+    assert len(set(big)) == 400  # a large task is subsampled without repeats
+    tiny = Counter(i for i in order.tolist() if tasks[i] == "tiny")
+    assert set(tiny) == set(range(1150, 1200)) and set(tiny.values()) == {8}  # a small one: 8 whole passes
+    assert torch.equal(task_balanced_order(["a"] * 7, 2, 1), epoch_order(7, 2, 1))
+    with pytest.raises(ValueError, match="sampling"):
+        train(TrainConfig(data=[TRAIN], sampling="uniform"), None)
