@@ -224,9 +224,15 @@ def _save_ckpt(ckpt: Path, adapter: Adapter, opt: torch.optim.Optimizer, state: 
 POST_TRAINING = ("gallery_per_class", "false_reject_rate", "gallery_pq")
 
 
+# TrainConfig fields added after checkpoints were first written, with the value that means "as before":
+# a checkpoint saved without one (or with that value) is the same run as a config that has the default.
+LATER_FIELDS = {"seed_mode": "input", "augment": None, "sampling": None, "gallery_pq": None}
+
+
 def _same_training(saved: dict | None, cfg: "TrainConfig") -> bool:
     def norm(d: dict) -> str:
-        return json.dumps({k: v for k, v in d.items() if k not in POST_TRAINING}, sort_keys=True, default=list)
+        return json.dumps({k: v for k, v in d.items() if k not in POST_TRAINING and not (k in LATER_FIELDS and v == LATER_FIELDS[k])},
+                          sort_keys=True, default=list)
 
     return bool(saved) and norm(saved) == norm(asdict(cfg))
 

@@ -252,3 +252,16 @@ def test_task_balanced_order_draws_each_task_equally():
     assert torch.equal(task_balanced_order(["a"] * 7, 2, 1), epoch_order(7, 2, 1))
     with pytest.raises(ValueError, match="sampling"):
         train(TrainConfig(data=[TRAIN], sampling="uniform"), None)
+
+
+def test_a_checkpoint_from_before_a_new_config_field_still_resumes():
+    """A checkpoint written before `augment`/`sampling`/`gallery_pq` existed has no such keys: with
+    them at their defaults the config is the same training run (a finished run must not retrain)."""
+    from dataclasses import asdict
+
+    from metalora.train import _same_training
+
+    cfg = TrainConfig(data=[TRAIN], format="tr", budget=30_000)
+    old = {k: v for k, v in asdict(cfg).items() if k not in ("augment", "sampling", "gallery_pq", "seed_mode")}
+    assert _same_training(old, replace(cfg, gallery_pq=160))
+    assert not _same_training(old, replace(cfg, sampling="task-balanced"))
