@@ -40,6 +40,11 @@ def default_targets(backbone) -> list[str]:
 DEFAULT_RANKS = {"lora": (16,), "cp": (16,), "tr": (4, 4, 4)}
 
 
+# TrainConfig fields added after checkpoints were first written, with the value that means "as before":
+# neither in the run hash nor, saved without one (or with that value), in a checkpoint's config: the same run as a config that has the default.
+LATER_FIELDS = {"seed_mode": "input", "augment": None, "sampling": None, "gallery_pq": None}
+
+
 @dataclass
 class TrainConfig:
     """Everything that determines a run; recorded verbatim in the bundle manifest."""
@@ -70,14 +75,9 @@ class TrainConfig:
         if not self.holdout_frac:  # runs without calibration hash as they did before these fields
             d.pop("holdout_frac")
             d.pop("false_reject_rate")
-        if self.seed_mode == "input":  # likewise for the default seed mode
-            d.pop("seed_mode")
-        if self.augment is None:  # and for runs without augmentation
-            d.pop("augment")
-        if self.gallery_pq is None:
-            d.pop("gallery_pq")
-        if self.sampling is None:
-            d.pop("sampling")
+        for k, default in LATER_FIELDS.items():  # likewise for fields added later, at their defaults
+            if d[k] == default:
+                d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
@@ -222,11 +222,6 @@ def _save_ckpt(ckpt: Path, adapter: Adapter, opt: torch.optim.Optimizer, state: 
 # TrainConfig fields that shape only what is built after the last epoch (the gallery, the k-NN
 # threshold): a checkpoint that differs in these alone is the same training run and resumes.
 POST_TRAINING = ("gallery_per_class", "false_reject_rate", "gallery_pq")
-
-
-# TrainConfig fields added after checkpoints were first written, with the value that means "as before":
-# a checkpoint saved without one (or with that value) is the same run as a config that has the default.
-LATER_FIELDS = {"seed_mode": "input", "augment": None, "sampling": None, "gallery_pq": None}
 
 
 def _same_training(saved: dict | None, cfg: "TrainConfig") -> bool:
