@@ -75,6 +75,14 @@ class Gallery:
     thumbnails: list[bytes | None] | None = None
     pq: tuple[torch.Tensor, torch.Tensor] | None = None  # (centroids (M, 256, D/M) fp16, codes (N, M) uint8)
 
+    @staticmethod
+    def check_pq(m: int, d: int, n: int) -> None:
+        """Raise BundleError unless n items of dimension d can be product-quantised with m sub-quantizers."""
+        if m < 1 or d % m:
+            raise BundleError("gallery_pq", f"product quantisation needs the embedding size {d} to be a multiple of the {m} sub-quantizers")
+        if n < 2**PQ_BITS:
+            raise BundleError("gallery_pq", f"product quantisation needs at least {2**PQ_BITS} gallery items to train its codebooks, this gallery would have {n}")
+
     def compress(self, m: int, seed: int = 0) -> "Gallery":
         """This gallery product-quantised with `m` sub-quantizers of 8 bits: m bytes an item instead of
         2·D (fp16), plus a 2·256·D-byte codebook. The codebooks are k-means (FAISS `ProductQuantizer`)
@@ -84,10 +92,7 @@ class Gallery:
         import faiss
 
         n, d = self.embeddings.shape
-        if m < 1 or d % m:
-            raise BundleError("gallery_pq", f"product quantisation needs D = {d} to be a multiple of the {m} sub-quantizers")
-        if n < 2**PQ_BITS:
-            raise BundleError("gallery_pq", f"product quantisation needs at least {2**PQ_BITS} items to train its codebooks, the gallery has {n}")
+        self.check_pq(m, d, n)
         x = torch.nn.functional.normalize(self.embeddings.float(), dim=-1).numpy()
         pq = faiss.ProductQuantizer(d, m, PQ_BITS)
         pq.cp.seed = seed

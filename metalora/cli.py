@@ -169,9 +169,9 @@ def train(
                                                     "the mirrored features are cached once like the rest (data spec option hflip=1). "
                                                     "Not for tasks where left and right differ (digits, traffic signs)")] = None,
     eval_data: Annotated[Optional[list[str]], typer.Option(help="test data spec(s): k-NN/head accuracy goes into the manifest")] = None,
-    gallery_per_class: Annotated[Optional[int], typer.Option(help="gallery items per class (default: every training image)")] = None,
+    gallery_per_class: Annotated[Optional[int], typer.Option(help="gallery items per class: the first N of each class in the data's order (default: every training image)")] = None,
     gallery_pq: Annotated[Optional[int], typer.Option(min=1, help="store the gallery product-quantised (FAISS ProductQuantizer, 8 bits): this many bytes an item "
-                                                      "instead of 2 per dimension (fp16), so more items fit; must divide the embedding size (1280: 64, 80, 160, 320)")] = None,
+                                                      "instead of 2 per dimension (fp16), so more items fit; must divide the embedding size (1280: e.g. 64, 80, 160, 320, 640, 1280)")] = None,
     holdout_frac: Annotated[float, typer.Option(min=0.0, max=0.9, help="share of each class held out of training to fit the head temperature and the k-NN 'unknown' threshold (0: no calibration)")] = 0.0,
     false_reject_rate: Annotated[float, typer.Option(min=0.0, max=0.5, help="share of held-out images the k-NN threshold rejects")] = 0.05,
     ood_data: Annotated[Optional[list[str]], typer.Option(help="other tasks' test data: the manifest records the share the threshold rejects")] = None,

@@ -197,7 +197,10 @@ def _mirrored_features(cfg: "TrainConfig", train_fs: FeatureSet, backbone: Backb
     row for row the same images as `train_fs`."""
     from .data import DataSpec
 
-    specs = [DataSpec.parse(t).flipped().text for t in cfg.data]
+    parsed = [DataSpec.parse(t) for t in cfg.data]
+    if any(p.hflip for p in parsed):
+        raise ValueError("--augment hflip mirrors the training images itself: give the data specs without hflip=1")
+    specs = [p.flipped().text for p in parsed]
     alt = load_features(specs, backbone, **kw)
     if alt.ids != train_fs.ids or alt.labels != train_fs.labels:
         raise ValueError("the mirrored features do not list the same images as the training data")
@@ -294,12 +297,17 @@ def train(
     backbone = backbone.to(dev)
     train_fs = train_features if train_features is not None else load_features(cfg.data, backbone, cache_dir=cache_dir, device=dev, progress=progress)
     labels = train_fs.classes
+    if cfg.sampling == "task-balanced" and len(set(train_fs.tasks)) < 2:
+        raise ValueError("sampling task-balanced needs several tasks (one --data task=SPEC each)")
     mirror_fs = _mirrored_features(cfg, train_fs, backbone, cache_dir=cache_dir, device=dev, progress=progress) if cfg.augment == "hflip" else None
     fit_idx, hold_idx = holdout_split(train_fs.labels, cfg.holdout_frac, cfg.seed)
     hold_fs = train_fs.take(hold_idx) if hold_idx else None
     if hold_idx:
         train_fs = train_fs.take(fit_idx)
         mirror_fs = mirror_fs.take(fit_idx) if mirror_fs is not None else None  # held-out images stay out in both views
+    if cfg.gallery_pq:  # checked before training, not after the last epoch
+        n_gallery = len(_gallery_subset(train_fs, cfg.gallery_per_class))
+        Gallery.check_pq(cfg.gallery_pq, backbone.embed_dim, n_gallery)
     y = torch.tensor([labels.index(lab) for lab in train_fs.labels])  # (N,)
     y_hold = torch.tensor([labels.index(lab) for lab in hold_fs.labels]) if hold_fs is not None else None
 

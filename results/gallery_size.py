@@ -6,9 +6,12 @@ test set with galleries of the first N images a class (the rule `metalora train 
 uses), each stored as fp16 or product-quantised (`Gallery.compress`: M bytes an item plus a
 655 KB codebook at D = 1280). The bytes are those of the gallery.safetensors file it would write.
 
-    python -m results.gallery_size --adapter mnist@2 --adapter cifar10@4   # -> results/gallery_size.json, docs/img/gallery_size.png
+    python -m results.gallery_size --adapter mnist@3   # -> results/gallery_size.json, docs/img/gallery_size.png
 
-Resumable: bundles already in the JSON are skipped (`--force` measures them again).
+It embeds the bundle's whole training set through its adapter and trains 15 PQ codebooks: 23 min
+for MNIST's 54,001 images on 2 busy cores. The recorded run is keyed `mnist@2`: the weights that
+`mnist@3` ships (the same run, resumed after its last epoch with another gallery). Resumable:
+bundles already in the JSON are skipped (`--force` measures them again).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
-from metalora.bundle import Gallery, load_bundle, read_manifest
+from metalora.bundle import BundleError, Gallery, load_bundle, read_manifest
 from metalora.cli import _eval_backbone
 from metalora.data import load_features
 from metalora.evaluate import knn_predict
@@ -98,11 +101,16 @@ def plot(results: dict, out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--adapter", action="append", required=True, help="store ref, repeatable")
-    ap.add_argument("--out", type=Path, default=OUT)
-    ap.add_argument("--plot", type=Path, default=PLOT)
-    ap.add_argument("--force", action="store_true")
+    ap.add_argument("--adapter", action="append", required=True, help="store ref (name[@version]), repeatable")
+    ap.add_argument("--out", type=Path, default=OUT, help=f"JSON of the results, read first to skip bundles done (default {OUT})")
+    ap.add_argument("--plot", type=Path, default=PLOT, help=f"the chart (default {PLOT})")
+    ap.add_argument("--force", action="store_true", help="measure bundles that are already in --out again")
     args = ap.parse_args()
+    for ref in args.adapter:  # a bad reference is an error message, not a traceback after minutes of work
+        try:
+            ModelStore(DEFAULT_STORE).resolve(ref)
+        except (BundleError, ValueError) as e:
+            ap.error(str(e))
     torch.set_num_threads(max(1, torch.get_num_threads()))
     results = json.loads(args.out.read_text()) if args.out.is_file() else {"bundles": {}}
     results["machine"] = machine()

@@ -87,8 +87,10 @@ CUT5=(--format tr --lr 0.003 --seed 0 --holdout-frac 0.1 --json --split 5)
 "$METALORA" train "${CUT5[@]}" --rank 3 --rank 6 --rank 3 --epochs 10 --batch-size 64 "${G[@]}" \
     --data "$D/gtsrb/train.zip" --eval-data "$D/gtsrb/test.zip" $(ood gtsrb) \
     --checkpoint runs/ckpt/gtsrb-3 --out model_store/adapters/gtsrb/4
-for t in fashion-mnist eurosat; do
-  "$METALORA" train "${CUT5[@]}" --budget 280000 --epochs 10 --batch-size 64 "${G[@]}" \
+# eurosat/2 ships the 200-a-class fp16 gallery it was first written with (not the rule's: see docs/results.md).
+for spec in "fashion-mnist ${G[*]}" "eurosat --gallery-per-class 200"; do
+  read -r t gallery <<< "$spec"
+  "$METALORA" train "${CUT5[@]}" --budget 280000 --epochs 10 --batch-size 64 $gallery \
       --data "$D/$t/train.zip" --eval-data "$D/$t/test.zip" $(ood $t) \
       --checkpoint runs/ckpt/$t-2 --out model_store/adapters/$t/2
 done

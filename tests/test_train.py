@@ -265,3 +265,18 @@ def test_a_checkpoint_from_before_a_new_config_field_still_resumes():
     old = {k: v for k, v in asdict(cfg).items() if k not in ("augment", "sampling", "gallery_pq", "seed_mode")}
     assert _same_training(old, replace(cfg, gallery_pq=160))
     assert not _same_training(old, replace(cfg, sampling="task-balanced"))
+
+
+def test_bad_training_options_fail_before_the_first_epoch(backbone, cache, tmp_path):
+    """--gallery-pq that cannot work, hflip twice, or task-balanced sampling of one task: refused
+    up front (a gallery error used to come after the last epoch)."""
+    from metalora.bundle import BundleError
+
+    base = dict(data=[TRAIN], format="tr", budget=30_000, epochs=1, batch_size=8)
+    ck = tmp_path / "ck"
+    for cfg, match in ((TrainConfig(**base, gallery_pq=7), "multiple"), (TrainConfig(**base, gallery_pq=16), "256"),
+                       (TrainConfig(**{**base, "data": [TRAIN + ",hflip=1"]}, augment="hflip"), "without hflip"),
+                       (TrainConfig(**base, sampling="task-balanced"), "several tasks")):
+        with pytest.raises((BundleError, ValueError), match=match):
+            train(cfg, backbone, ckpt_dir=ck, cache_dir=cache, progress=False)
+        assert not (ck / "state.json").exists()  # no epoch ran
