@@ -77,13 +77,22 @@ def main() -> None:
 
     buf = io.BytesIO()
     Image.fromarray(skimage.data.chelsea()).save(buf, format="PNG")
+    t_start = time.perf_counter()
     srv = ServerProcess(Path(a.store), Path(a.out).with_suffix(".server.log"), backend=a.backend, adapters=a.adapter).start()
+    startup_s = time.perf_counter() - t_start
     try:
         with httpx.Client(base_url=srv.url, timeout=600) as c:
             t0 = time.perf_counter()
             chelsea = c.post("/v1/predict", files=[("images", ("chelsea.png", buf.getvalue()))], data={"adapter": a.adapter, "top_k": "3"}).json()
             res = {"adapter": a.adapter, "data": a.data if len(a.data) > 1 else a.data[0], "backend": c.get("/readyz").json().get("backend"),
                    "chelsea": chelsea["results"][0]}
+            res["startup_s"] = startup_s  # to /readyz: includes opening the gallery (decode, import into the gallery store, index build)
+            knn_s = []
+            for _ in range(5):  # one image, the gallery open: the median of 5
+                t1 = time.perf_counter()
+                c.post("/v1/knn", files=[("images", ("chelsea.png", buf.getvalue()))], data={"adapter": a.adapter, "k": "10"}).raise_for_status()
+                knn_s.append(time.perf_counter() - t1)
+            res["knn_one_image_s"] = sorted(knn_s)[2]
             parts = {DataSpec.parse(spec).name: run(c, a.adapter, items_of(spec), a.batch) for spec in a.data}
             n = sum(r["n"] for r in parts.values())
             res.update({"n": n, **{k: sum(r[k] * r["n"] for r in parts.values()) / n for k in next(iter(parts.values())) if k != "n"}})
