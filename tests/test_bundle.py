@@ -183,7 +183,7 @@ def test_product_quantised_gallery_errors():
     g = Gallery(emb, y, [f"i{j}" for j in range(300)])
     with pytest.raises(BundleError, match="multiple"):
         g.compress(7)
-    with pytest.raises(BundleError, match="256 items"):
+    with pytest.raises(BundleError, match="256 gallery items"):
         Gallery(emb[:100], y[:100], g.ids[:100]).compress(16)
     t = g.compress(16).to_tensors()
     bad = {**t, "pq_codes": t["pq_codes"].to(torch.int64)}
