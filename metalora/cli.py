@@ -168,6 +168,8 @@ def train(
     augment: Annotated[Optional[str], typer.Option(help="hflip: each step sees each training image or its mirror image (p = 0.5, seeded); "
                                                     "the mirrored features are cached once like the rest (data spec option hflip=1). "
                                                     "Not for tasks where left and right differ (digits, traffic signs)")] = None,
+    cosine_loss: Annotated[float, typer.Option(min=0.0, max=10.0, help="weight of an auxiliary cosine-softmax loss (NormFace, scale 16) on the L2-normalised "
+                                                 "embedding, the space k-NN searches, against the head's normalised rows; 0: cross-entropy on the head alone")] = 0.0,
     eval_data: Annotated[Optional[list[str]], typer.Option(help="test data spec(s): k-NN/head accuracy goes into the manifest")] = None,
     gallery_per_class: Annotated[Optional[int], typer.Option(help="gallery items per class: the first N of each class in the data's order (default: every training image)")] = None,
     gallery_pq: Annotated[Optional[int], typer.Option(min=1, help="store the gallery product-quantised (FAISS ProductQuantizer, 8 bits): this many bytes an item "
@@ -197,7 +199,7 @@ def train(
         data=data, format=format, ranks=tuple(rank) if rank else None, budget=budget,
         targets=targets or default_targets(bb), epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, seed_mode=seed_mode,
         gallery_per_class=gallery_per_class, holdout_frac=holdout_frac, false_reject_rate=false_reject_rate, augment=augment,
-        gallery_pq=gallery_pq, sampling=sampling,
+        gallery_pq=gallery_pq, sampling=sampling, cosine_loss=cosine_loss,
     )
     name = name or out.resolve().parent.name
     version = version or out.name

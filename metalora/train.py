@@ -42,7 +42,10 @@ DEFAULT_RANKS = {"lora": (16,), "cp": (16,), "tr": (4, 4, 4)}
 
 # TrainConfig fields added after checkpoints were first written, with the value that means "as before":
 # neither in the run hash nor, saved without one (or with that value), in a checkpoint's config: the same run as a config that has the default.
-LATER_FIELDS = {"seed_mode": "input", "augment": None, "sampling": None, "gallery_pq": None}
+LATER_FIELDS = {"seed_mode": "input", "augment": None, "sampling": None, "gallery_pq": None, "cosine_loss": 0.0}
+# The scale s of the auxiliary cosine-softmax loss (NormFace, Wang et al., ACM MM 2017: s >= 6.1 lets
+# a 10-class softmax reach p = 0.99, >= 8.1 for GTSRB's 43 classes; 16 leaves room for both).
+COSINE_SCALE = 16.0
 
 
 @dataclass
@@ -69,6 +72,7 @@ class TrainConfig:
     gallery_pq: int | None = None  # store the gallery product-quantised with this many sub-quantizers (bytes an item); None: fp16
     sampling: str | None = None  # "task-balanced": each epoch draws every task (spec) equally often; None: every image once
     augment: str | None = None  # "hflip": each step sees each image or its mirror (p = 0.5, seeded); None: as is
+    cosine_loss: float = 0.0  # weight of an auxiliary cosine-softmax loss on the L2-normalised embedding (k-NN's space); 0: off
 
     def run_hash(self) -> str:
         d = asdict(self)
@@ -192,6 +196,17 @@ def task_balanced_order(tasks: list[str], seed: int, epoch: int) -> torch.Tensor
     return order[torch.randperm(n, generator=g)]
 
 
+def cosine_softmax_loss(emb: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, scale: float = COSINE_SCALE) -> torch.Tensor:
+    """Cross-entropy of `scale` x cosine(embedding, class row): NormFace (Wang et al., ACM MM 2017).
+
+    emb (B, D) pooled embeddings, weight (classes, D) the head's rows used as class directions,
+    y (B,) class indices -> a scalar. It trains the L2-normalised space the k-NN gallery searches
+    (cosine similarity) to separate classes by angle; the head itself stays a plain linear layer.
+    """
+    cos = F.normalize(emb, dim=1) @ F.normalize(weight, dim=1).T  # (B, classes)
+    return F.cross_entropy(scale * cos, y)
+
+
 def _mirrored_features(cfg: "TrainConfig", train_fs: FeatureSet, backbone: Backbone, **kw) -> FeatureSet:
     """The features of `cfg.data` mirrored left to right (`hflip=1` specs: cached once like the rest),
     row for row the same images as `train_fs`."""
@@ -290,6 +305,8 @@ def train(
 
     if cfg.sampling is not None and cfg.sampling not in SAMPLINGS:
         raise ValueError(f"sampling must be one of {SAMPLINGS} or None, got {cfg.sampling!r}")
+    if not 0.0 <= cfg.cosine_loss <= 10.0:
+        raise ValueError(f"cosine_loss must be a weight in [0, 10], got {cfg.cosine_loss!r}")
     if cfg.augment is not None and cfg.augment not in AUGMENTS:
         raise ValueError(f"augment must be one of {AUGMENTS} or None, got {cfg.augment!r}")
     dev = pick_device(device)
@@ -355,6 +372,8 @@ def train(
             fwd = model.forward_from_prefix(h, [adapter] * h.shape[0])
             logits = torch.stack(fwd.logits)  # (B, classes)
             loss = F.cross_entropy(logits, yb)
+            if cfg.cosine_loss:
+                loss = loss + cfg.cosine_loss * cosine_softmax_loss(fwd.embeddings, adapter.head.weight, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -442,7 +461,9 @@ def train(
         "gallery_items": len(gallery.ids),
         "history": history,
         "device": str(dev),
-        "objective": "cross-entropy on the adapter's head; k-NN on the L2-normalised pooled tail embedding",
+        "objective": "cross-entropy on the adapter's head"
+        + (f" + {cfg.cosine_loss:g} x cosine-softmax (scale {COSINE_SCALE:g}) on the normalised embedding against the head's normalised rows" if cfg.cosine_loss else "")
+        + "; k-NN on the L2-normalised pooled tail embedding",
         "run_hash": run_hash,
     }
     summary = {"training": training, "metrics": metrics, "calibration": calibration, "out": str(out) if out else None}

@@ -255,14 +255,14 @@ def test_task_balanced_order_draws_each_task_equally():
 
 
 def test_a_checkpoint_from_before_a_new_config_field_still_resumes():
-    """A checkpoint written before `augment`/`sampling`/`gallery_pq` existed has no such keys: with
+    """A checkpoint written before `augment`/`sampling`/`gallery_pq`/`cosine_loss` existed has no such keys: with
     them at their defaults the config is the same training run (a finished run must not retrain)."""
     from dataclasses import asdict
 
     from metalora.train import _same_training
 
     cfg = TrainConfig(data=[TRAIN], format="tr", budget=30_000)
-    old = {k: v for k, v in asdict(cfg).items() if k not in ("augment", "sampling", "gallery_pq", "seed_mode")}
+    old = {k: v for k, v in asdict(cfg).items() if k not in ("augment", "sampling", "gallery_pq", "seed_mode", "cosine_loss")}
     assert _same_training(old, replace(cfg, gallery_pq=160))
     assert not _same_training(old, replace(cfg, sampling="task-balanced"))
 
@@ -280,3 +280,30 @@ def test_bad_training_options_fail_before_the_first_epoch(backbone, cache, tmp_p
         with pytest.raises((BundleError, ValueError), match=match):
             train(cfg, backbone, ckpt_dir=ck, cache_dir=cache, progress=False)
         assert not (ck / "state.json").exists()  # no epoch ran
+
+
+def test_cosine_softmax_loss_matches_its_formula():
+    """NormFace's loss, written out in numpy: -log softmax(s * cos(e_i, w_c))[y_i], averaged."""
+    from metalora.train import COSINE_SCALE, cosine_softmax_loss
+
+    g = torch.Generator().manual_seed(0)
+    emb, w, y = torch.randn(6, 5, generator=g) * 3, torch.randn(4, 5, generator=g), torch.tensor([0, 1, 2, 3, 1, 0])
+    e, ww = emb.double().numpy(), w.double().numpy()
+    cos = (e / np.linalg.norm(e, axis=1, keepdims=True)) @ (ww / np.linalg.norm(ww, axis=1, keepdims=True)).T
+    z = COSINE_SCALE * cos
+    ref = np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(6), y.numpy()])
+    assert float(cosine_softmax_loss(emb, w, y)) == pytest.approx(ref, rel=1e-5)
+    assert float(cosine_softmax_loss(emb * 7.0, w * 0.1, y)) == pytest.approx(ref, rel=1e-5)  # scale-free in both
+
+
+def test_cosine_loss_trains_other_weights_and_is_recorded(backbone, cache, tmp_path):
+    cfg = lambda **kw: TrainConfig(data=[TRAIN], format="tr", budget=30_000, epochs=1, batch_size=8, seed=2, **kw)  # noqa: E731
+    assert cfg(cosine_loss=0.0).run_hash() == cfg().run_hash() != cfg(cosine_loss=1.0).run_hash()  # shipped hashes unchanged
+    out = tmp_path / "digits" / "3"
+    with_cos = train(cfg(cosine_loss=1.0), backbone, out=out, cache_dir=cache, progress=False)
+    plain = _weights(train(cfg(), backbone, cache_dir=cache, progress=False))
+    assert not all(torch.equal(v, plain[k]) for k, v in _weights(with_cos).items())
+    training = read_manifest(out)["training"]
+    assert training["cosine_loss"] == 1.0 and "cosine-softmax" in training["objective"]
+    with pytest.raises(ValueError, match="cosine_loss"):
+        train(cfg(cosine_loss=-1.0), backbone, cache_dir=cache, progress=False)
