@@ -95,4 +95,14 @@ for spec in "fashion-mnist ${G[*]}" "eurosat --gallery-per-class 200"; do
       --checkpoint runs/ckpt/$t-2 --out model_store/adapters/$t/2
 done
 
+# mixed/3: mixed/2's five tasks at blocks[:5], twice the budget (tr [6, 6, 6], 542,200) and
+# --sampling task-balanced (each task a fifth of every epoch: the small ones repeated, CIFAR-10 and
+# MNIST subsampled); the galleries' rule. MNIST and the ImageNet sample cached at this cut first
+# (~10 min). ~55 min of training and ~10 of gallery, calibration and evaluation on 2 idle cores.
+"$METALORA" cache-features --split 5 --data "$D/mnist/train.zip" --data "$D/mnist/test.zip" --data "$D/imagenet-sample/val.zip"
+"$METALORA" train "${CUT5[@]}" --budget 560000 --epochs 3 --batch-size 128 "${G[@]}" --sampling task-balanced \
+    $(for t in "${TASKS[@]}"; do echo --data "$t=$D/$t/train.zip"; done) \
+    $(for t in "${TASKS[@]}"; do echo --eval-data "$t=$D/$t/test.zip"; done) \
+    --ood-data "$D/imagenet-sample/val.zip" --checkpoint runs/ckpt/mixed-3 --out model_store/adapters/mixed/3
+
 du -sh model_store
