@@ -37,17 +37,20 @@ def _store(root, split: int):
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
     """A blocks[:5] store holding a cut-6 bundle (tr, all of block 6) and a cut-5 bundle (cp, blocks
-    5 and 6), and each bundle alone in a store of its own cut (the references)."""
+    5 and 6); a blocks[:4] store holding those two and a cut-4 bundle (lora, blocks 4-6); and each
+    bundle alone in a store of its own cut (the references)."""
     own6 = _store(tmp_path_factory.mktemp("own6"), 6)
     own5 = _store(tmp_path_factory.mktemp("own5"), 5)
+    own4 = _store(tmp_path_factory.mktemp("own4"), 4)
     mixed = _store(tmp_path_factory.mktemp("mixed"), 5)
+    mixed4 = _store(tmp_path_factory.mktemp("mixed4"), 4)
     torch.manual_seed(0)
-    for root, name, fmt, ranks in ((own6, "late", "tr", (2, 3, 2)), (own5, "early", "cp", (4,))):
+    for root, name, fmt, ranks in ((own6, "late", "tr", (2, 3, 2)), (own5, "early", "cp", (4,)), (own4, "earliest", "lora", (4,))):
         bb = Runtime(root).backbone
         ad = randomize(Adapter(bb, AdapterConfig(fmt, ranks, ["blocks.*.conv_pw*", "conv_head"], [f"c{i}" for i in range(7)])), std=0.05)
-        for dest in (root, mixed):
+        for dest in (root, mixed, mixed4) if name != "earliest" else (root, mixed4):
             save_bundle(dest / "adapters" / name / "1", ad, bb, name=name, version="1")
-    return {"own6": own6, "own5": own5, "mixed": mixed}
+    return {"own6": own6, "own5": own5, "own4": own4, "mixed": mixed, "mixed4": mixed4}
 
 
 def _images(n: int, seed: int) -> torch.Tensor:
@@ -57,15 +60,18 @@ def _images(n: int, seed: int) -> torch.Tensor:
 
 def _reference(stores, x, keys):
     """Each sample through its bundle on a runtime of the bundle's own cut."""
-    rts = {"late@1": Runtime(stores["own6"]), "early@1": Runtime(stores["own5"])}
+    rts = {"late@1": Runtime(stores["own6"]), "early@1": Runtime(stores["own5"]), "earliest@1": Runtime(stores["own4"])}
     for k, rt in rts.items():
-        rt.load(k)
+        if k in keys:
+            rt.load(k)
     outs = [rts[k].run(x[i : i + 1], [k]) for i, k in enumerate(keys)]
     return torch.cat([o.embeddings for o in outs]), [o.logits[0] for o in outs], [o.seeds[0] for o in outs]
 
 
 def _diff(a, b) -> float:
-    return max((x.float() - y.float()).abs().max().item() for x, y in zip(a, b))
+    """Largest elementwise difference of two lists of tensors; None (a LoRA's seed) only against None."""
+    assert [x is None for x in a] == [y is None for y in b]
+    return max(((x.float() - y.float()).abs().max().item() for x, y in zip(a, b) if x is not None), default=0.0)
 
 
 @pytest.mark.slow
@@ -115,6 +121,33 @@ def test_onnx_bridges_later_cuts_and_reuses_their_own_tail_graphs(stores, tmp_pa
     got = static.run(x, keys)
     assert (got.embeddings - want.embeddings).abs().max().item() <= TOL and _diff(got.logits, want.logits) <= TOL
     assert len(list(tmp_path.glob("efficientnet_lite0-bridge-static-5-6-*.onnx"))) == 1
+
+
+@pytest.mark.slow
+def test_a_blocks4_store_serves_three_cuts_in_one_batch(stores, tmp_path):
+    """Three cuts at once: rows of cut-5 and cut-6 bundles are bridged 4 -> 5, then the cut-6 rows
+    5 -> 6, in torch, ONNX Runtime and the service's static-pad CPU runner alike."""
+    pytest.importorskip("onnxruntime")
+    from metalora.lowp import LowpRunner
+    from metalora.onnx_backend import OrtRunner
+
+    rt = Runtime(stores["mixed4"])
+    assert rt.backbone.split == 4
+    for k in ("late", "early", "earliest"):
+        rt.load(k)
+    assert [rt.model.adapters[f"{k}@1"].split for k in ("late", "early", "earliest")] == [6, 5, 4]
+    keys = ["earliest@1", "late@1", "early@1", "late@1", "earliest@1", "early@1"]
+    x = _images(len(keys), 3)
+    emb, logits, seeds = _reference(stores, x, keys)
+    out = rt.run(x, keys)
+    assert (out.embeddings - emb).abs().max().item() <= TOL
+    assert _diff(out.logits, logits) <= TOL and _diff(out.seeds, seeds) <= TOL
+    for runner in (OrtRunner(rt, cache_dir=tmp_path), LowpRunner(rt, "fp32", cache_dir=tmp_path)):
+        got = runner.run(x, keys)
+        assert (got.embeddings - emb).abs().max().item() <= TOL and _diff(got.logits, logits) <= TOL
+    for kind in ("bridge", "bridge-static"):
+        assert len(list(tmp_path.glob(f"efficientnet_lite0-{kind}-4-5-*.onnx"))) == 1
+        assert len(list(tmp_path.glob(f"efficientnet_lite0-{kind}-5-6-*.onnx"))) == 1
 
 
 def test_a_bundle_cut_before_the_serving_prefix_is_refused_with_the_fix(stores, tmp_path):
