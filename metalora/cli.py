@@ -157,7 +157,7 @@ def train(
     budget: Annotated[Optional[int], typer.Option(help="pick ranks for this many trainable parameters (mapping net + branches, head excluded)")] = None,
     targets: Annotated[Optional[list[str]], typer.Option(help="target layer patterns (default: every 1x1 conv of the tail and conv_head, "
                                                                         "'blocks.*.conv_pw' 'blocks.*.conv_pwl' 'conv_head': at blocks[:6] the three layers "
-                                                                        "blocks.6.0.conv_pw, blocks.6.0.conv_pwl, conv_head; at blocks[:5] eleven)")] = None,
+                                                                        "blocks.6.0.conv_pw, blocks.6.0.conv_pwl, conv_head; at blocks[:5] eleven; at blocks[:4] seventeen)")] = None,
     epochs: Annotated[int, typer.Option(min=1)] = 2,
     lr: Annotated[float, typer.Option(help="peak AdamW learning rate (warm-up, cosine decay)")] = 3e-3,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,

@@ -2,8 +2,9 @@
 
 The frozen prefix runs once per batch for every adapter, so it is where lower precision pays
 (efficientnet_lite0: `blocks[:6]`, 87 % of the model's FLOPs, at the default cut; `blocks[:5]`,
-63 %, in a store cut there); the per-adapter tail graphs, and the frozen bridge blocks that take
-default-cut adapters' rows from an earlier cut to theirs (`OrtRunner.bridge`), stay FP32. Precisions:
+63 %, and `blocks[:4]`, 41 %, in a store cut there); the per-adapter tail graphs, and the frozen
+bridge blocks that take later-cut adapters' rows from an earlier cut to theirs (`OrtRunner.bridge`),
+stay FP32. Precisions:
 
 * `fp32`: the prefix graph with TF "SAME" padding made static for the fixed input size (timm's
   `Conv2dSame` pads from the runtime shape; the traced graph then keeps Shape/Ceil/Pad chains

@@ -18,7 +18,9 @@ runs once per batch (the prefix) rather than once per adapter segment (the tail)
     python -m results.layer_sweep --tasks cifar10 --splits 6 5
     python -m results.layer_sweep --tasks cifar10 --splits 5 --budget 545408   # twice the budget
     python -m results.layer_sweep --serving-mixed   # a blocks[:5] store serving default-cut adapters
-Writes results/layer_sweep/<task>-split<S>.json, results/layer_sweep/serving.json and serving-mixed.json.
+    python -m results.layer_sweep --serving-mixed --cut4   # ... and a blocks[:4] store serving all three cuts
+Writes results/layer_sweep/<task>-split<S>.json, results/layer_sweep/serving.json, serving-mixed.json
+and serving-mixed-cut4.json.
 """
 
 from __future__ import annotations
@@ -63,23 +65,39 @@ def _store_at(root: Path, split: int) -> Path:
     return root
 
 
-MIXED_STORES = ("split6", "split5", "split5-mixed")
+# name -> (the store's cut, the cut of adapter i): 16 adapters, cycled through by each config.
+MIXED_STORES = {
+    "split6": (6, lambda i: 6),
+    "split5": (5, lambda i: 6),
+    "split5-mixed": (5, lambda i: 5 if i % 4 == 0 else 6),
+}
+# What moving the store's cut to blocks[:4] costs (`--serving-mixed --cut4`): the shipped mix
+# (split5-mixed) against the same adapters in a blocks[:4] store, and that store with every 4th
+# adapter (offset 2) cut at blocks[:4] too.
+CUT4_STORES = {
+    "split6": (6, lambda i: 6),
+    "split5-mixed": (5, lambda i: 5 if i % 4 == 0 else 6),
+    "split4-same": (4, lambda i: 5 if i % 4 == 0 else 6),
+    "split4-mixed": (4, lambda i: 5 if i % 4 == 0 else 4 if i % 4 == 2 else 6),
+}
 
 
-def serving_mixed(configs=SERVING_CONFIGS, rounds: int = 7, precisions: tuple[str, ...] = ("fp32", "int8")) -> dict:
-    """What a store cut at blocks[:5] costs the default-cut bundles it also serves.
+def serving_mixed(configs=SERVING_CONFIGS, rounds: int = 7, precisions: tuple[str, ...] = ("fp32", "int8"), stores: dict | None = None) -> dict:
+    """What a store cut before the default cut costs the default-cut bundles it also serves.
 
     The runner is the service's CPU backend, `metalora.lowp.LowpRunner` (static-pad prefix and
     bridge graphs, FP32 tails), once per precision: `fp32` (what `metalora serve` runs by default)
     and `int8` (the prefix quantised; bridges and tails FP32), where this CPU offers it.
 
-    Three runtimes, timed in alternation in one run (median of `rounds`):
-    Stores: `split6` — a blocks[:6] store with 16 default-cut tr adapters (BUDGET, blocks.6 + conv_head);
-    `split5` — a blocks[:5] store with the same 16 adapters: the prefix graph stops at block 5, a
-    frozen bridge graph runs block 5 once for all their rows, then each adapter's own tail graph;
-    `split5-mixed` — the blocks[:5] store with every 4th adapter replaced by a cut-5 one (11 layers
-    at the same budget), as the shipped store mixes them. Each (batch, adapters) config cycles
-    through the first `adapters` of them.
+    The runtimes of `stores` (default `MIXED_STORES`; name -> (store cut, cut of adapter i)) are
+    timed in alternation in one run (median of `rounds`). `MIXED_STORES`: `split6` — a blocks[:6]
+    store with 16 default-cut tr adapters (BUDGET, blocks.6 + conv_head); `split5` — a blocks[:5]
+    store with the same 16 adapters: the prefix graph stops at block 5, a frozen bridge graph runs
+    block 5 once for all their rows, then each adapter's own tail graph; `split5-mixed` — the
+    blocks[:5] store with every 4th adapter replaced by a cut-5 one (11 layers at the same budget),
+    as the shipped store mixes them. `CUT4_STORES` adds blocks[:4] stores (17 layers for a cut-4
+    adapter). Adapter i of a given cut is the same weights in every store. Each (batch, adapters)
+    config cycles through the first `adapters` of them.
     """
     import shutil
     import statistics
@@ -90,6 +108,7 @@ def serving_mixed(configs=SERVING_CONFIGS, rounds: int = 7, precisions: tuple[st
     from metalora.runtime import Runtime
     from metalora.train import ranks_for_budget
 
+    stores = stores or MIXED_STORES
     precs = [p for p in precisions if unavailable(p) is None]
     tmp = Path(tempfile.mkdtemp(prefix="layer-sweep-mixed-"))
     n_max = max(n for _, n in configs)
@@ -97,23 +116,22 @@ def serving_mixed(configs=SERVING_CONFIGS, rounds: int = 7, precisions: tuple[st
     xs = {b: torch.rand(b, 3, 224, 224) * 2 - 1 for b, _ in configs}
     runners, out = {}, {}
     try:
-        rts = {name: Runtime(store=_store_at(tmp / name, 6 if name == "split6" else 5)) for name in MIXED_STORES}
-        b6 = rts["split6"].backbone
-        tg6 = targets_for(b6)
-        r6, n6 = ranks_for_budget(b6, "tr", BUDGET, tg6, 64, "input")
-        b5 = rts["split5"].backbone
-        tg5 = targets_for(b5)
-        r5, n5 = ranks_for_budget(b5, "tr", BUDGET, tg5, 64, "input")
+        rts = {name: Runtime(store=_store_at(tmp / name, cut)) for name, (cut, _) in stores.items()}
+        cuts = sorted({rule(i) for _, rule in stores.values() for i in range(n_max)}, reverse=True)
         gen = torch.Generator().manual_seed(6)
-        late = [Adapter(b6, AdapterConfig("tr", r6, tg6, [f"c{j}" for j in range(10)])).perturb_(0.05, gen).eval() for _ in range(n_max)]
-        early = [Adapter(b5, AdapterConfig("tr", r5, tg5, [f"c{j}" for j in range(10)])).perturb_(0.05, gen).eval() for _ in range(n_max)]
+        ranks, params, made = {}, {}, {}
+        earliest = min(rts.values(), key=lambda rt: rt.backbone.split).backbone
+        for c in cuts:  # 6 first, then 5: the draws MIXED_STORES always made
+            bb = earliest.at_cut(c)
+            tg = targets_for(bb)
+            ranks[c], params[c] = ranks_for_budget(bb, "tr", BUDGET, tg, 64, "input")
+            made[c] = [Adapter(bb, AdapterConfig("tr", ranks[c], tg, [f"c{j}" for j in range(10)])).perturb_(0.05, gen).eval() for _ in range(n_max)]
         for name, rt in rts.items():
+            rule = stores[name][1]
             for i in range(n_max):
-                if name == "split5-mixed" and i % 4 == 0:
-                    ad = early[i]
-                else:  # the same default-cut adapter, built on this runtime's view at blocks[:6]
-                    ad = Adapter(rt.backbone.at_cut(6), late[i].config).eval()
-                    ad.load_state_dict(late[i].state_dict())
+                src = made[rule(i)][i]  # the same adapter, built on this runtime's view at its own cut
+                ad = Adapter(rt.backbone.at_cut(rule(i)), src.config).eval()
+                ad.load_state_dict(src.state_dict())
                 rt.model.add_adapter(f"a{i}@1", ad)
             for prec in precs:
                 runner = LowpRunner(rt, prec, threads=torch.get_num_threads())
@@ -133,10 +151,10 @@ def serving_mixed(configs=SERVING_CONFIGS, rounds: int = 7, precisions: tuple[st
         for prec in precs:
             for bsz, n_ad in configs:
                 key = f"batch{bsz}-adapters{n_ad}"
-                for name in MIXED_STORES:
+                for name in stores:
                     c = out[prec][name]["serving"][key]
                     c["images_per_s"] = bsz / statistics.median(c["times"])
-                for name in MIXED_STORES:
+                for name in stores:
                     c = out[prec][name]["serving"][key]
                     c["vs_split6"] = c["images_per_s"] / out[prec]["split6"]["serving"][key]["images_per_s"]
                     c["vs_split6_fp32"] = c["images_per_s"] / out["fp32"]["split6"]["serving"][key]["images_per_s"] if "fp32" in out else None
@@ -144,8 +162,10 @@ def serving_mixed(configs=SERVING_CONFIGS, rounds: int = 7, precisions: tuple[st
         for runner in runners.values():
             runner.close()
         shutil.rmtree(tmp, ignore_errors=True)
+    names = {6: "default_cut", 5: "blocks[:5]", 4: "blocks[:4]"}
     return {"configs": [{"batch": b, "distinct_adapters": n} for b, n in configs], "rounds": rounds, "threads": torch.get_num_threads(),
-            "ranks": {"default_cut": list(r6), "blocks[:5]": list(r5)}, "trainable_params": {"default_cut": n6, "blocks[:5]": n5},
+            "ranks": {names[c]: list(r) for c, r in ranks.items()}, "trainable_params": {names[c]: n for c, n in params.items()},
+            "stores": {name: {"cut": f"blocks[:{cut}]", "adapter_cuts": [f"blocks[:{rule(i)}]" for i in range(n_max)]} for name, (cut, rule) in stores.items()},
             "by_precision": out, "note": "LowpRunner (the service's CPU backend) per precision; median of alternated rounds; "
                                          "split5-mixed: every 4th adapter cut at blocks[:5]"}
 
@@ -274,6 +294,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--serving-only", action="store_true")
     ap.add_argument("--serving-mixed", action="store_true", help="only measure what a blocks[:5] store costs default-cut adapters "
                                                                  "(results/layer_sweep/serving-mixed.json)")
+    ap.add_argument("--cut4", action="store_true", help="with --serving-mixed: what moving the store's cut to blocks[:4] costs "
+                                                        "(results/layer_sweep/serving-mixed-cut4.json)")
     ap.add_argument("--report", action="store_true", help="only write the table (stdout) and results/layer_sweep/layer_sweep.png from the JSONs")
     args = ap.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -284,9 +306,9 @@ def main(argv: list[str] | None = None) -> None:
 
     machine = cpu_info()
     if args.serving_mixed:
-        res = serving_mixed()
+        res = serving_mixed(stores=CUT4_STORES if args.cut4 else MIXED_STORES)
         res["machine"] = machine
-        (OUT / "serving-mixed.json").write_text(json.dumps(res, indent=2))
+        (OUT / ("serving-mixed-cut4.json" if args.cut4 else "serving-mixed.json")).write_text(json.dumps(res, indent=2))
         for prec, stores in res["by_precision"].items():
             for name, r in stores.items():
                 print(f"{prec} {name} (prefix {r['prefix']}): " + ", ".join(f"{k} {c['images_per_s']:.1f} img/s ({c['vs_split6']:.2f}x split6)"

@@ -122,10 +122,10 @@ def test_cli_caches_features_at_the_cut_it_is_given(tmp_path):
     spec = "sklearn:digits?split=train,per_class=1"
     r5 = run_metalora("cache-features", "--data", spec, "--split", "5", "--cache-dir", str(tmp_path))
     r6 = run_metalora("cache-features", "--data", spec, "--split", "6", "--cache-dir", str(tmp_path))
-    rd = run_metalora("cache-features", "--data", spec, "--cache-dir", str(tmp_path))  # the shipped store's cut: blocks[:5]
+    rd = run_metalora("cache-features", "--data", spec, "--cache-dir", str(tmp_path))  # the shipped store's cut: blocks[:4]
     assert r5.returncode == 0 and r6.returncode == 0 and rd.returncode == 0, r5.stderr + r6.stderr + rd.stderr
-    assert "(112, 14, 14)" in r5.stdout and "(192, 7, 7)" in r6.stdout and "(112, 14, 14)" in rd.stdout
-    assert len(list((tmp_path / "prefix").glob("*.safetensors"))) == 2  # two entries, not one overwritten, and the default reused r5's
+    assert "(112, 14, 14)" in r5.stdout and "(192, 7, 7)" in r6.stdout and "(80, 14, 14)" in rd.stdout
+    assert len(list((tmp_path / "prefix").glob("*.safetensors"))) == 3  # one entry a cut, none overwritten
     bad = run_metalora("cache-features", "--data", spec, "--split", "9", "--cache-dir", str(tmp_path), env={"COLUMNS": "300"})
     assert bad.returncode == 2 and "split must be 2..6" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -143,10 +143,10 @@ def test_a_store_manifest_whose_kwargs_contradict_its_cut_is_refused(tmp_path):
     shutil.copytree(DEFAULT_STORE / "backbones" / "efficientnet_lite0", bdir)
     (tmp_path / "adapters").mkdir()
     man = json.loads((bdir / "manifest.json").read_text())
-    assert man["kwargs"] == {"split": 5} and man["seed_in_dim"] == 112  # the shipped store's cut
+    assert man["kwargs"] == {"split": 4} and man["seed_in_dim"] == 80  # the shipped store's cut
     man["kwargs"] = {"split": 6}
     (bdir / "manifest.json").write_text(json.dumps(man))
-    with pytest.raises(BundleError, match=r"seed_in_dim 112 \(they build 192\) and targetable"):  # every field to fix, in one message
+    with pytest.raises(BundleError, match=r"seed_in_dim 80 \(they build 192\) and targetable"):  # every field to fix, in one message
         Runtime(tmp_path)
     man.update(seed_in_dim=192, targetable=None)
     (bdir / "manifest.json").write_text(json.dumps(man))

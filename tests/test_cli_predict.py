@@ -20,7 +20,7 @@ from service.launch import ServerProcess
 from .conftest import ROOT
 
 # Pinned to the shipped calibrated version, so a newer cifar10 in the store does not change what is tested.
-CIFAR = "cifar10@5"
+CIFAR = "cifar10@6"
 pytestmark = pytest.mark.timeout(300)
 
 
@@ -49,22 +49,22 @@ def _served(server, path, adapter: str, top_k: int) -> dict:
 
 
 def test_in_process_predict_matches_server_scores_and_unknown(server, cat):
-    """cifar10@5 is calibrated (T = 1.76, k-NN threshold): the CLI used plain softmax (with cifar10@2,
+    """cifar10@6 is calibrated (T = 1.83, k-NN threshold): the CLI used plain softmax (with cifar10@2,
     cat 0.999 against the server's 0.996) and never said unknown, which the server said for this
     photo with cifar10@3; both must give the same scores and the same `unknown` flag."""
-    manifest = json.loads((ROOT / "model_store/adapters/cifar10/5/manifest.json").read_text())
+    manifest = json.loads((ROOT / "model_store/adapters/cifar10/6/manifest.json").read_text())
     assert manifest["calibration"]["temperature"] != 1.0 and manifest["calibration"]["knn_threshold"] is not None
     want = _served(server, cat, CIFAR, 10)
     r = CliRunner().invoke(lib_app, ["predict", "--adapter", CIFAR, "--top-k", "10", "--device", "cpu", "--json", str(cat)])
     assert r.exit_code == 0, r.output
     got = json.loads(r.stdout)[0]
-    assert (got["adapter"], got["version"]) == (want["adapter"], want["version"]) == ("cifar10", "5")
+    assert (got["adapter"], got["version"]) == (want["adapter"], want["version"]) == ("cifar10", "6")
     assert [p["label"] for p in got["predictions"]] == [p["label"] for p in want["predictions"]]
     assert max(abs(a["score"] - b["score"]) for a, b in zip(got["predictions"], want["predictions"])) < 1e-5
     assert isinstance(want["unknown"], bool) and got["unknown"] == want["unknown"]
     assert want["predictions"][0]["label"] == "cat"  # issue #11: chelsea is a cat for cifar10
     r = CliRunner().invoke(lib_app, ["predict", "--adapter", CIFAR, "--device", "cpu", str(cat)])
-    assert r.exit_code == 0 and "[cifar10@5] cat " in r.stdout and ("unknown" in r.stdout) == want["unknown"], r.output
+    assert r.exit_code == 0 and "[cifar10@6] cat " in r.stdout and ("unknown" in r.stdout) == want["unknown"], r.output
 
 
 def test_in_process_base_matches_server_and_prints_base(server, cat):

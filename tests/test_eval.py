@@ -55,7 +55,7 @@ def test_shipped_bundles_load_and_carry_metrics(name):
         assert key in m["metrics"], key
     assert m["metrics"]["knn_top1"] > m["metrics"]["baseline_knn_top1"]  # beats the frozen backbone
     assert m["preprocess"]["input_size"] == 224
-    # On the store's backbone (cut at blocks[:5]): bundles of that cut and of the default one both load.
+    # On the store's backbone (cut at blocks[:4]): bundles of that cut and of the later ones both load.
     adapter, manifest = load_bundle(path, create_backbone("efficientnet_lite0", **store.backbone_manifest("efficientnet_lite0")["kwargs"]))
     g = load_gallery(path, manifest)
     assert g is not None and g.embeddings.shape[1] == 1280 and len(g.ids) == len(g.labels) > 0

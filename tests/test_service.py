@@ -127,8 +127,8 @@ def test_health_ready_and_listing(server):
         assert set(names) == {"alpha", "beta", "gamma", "broken"} and names["beta"]["versions"] == ["1", "2"]
         info = c.get("/v1/adapters/alpha").json()
         assert info["versions"][0]["labels"] == ADAPTERS["alpha"][2] and info["versions"][0]["loaded"]
-        # Trained at the default cut (no `cut` in the manifest), served by a store cut at blocks[:5].
-        assert info["versions"][0]["cut"] == "blocks[:6]" and listing["backbone"]["cut"] == "blocks[:5]"
+        # Trained at the default cut (no `cut` in the manifest), served by a store cut at blocks[:4].
+        assert info["versions"][0]["cut"] == "blocks[:6]" and listing["backbone"]["cut"] == "blocks[:4]"
         assert "/v1/predict" in c.get("/openapi.json").json()["paths"] and c.get("/docs").status_code == 200
 
 
@@ -186,10 +186,10 @@ def test_include_seed_on_the_torch_backend(server, reference, images):
                 assert got is None
                 continue
             adapter = reference.model.adapters[reference.load(ref)]
-            # The bundles are cut at blocks[:6], the shipped store's backbone at blocks[:5]: the seed
+            # The bundles are cut at blocks[:6], the shipped store's backbone at blocks[:4]: the seed
             # is the mapping network on the features at the bundle's own cut.
             own = reference.backbone.at_cut(adapter.split)
-            assert own.split == 6 and reference.backbone.split == 5
+            assert own.split == 6 and reference.backbone.split == 4
             with torch.inference_mode():
                 f = own.pool_prefix(own.prefix(x))  # (2, 192)
             want = {k: v[i].numpy() for k, v in adapter.seeds(f).items()}
