@@ -70,7 +70,7 @@ def _eval_backbone(name: str, split: int | None, store: Path | None, adapter: st
 
 
 SPLIT_HELP = ("where the shared, cached prefix ends: efficientnet_lite0 blocks[:N], N = 2..6 (default: the store's backbone "
-              "manifest's kwargs.split — the shipped store: 5 — else 6; eval: the bundle's own cut); part of every cache key and recorded in the bundle, which loads on a "
+              "manifest's kwargs.split — the shipped store: 4 — else 6; eval: the bundle's own cut); part of every cache key and recorded in the bundle, which loads on a "
               "backbone cut there or earlier (the runtime reads its seed at its own cut)")
 
 

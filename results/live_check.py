@@ -5,7 +5,7 @@ figures for the same images; and the class of scikit-image's `chelsea` (a cat).
     python -m results.live_check --adapter cifar10 --data '../shared/data/cifar10/test.zip?per_class=100' \
         --out results/full_scale/cifar10-live.json [--ood '../shared/data/mnist/test.zip?per_class=20']
     python -m results.live_check --adapter mixed --data 'cifar10=../shared/data/cifar10/test.zip' \
-        --data 'mnist=../shared/data/mnist/test.zip' ... --out results/full_scale/mixed-live-full.json
+        --data 'mnist=../shared/data/mnist/test.zip' ... --out results/full_scale/mixed-3-live-full.json
 
 Several `--data` specs (each `task=`, as `metalora train` takes them) give labels `task/class`
 and a figure per task beside the overall one.

@@ -3,7 +3,8 @@
 # mnist/3, fashion-mnist/2, eurosat/2, gtsrb/4, mixed/3)
 # from the data.
 #
-#   bash scripts/build_store.sh        # the v1 bundles: ~10 min on 2 busy CPU cores; seconds per bundle on a GPU
+#   bash scripts/build_store.sh        # all of them: the v1 bundles ~10 min, the full-data ones ~6 h on 2 CPU cores
+#                                      # (cifar10/6 alone ~110 min, mixed/3 ~100 min; the times by each below)
 #
 # Resumable: the prefix-feature cache is committed in chunks (`metalora cache-features`; a rerun
 # skips finished chunks) and every training run checkpoints per epoch (runs/ckpt/<name>-<version>).
@@ -97,7 +98,7 @@ done
 # mixed/3: the five tasks (labels task/class, 83 classes, every training image) at blocks[:5], twice the budget (tr [6, 6, 6], 542,200) and
 # --sampling task-balanced (each task a fifth of every epoch: the small ones repeated, CIFAR-10 and
 # MNIST subsampled); the galleries' rule. MNIST, CIFAR-10 and the ImageNet sample cached at this cut first
-# (~25 min). ~55 min of training and ~10 of gallery, calibration and evaluation on 2 idle cores.
+# (~25 min). ~55 min of training and ~20 of gallery, calibration and evaluation on 2 cores.
 "$METALORA" cache-features --split 5 --data "$D/mnist/train.zip" --data "$D/mnist/test.zip" --data "$D/imagenet-sample/val.zip" \
     --data "$D/cifar10/test.zip" --data "$D/cifar10/train.zip"
 "$METALORA" train "${CUT5[@]}" --budget 560000 --epochs 3 --batch-size 128 "${G[@]}" --sampling task-balanced \
