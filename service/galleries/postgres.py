@@ -182,6 +182,8 @@ class PostgresStore(AbstractStore):
                         for n in conn.notifies(timeout=RETRY_S if retry else 1.0, stop_after=256):
                             key, _, seq = n.payload.rpartition(":")
                             _notify(on_change, key, int(seq) if seq.isdigit() else None, retry)
+                            if retry:  # a failed catch-up: stop waiting out the 1 s timeout chosen before it, retry within RETRY_S
+                                break
                         _retry(on_change, retry)
                         if time.monotonic() >= next_sync:
                             conn.execute("SELECT 1")  # notices a dead connection even when nothing is written
