@@ -392,9 +392,15 @@ def train(
             _, hl, _ = embed_features(model, adapter, hold_fs, device=dev)
             row["heldout_head_top1"] = float((hl.argmax(1) == y_hold).float().mean())
             row["heldout_loss"] = float(F.cross_entropy(hl.float(), y_hold))
+            if len(set(hold_fs.tasks)) > 1:  # a mixture's learning curve per task: where one task lags the others
+                hit = (hl.argmax(1) == y_hold).tolist()
+                row["heldout_head_top1_per_task"] = {
+                    t: sum(h for h, x in zip(hit, hold_fs.tasks) if x == t) / hold_fs.tasks.count(t) for t in dict.fromkeys(hold_fs.tasks)}
         history.append(row)
         if progress:
             held = f"  held-out top-1 {row['heldout_head_top1']:.4f}" if "heldout_head_top1" in row else ""
+            if "heldout_head_top1_per_task" in row:
+                held += " (" + ", ".join(f"{t} {a:.4f}" for t, a in row["heldout_head_top1_per_task"].items()) + ")"
             print(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['loss']:.4f}  train acc {row['train_acc']:.4f}{held}", flush=True)
         if ckpt is not None:
             _save_ckpt(ckpt, adapter, opt, {"epoch": epoch + 1, "run_hash": run_hash, "history": history, "config": asdict(cfg),

@@ -310,3 +310,17 @@ def test_cosine_loss_trains_other_weights_and_is_recorded(backbone, cache, tmp_p
     assert 0 < row["ce_loss"] < row["loss"]  # the objective adds the cosine part; ce_loss is the head's alone
     with pytest.raises(ValueError, match="cosine_loss"):
         train(cfg(cosine_loss=-1.0), backbone, cache_dir=cache, progress=False)
+
+
+def test_a_mixture_records_its_held_out_curve_per_task(backbone, cache):
+    """Several tasks: each epoch's history row splits the held-out top-1 by task, and the parts,
+    weighted by each task's held-out count, give the overall figure computed over all rows."""
+    cfg = TrainConfig(data=[f"a={TRAIN}", f"b={TRAIN}"], format="tr", budget=30_000, epochs=1, batch_size=8, seed=0,
+                      holdout_frac=0.5, sampling="task-balanced")
+    row = train(cfg, backbone, cache_dir=cache, progress=False)["training"]["history"][0]
+    per = row["heldout_head_top1_per_task"]
+    assert list(per) == ["a", "b"]  # 10 held-out images each: one a class
+    assert all(round(v * 10, 6) == round(v * 10) for v in per.values())
+    assert abs((per["a"] + per["b"]) / 2 - row["heldout_head_top1"]) < 1e-6
+    single = train(replace(cfg, data=[TRAIN], sampling=None), backbone, cache_dir=cache, progress=False)["training"]["history"][0]
+    assert "heldout_head_top1_per_task" not in single
