@@ -111,10 +111,9 @@ def mixed_table(ref: str = "mixed") -> str:
         sfg_path = FULL / f"{sn}-{sv}-eval-fullgallery.json"
         sfg = json.loads(sfg_path.read_text()).get("knn_top1") if sfg_path.is_file() else None
         mfg = (fg.get(task) or {}).get("knn_top1")
-        dk = f"{100 * (mfg - sfg):+.1f}" if mfg is not None and sfg is not None else "—"
         lines.append(f"| {task} | {_pct(pt['knn_top1'])} | {_pct(mfg)} | {_pct(pt['head_top1'])} | `{sn}@{sv}` | {_pct(sm['knn_top1'])} "
                      f"| {_pct(sfg)} | {_pct(sm['head_top1'])} | {_diff(pt.get('head_top1'), sm.get('head_top1'))} "
-                     f"| {_diff(pt.get('knn_top1'), sm.get('knn_top1'))} | {dk} |")
+                     f"| {_diff(pt.get('knn_top1'), sm.get('knn_top1'))} | {_diff(mfg, sfg)} |")
     return "\n".join(lines)
 
 
