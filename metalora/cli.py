@@ -181,6 +181,7 @@ def train(
     version: Annotated[Optional[str], typer.Option(help="bundle version (default: the last part of --out)")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="checkpoint directory (default: runs/ckpt/<name>-<version>)")] = None,
     resume: Annotated[bool, typer.Option(help="resume from a matching checkpoint")] = True,
+    overwrite: Annotated[bool, typer.Option(help="replace a bundle already at --out (default: refuse before training, so a shipped bundle is not lost)")] = False,
     baseline: Annotated[bool, typer.Option(help="with --eval-data, also measure the frozen backbone's k-NN on the same gallery/test images")] = True,
     thumbnails: Annotated[bool, typer.Option(help="store a <= 64 px WebP of each gallery item's source image inside the gallery (copies of your data: off by default; `metalora thumbnails` makes them beside the service's galleries instead)")] = False,
     cache_dir: Annotated[Optional[Path], typer.Option(help="prefix-feature cache (default: $METALORA_CACHE or ~/.cache/metalora)")] = None,
@@ -194,6 +195,8 @@ def train(
     from .train import TrainConfig, default_targets
     from .train import train as run_train
 
+    if (out / "manifest.json").exists() and not overwrite:
+        raise typer.BadParameter(f"{out} already holds a bundle; pass --overwrite to replace it, or write another version", param_hint="--out")
     bb = _backbone(backbone, split)
     cfg = TrainConfig(
         data=data, format=format, ranks=tuple(rank) if rank else None, budget=budget,

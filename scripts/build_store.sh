@@ -6,7 +6,8 @@
 #   bash scripts/build_store.sh        # all of them: the v1 bundles ~10 min, the full-data ones ~6 h on 2 CPU cores
 #                                      # (cifar10/6 alone ~110 min, mixed/3 ~100 min; the times by each below)
 #
-# Resumable: the prefix-feature cache is committed in chunks (`metalora cache-features`; a rerun
+# It replaces the bundles in place (`train --overwrite`; without it `metalora train` refuses an --out
+# that already holds a bundle). Resumable: the prefix-feature cache is committed in chunks (`metalora cache-features`; a rerun
 # skips finished chunks) and every training run checkpoints per epoch (runs/ckpt/<name>-<version>).
 #
 # Each bundle is trained in the format docs/results.md's table favours for its task, at the table's
@@ -30,11 +31,11 @@ CIFAR_TR="$D/cifar10/train.zip?per_class=100";   CIFAR_TE="$D/cifar10/test.zip?p
 MNIST_TR="$D/mnist/train.zip?per_class=50";      MNIST_TE="$D/mnist/test.zip?per_class=30"
 DIGITS_TR="sklearn:digits?split=train,per_class=50"; DIGITS_TE="sklearn:digits?split=test,per_class=30"
 
-"$METALORA" train --format "$FMT_CIFAR10" "${COMMON[@]}" --data "$CIFAR_TR" --eval-data "$CIFAR_TE" \
+"$METALORA" train --overwrite --format "$FMT_CIFAR10" "${COMMON[@]}" --data "$CIFAR_TR" --eval-data "$CIFAR_TE" \
     --out model_store/adapters/cifar10/1
-"$METALORA" train --format "$FMT_MNIST" "${COMMON[@]}" --data "$MNIST_TR" --eval-data "$MNIST_TE" \
+"$METALORA" train --overwrite --format "$FMT_MNIST" "${COMMON[@]}" --data "$MNIST_TR" --eval-data "$MNIST_TE" \
     --out model_store/adapters/mnist/1
-"$METALORA" train --format "$FMT_DIGITS" "${COMMON[@]}" --data "$DIGITS_TR" --eval-data "$DIGITS_TE" \
+"$METALORA" train --overwrite --format "$FMT_DIGITS" "${COMMON[@]}" --data "$DIGITS_TR" --eval-data "$DIGITS_TE" \
     --out model_store/adapters/digits/1
 # (mixed/1, the v1 LoRA over cifar10 + mnist + digits subsets, was replaced by mixed/2 and then mixed/3 below.)
 
@@ -57,7 +58,7 @@ CAL=(--format tr --lr 0.003 --seed 0 --holdout-frac 0.1 --json --split 6)
 # results/gallery_size.py measured the rule on mnist@2).
 G=(--gallery-per-class 2000 --gallery-pq 160)
 "$METALORA" cache-features --split 6 --data "$D/mnist/train.zip" --data "$D/mnist/test.zip"
-"$METALORA" train "${CAL[@]}" --budget 140000 --epochs 3 --batch-size 128 "${G[@]}" \
+"$METALORA" train --overwrite "${CAL[@]}" --budget 140000 --epochs 3 --batch-size 128 "${G[@]}" \
     --data "$D/mnist/train.zip" --eval-data "$D/mnist/test.zip" $(ood mnist) \
     --checkpoint runs/ckpt/mnist-2 --out model_store/adapters/mnist/3
 # (fashion-mnist/1 and eurosat/1, the same at blocks[:6], were replaced by fashion-mnist/2 and eurosat/2 below.)
@@ -80,17 +81,17 @@ CUT5=(--format tr --lr 0.003 --seed 0 --holdout-frac 0.1 --json --split 5)
 # 89.4 / 90.0, is in git history.)
 "$METALORA" cache-features --split 4 --data "$D/cifar10/test.zip" --data "$D/cifar10/train.zip" --data "$D/cifar10/train.zip?hflip=1" \
     $(ood cifar10 | sed 's/--ood-data/--data/g')
-"$METALORA" train --format tr --lr 0.003 --seed 0 --holdout-frac 0.1 --json --split 4 --budget 280000 --epochs 6 --batch-size 128 \
+"$METALORA" train --overwrite --format tr --lr 0.003 --seed 0 --holdout-frac 0.1 --json --split 4 --budget 280000 --epochs 6 --batch-size 128 \
     "${G[@]}" --augment hflip --data "$D/cifar10/train.zip" --eval-data "$D/cifar10/test.zip" $(ood cifar10) \
     --checkpoint runs/ckpt/cifar10-cut4 --out model_store/adapters/cifar10/6
 # gtsrb/4: gtsrb/3's run (in git history with an fp16 gallery of every training image) with the rule's gallery.
-"$METALORA" train "${CUT5[@]}" --rank 3 --rank 6 --rank 3 --epochs 10 --batch-size 64 "${G[@]}" \
+"$METALORA" train --overwrite "${CUT5[@]}" --rank 3 --rank 6 --rank 3 --epochs 10 --batch-size 64 "${G[@]}" \
     --data "$D/gtsrb/train.zip" --eval-data "$D/gtsrb/test.zip" $(ood gtsrb) \
     --checkpoint runs/ckpt/gtsrb-3 --out model_store/adapters/gtsrb/4
 # eurosat/2 ships the 200-a-class fp16 gallery it was first written with (not the rule's: see docs/results.md).
 for spec in "fashion-mnist ${G[*]}" "eurosat --gallery-per-class 200"; do
   read -r t gallery <<< "$spec"
-  "$METALORA" train "${CUT5[@]}" --budget 280000 --epochs 10 --batch-size 64 $gallery \
+  "$METALORA" train --overwrite "${CUT5[@]}" --budget 280000 --epochs 10 --batch-size 64 $gallery \
       --data "$D/$t/train.zip" --eval-data "$D/$t/test.zip" $(ood $t) \
       --checkpoint runs/ckpt/$t-2 --out model_store/adapters/$t/2
 done
@@ -101,7 +102,7 @@ done
 # (~25 min). ~55 min of training and ~20 of gallery, calibration and evaluation on 2 cores.
 "$METALORA" cache-features --split 5 --data "$D/mnist/train.zip" --data "$D/mnist/test.zip" --data "$D/imagenet-sample/val.zip" \
     --data "$D/cifar10/test.zip" --data "$D/cifar10/train.zip"
-"$METALORA" train "${CUT5[@]}" --budget 560000 --epochs 3 --batch-size 128 "${G[@]}" --sampling task-balanced \
+"$METALORA" train --overwrite "${CUT5[@]}" --budget 560000 --epochs 3 --batch-size 128 "${G[@]}" --sampling task-balanced \
     $(for t in "${TASKS[@]}"; do echo --data "$t=$D/$t/train.zip"; done) \
     $(for t in "${TASKS[@]}"; do echo --eval-data "$t=$D/$t/test.zip"; done) \
     --ood-data "$D/imagenet-sample/val.zip" --checkpoint runs/ckpt/mixed-3 --out model_store/adapters/mixed/3

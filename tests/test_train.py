@@ -159,6 +159,16 @@ def test_cli_train_then_eval_json(backbone, cache, tmp_path):
     assert res["knn_top1"] == pytest.approx(summary["metrics"]["knn_top1"], abs=1e-9)
     r = runner.invoke(app, ["train", "--data", "sklearn:digits", "--out", str(tmp_path / "x" / "1")])
     assert r.exit_code != 0 and "split" in r.output
+    # A bundle already at --out is not replaced unless asked: refused before any training, files untouched.
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    again = ["train", "--data", TRAIN, "--format", "lora", "--rank", "2", "--epochs", "1", "--batch-size", "8", "--out", str(out),
+             "--checkpoint", str(tmp_path / "ck2"), "--cache-dir", str(cache), "--no-baseline"]
+    r = runner.invoke(app, again)
+    assert r.exit_code == 2 and "--overwrite" in r.output and not (tmp_path / "ck2").exists()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    r = runner.invoke(app, [*again, "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert read_manifest(out)["training"]["ranks"] == [2]
 
 
 def test_a_checkpoint_of_another_prefix_cut_is_not_resumed(tmp_path):
