@@ -47,6 +47,27 @@ def _backbone(name: str, split: int | None, store: Path | None = None):
         raise typer.BadParameter(f"backbone {name} with {kw}: {e}") from None
 
 
+def _check_train_out(out: Path, overwrite: bool, name: str | None, version: str | None) -> None:
+    """Refuse, before any training, an `--out` that writing the bundle would destroy or cannot name:
+    a bundle (unless `overwrite`), a file, or a directory holding anything else (`save_bundle`
+    replaces the whole directory); and a bundle name or version the store would refuse."""
+    from .bundle import BundleError, check_name
+
+    if out.is_file() or out.is_symlink() and not out.is_dir():
+        raise typer.BadParameter(f"{out} is a file, not a bundle directory", param_hint="--out")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / "manifest.json").is_file():
+            raise typer.BadParameter(f"{out} holds files but no bundle (manifest.json); the bundle would replace the whole directory. "
+                                     "Give a new or empty directory, e.g. <store>/adapters/<name>/<version>", param_hint="--out")
+        if not overwrite:
+            raise typer.BadParameter(f"{out} already holds a bundle; pass --overwrite to replace it, or write another version", param_hint="--out")
+    try:
+        check_name(name or out.resolve().parent.name, "bundle name (--name, else --out's parent directory)")
+        check_name(version or out.resolve().name, "bundle version (--version, else --out's last part)")
+    except BundleError as e:
+        raise typer.BadParameter(str(e), param_hint="--out") from None
+
+
 def _eval_backbone(name: str, split: int | None, store: Path | None, adapter: str):
     """`metalora eval`'s backbone: cut at `split` when given, else at the bundle's own cut (so its
     cached features are reused whatever the store's serving cut), else as `_backbone` says."""
@@ -181,7 +202,8 @@ def train(
     version: Annotated[Optional[str], typer.Option(help="bundle version (default: the last part of --out)")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="checkpoint directory (default: runs/ckpt/<name>-<version>)")] = None,
     resume: Annotated[bool, typer.Option(help="resume from a matching checkpoint")] = True,
-    overwrite: Annotated[bool, typer.Option(help="replace a bundle already at --out (default: refuse before training, so a shipped bundle is not lost)")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace a bundle already at --out (default: refuse before training, so a shipped bundle is not lost); "
+                                                   "an --out that is a file or a directory of other files is always refused")] = False,
     baseline: Annotated[bool, typer.Option(help="with --eval-data, also measure the frozen backbone's k-NN on the same gallery/test images")] = True,
     thumbnails: Annotated[bool, typer.Option(help="store a <= 64 px WebP of each gallery item's source image inside the gallery (copies of your data: off by default; `metalora thumbnails` makes them beside the service's galleries instead)")] = False,
     cache_dir: Annotated[Optional[Path], typer.Option(help="prefix-feature cache (default: $METALORA_CACHE or ~/.cache/metalora)")] = None,
@@ -195,8 +217,7 @@ def train(
     from .train import TrainConfig, default_targets
     from .train import train as run_train
 
-    if (out / "manifest.json").exists() and not overwrite:
-        raise typer.BadParameter(f"{out} already holds a bundle; pass --overwrite to replace it, or write another version", param_hint="--out")
+    _check_train_out(out, overwrite, name, version)
     bb = _backbone(backbone, split)
     cfg = TrainConfig(
         data=data, format=format, ranks=tuple(rank) if rank else None, budget=budget,

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -350,6 +351,8 @@ def train(
         st = _load_ckpt(ckpt, adapter, opt, cfg, backbone.identity.cut)
         if st is not None:
             start_epoch, history = st["epoch"], st["history"]
+            if progress:  # stderr: stdout stays the --json summary
+                print(f"resuming from {ckpt} after epoch {start_epoch}/{cfg.epochs} (--no-resume starts over)", file=sys.stderr, flush=True)
 
     for epoch in range(start_epoch, cfg.epochs):
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
@@ -401,7 +404,7 @@ def train(
             held = f"  held-out top-1 {row['heldout_head_top1']:.4f}" if "heldout_head_top1" in row else ""
             if "heldout_head_top1_per_task" in row:
                 held += " (" + ", ".join(f"{t} {a:.4f}" for t, a in row["heldout_head_top1_per_task"].items()) + ")"
-            print(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['loss']:.4f}  train acc {row['train_acc']:.4f}{held}", flush=True)
+            print(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['loss']:.4f}  train acc {row['train_acc']:.4f}{held}", file=sys.stderr, flush=True)
         if ckpt is not None:
             _save_ckpt(ckpt, adapter, opt, {"epoch": epoch + 1, "run_hash": run_hash, "history": history, "config": asdict(cfg),
                                              "backbone_cut": backbone.identity.cut})

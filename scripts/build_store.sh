@@ -8,7 +8,8 @@
 #
 # It replaces the bundles in place (`train --overwrite`; without it `metalora train` refuses an --out
 # that already holds a bundle). Resumable: the prefix-feature cache is committed in chunks (`metalora cache-features`; a rerun
-# skips finished chunks) and every training run checkpoints per epoch (runs/ckpt/<name>-<version>).
+# skips finished chunks) and every training run checkpoints per epoch under runs/ckpt/ (its
+# --checkpoint, else <name>-<version>) and a rerun resumes it.
 #
 # Each bundle is trained in the format docs/results.md's table favours for its task, at the table's
 # matched budget and settings with seed 0, so it is the table's seed-0 run of that format; the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -146,7 +147,7 @@ def test_cli_train_then_eval_json(backbone, cache, tmp_path):
     r = runner.invoke(app, ["train", "--data", TRAIN, "--eval-data", TEST, "--format", "lora", "--rank", "4", "--epochs", "1",
                             "--batch-size", "8", "--out", str(out), "--checkpoint", str(tmp_path / "ck"), "--cache-dir", str(cache), "--json"])
     assert r.exit_code == 0, r.output
-    summary = json.loads(r.output[r.output.index("{"):])
+    summary = json.loads(r.stdout)  # --json: stdout is the summary alone (epoch lines and bars go to stderr)
     assert summary["training"]["ranks"] == [4] and read_manifest(out)["name"] == "tiny"
     r = runner.invoke(app, ["eval", "--adapter", "tiny", "--store", str(tmp_path / "store"), "--data", TEST,
                             "--cache-dir", str(cache), "--json"])
@@ -161,14 +162,25 @@ def test_cli_train_then_eval_json(backbone, cache, tmp_path):
     assert r.exit_code != 0 and "split" in r.output
     # A bundle already at --out is not replaced unless asked: refused before any training, files untouched.
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    again = ["train", "--data", TRAIN, "--format", "lora", "--rank", "2", "--epochs", "1", "--batch-size", "8", "--out", str(out),
-             "--checkpoint", str(tmp_path / "ck2"), "--cache-dir", str(cache), "--no-baseline"]
+    small = ["train", "--data", TRAIN, "--format", "lora", "--rank", "2", "--epochs", "1", "--batch-size", "8", "--cache-dir", str(cache), "--no-baseline"]
+    again = [*small, "--out", str(out), "--checkpoint", str(tmp_path / "ck2")]
     r = runner.invoke(app, again)
     assert r.exit_code == 2 and "--overwrite" in r.output and not (tmp_path / "ck2").exists()
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     r = runner.invoke(app, [*again, "--overwrite"])
     assert r.exit_code == 0, r.output
     assert read_manifest(out)["training"]["ranks"] == [2]
+    # What writing the bundle would destroy, or could not name, is refused even with --overwrite, before training.
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    (tmp_path / "afile.txt").write_text("mine")
+    for target, words in ((tmp_path / "notes", "no bundle"), (tmp_path / "afile.txt", "is a file"), (tmp_path / "store" / "adapters" / "tiny", "no bundle"),
+                          (tmp_path / "Bad Name" / "1", "bundle name")):
+        r = runner.invoke(app, [*small, "--out", str(target), "--checkpoint", str(tmp_path / "ck3"), "--overwrite"])
+        said = " ".join(re.sub("[│╭╮╰╯─]", " ", r.output).split())  # rich's error box wraps lines
+        assert r.exit_code == 2 and words in said, (target, said)
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine" and (tmp_path / "afile.txt").read_text() == "mine"
+    assert read_manifest(out)["training"]["ranks"] == [2] and not (tmp_path / "ck3").exists()
 
 
 def test_a_checkpoint_of_another_prefix_cut_is_not_resumed(tmp_path):
