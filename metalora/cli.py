@@ -47,7 +47,7 @@ def _backbone(name: str, split: int | None, store: Path | None = None):
         raise typer.BadParameter(f"backbone {name} with {kw}: {e}") from None
 
 
-def _check_train_out(out: Path, overwrite: bool, name: str | None, version: str | None) -> None:
+def _check_train_out(out: Path, overwrite: bool, name: str, version: str) -> None:
     """Refuse, before any training, an `--out` that writing the bundle would destroy or cannot name:
     a bundle (unless `overwrite`), a file, or a directory holding anything else (`save_bundle`
     replaces the whole directory); and a bundle name or version the store would refuse."""
@@ -62,8 +62,8 @@ def _check_train_out(out: Path, overwrite: bool, name: str | None, version: str 
         if not overwrite:
             raise typer.BadParameter(f"{out} already holds a bundle; pass --overwrite to replace it, or write another version", param_hint="--out")
     try:
-        check_name(name or out.resolve().parent.name, "bundle name (--name, else --out's parent directory)")
-        check_name(version or out.resolve().name, "bundle version (--version, else --out's last part)")
+        check_name(name, "bundle name (--name, else --out's parent directory)")
+        check_name(version, "bundle version (--version, else --out's last part)")
     except BundleError as e:
         raise typer.BadParameter(str(e), param_hint="--out") from None
 
@@ -217,6 +217,8 @@ def train(
     from .train import TrainConfig, default_targets
     from .train import train as run_train
 
+    name = name or out.resolve().parent.name
+    version = version or out.name
     _check_train_out(out, overwrite, name, version)
     bb = _backbone(backbone, split)
     cfg = TrainConfig(
@@ -225,8 +227,6 @@ def train(
         gallery_per_class=gallery_per_class, holdout_frac=holdout_frac, false_reject_rate=false_reject_rate, augment=augment,
         gallery_pq=gallery_pq, sampling=sampling, cosine_loss=cosine_loss,
     )
-    name = name or out.resolve().parent.name
-    version = version or out.name
     ckpt = checkpoint or Path("runs") / "ckpt" / f"{name}-{version}"
     try:
         res = run_train(cfg, bb, out=out, name=name, version=version, eval_data=eval_data,

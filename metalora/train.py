@@ -23,7 +23,7 @@ from .adapters import Adapter, AdapterConfig
 from .backbones.base import Backbone
 from .bundle import Gallery, save_bundle
 from .data import FeatureSet, load_features
-from .evaluate import evaluate_features
+from .evaluate import _accuracy_table, evaluate_features
 from .features import embed_features, model_for
 from .thumbnails import thumbnails_for
 
@@ -396,9 +396,9 @@ def train(
             row["heldout_head_top1"] = float((hl.argmax(1) == y_hold).float().mean())
             row["heldout_loss"] = float(F.cross_entropy(hl.float(), y_hold))
             if len(set(hold_fs.tasks)) > 1:  # a mixture's learning curve per task: where one task lags the others
-                hit = (hl.argmax(1) == y_hold).tolist()
-                row["heldout_head_top1_per_task"] = {
-                    t: sum(h for h, x in zip(hit, hold_fs.tasks) if x == t) / hold_fs.tasks.count(t) for t in dict.fromkeys(hold_fs.tasks)}
+                pred = [labels[i] for i in hl.argmax(1).tolist()]
+                per = _accuracy_table(hold_fs.tasks, hold_fs.labels, pred, None)
+                row["heldout_head_top1_per_task"] = {t: d["knn_top1"] for t, d in per.items()}  # the table's first column: here the head's
         history.append(row)
         if progress:
             held = f"  held-out top-1 {row['heldout_head_top1']:.4f}" if "heldout_head_top1" in row else ""
