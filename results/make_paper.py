@@ -121,8 +121,6 @@ def cells(recs: list[dict], columns: list[str]) -> dict:
 
 def paired(recs: list[dict], columns: list[str]) -> list[dict]:
     """Per column, metric and pair: the per-seed differences (points) and their 95 % t-interval."""
-    from scipy import stats
-
     val = {(r["row"], r["task"], r["seed"], k): metric(r, k) for r in recs if r.get("seed") is not None
            for k in ("knn_top1", "head_top1")}
     out = []
@@ -134,15 +132,46 @@ def paired(recs: list[dict], columns: list[str]) -> list[dict]:
                 if not seeds:
                     continue
                 d = [100 * (val[(row, col, s, key)] - val[(ref, col, s, key)]) for s in seeds]
-                n = len(d)
-                mean = statistics.fmean(d)
-                rec = {"column": col, "row": row, "reference": ref, "metric": key, "seeds": seeds, "differences_points": d,
-                       "mean_points": mean, "n": n, "ci95_points": None, "excludes_zero": None}
-                if n > 1:
-                    sd = statistics.stdev(d)
-                    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
-                    rec.update(std_points=sd, ci95_points=[mean - half, mean + half], excludes_zero=bool(mean - half > 0 or mean + half < 0))
-                out.append(rec)
+                out.append({"column": col, "row": row, "reference": ref, "metric": key, "seeds": seeds, **interval(d)})
+    return out
+
+
+def interval(d: list[float]) -> dict:
+    """Mean of paired differences `d` (points) and its 95 % Student-t interval (None for one value)."""
+    from scipy import stats
+
+    n, mean = len(d), statistics.fmean(d)
+    rec = {"differences_points": d, "mean_points": mean, "n": n, "ci95_points": None, "excludes_zero": None}
+    if n > 1:
+        sd = statistics.stdev(d)
+        half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+        rec.update(std_points=sd, ci95_points=[mean - half, mean + half], excludes_zero=bool(mean - half > 0 or mean + half < 0))
+    return rec
+
+
+def mixture_gap(recs: list[dict], tasks: list[str]) -> list[dict]:
+    """Per row, task and metric: the mixture's figure on that task minus the same row's single-task
+    adapter on it (points), seed by seed, with its 95 % interval; and the same averaged over the tasks
+    ("all tasks"). Each pair has the same seed, epochs, budget and the task's same training images
+    (the mixture trains on the union, so each image is seen as often in both): what sharing one adapter
+    of the same size among five tasks costs, with exposure held equal."""
+    val = {(r["row"], r["task"], r["seed"], k): metric(r, k) for r in recs if r.get("seed") is not None for k in ("knn_top1", "head_top1")}
+    mix = {(r["row"], t, r["seed"], k): metric(r, k, t) for r in recs if r["task"] == MIXED and r.get("seed") is not None
+           for t in tasks for k in ("knn_top1", "head_top1")}
+    out = []
+    for row in [r for r in ALL_ROWS if r in TRAINED]:
+        for key in ("knn_top1", "head_top1"):
+            per_task: dict[str, dict[int, float]] = {}
+            for t in tasks:
+                seeds = sorted(s for (rw, tk, s, k), v in mix.items() if (rw, tk, k) == (row, t, key) and v is not None
+                               and val.get((row, t, s, key)) is not None)
+                if seeds:
+                    per_task[t] = {s: 100 * (mix[(row, t, s, key)] - val[(row, t, s, key)]) for s in seeds}
+                    out.append({"row": row, "task": t, "metric": key, "seeds": seeds, **interval(list(per_task[t].values()))})
+            common = sorted(set.intersection(*(set(v) for v in per_task.values()))) if len(per_task) == len(tasks) else []
+            if common:
+                out.append({"row": row, "task": "all tasks", "metric": key, "seeds": common,
+                            **interval([statistics.fmean(per_task[t][s] for t in tasks) for s in common])})
     return out
 
 
@@ -214,6 +243,20 @@ def markdown(s: dict, pngs: dict[str, str]) -> str:
             per_seed = ", ".join(f"{d:+.2f}" for d in p["differences_points"])
             lines.append(f"| {LABEL[p['row']]} − {LABEL[p['reference']]} | {p['column']} | {'k-NN@10' if p['metric'] == 'knn_top1' else 'head'} "
                          f"| {p['n']} | {per_seed} | {ci(p)} |")
+    gaps = s.get("mixture_gap") or []
+    if gaps:
+        cols = [*tasks, "all tasks"]
+        lines += ["", "### The mixture against the same row's single-task adapters (points), 95 % t-interval over seeds", "",
+                  "Each task's figure from the row's ONE mixture adapter minus the row's single-task adapter for that task, "
+                  "seed by seed: the same seed, budget, epochs and training images (the mixture trains on their union, so each "
+                  "image is seen as often in both); the mixture's k-NN searches one gallery of all five tasks. "
+                  "\"all tasks\": the mean over the five tasks, per seed.", "",
+                  "| row | metric | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
+        for row in ALL_ROWS:
+            for key, name in (("knn_top1", "k-NN@10"), ("head_top1", "head")):
+                by = {g["task"]: g for g in gaps if g["row"] == row and g["metric"] == key}
+                if by:
+                    lines.append(f"| {LABEL.get(row, row)} | {name} | " + " | ".join(ci(by[c]) if c in by else DASH for c in cols) + " |")
     params = s.get("params") or {}
     if params:
         lines += ["", "### Trainable parameters (head excluded) and ranks", "", "| row | ranks | trainable params | vs budget |", "|---|---|---|---|"]
@@ -394,6 +437,7 @@ def build(out: Path, suite: str, rows: list[str], seeds: list[int], lr_grid, swe
     c = cells(main, columns)
     s["cells"] = c
     s["paired"] = paired(main, columns)
+    s["mixture_gap"] = mixture_gap(main, tasks)
     s["n_classes_mixed"] = next((r["n_classes"] for r in main if r["task"] == MIXED and r.get("n_classes")), None)
     params = {}
     for r in main:

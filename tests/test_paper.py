@@ -126,6 +126,24 @@ def test_report_intervals_match_scipy(paper):
 
 
 @pytest.mark.slow
+def test_mixture_gap_is_the_mixture_minus_the_rows_single_task_adapter(paper):
+    """Per task and seed, straight from the raw JSONs: mixture per-task figure − single-task figure."""
+    main = _raw(paper, "main")
+    summary = json.loads((paper / "out" / "summary.json").read_text())
+    gaps = {(g["row"], g["task"], g["metric"]): g for g in summary["mixture_gap"]}
+    for row in ("lora", "metalora-tr"):
+        for key in ("knn_top1", "head_top1"):
+            per_task = {t: [100 * (main[f"mixed-{row}-s{s}"]["metrics"]["per_task"][t][key] - main[f"{t}-{row}-s{s}"]["metrics"][key])
+                            for s in SEEDS] for t in ("digits", "mnist")}
+            for t, d in per_task.items():
+                assert gaps[(row, t, key)]["differences_points"] == pytest.approx(d)
+            both = [(a + b) / 2 for a, b in zip(*per_task.values())]
+            assert gaps[(row, "all tasks", key)]["differences_points"] == pytest.approx(both)
+    assert ("multi-lora", "digits", "knn_top1") not in gaps  # no single-task Multi-LoRA to compare with
+    assert "The mixture against the same row's single-task adapters" in (paper / "results.md").read_text()
+
+
+@pytest.mark.slow
 def test_report_writes_docs_block_charts_and_seeds(paper):
     text = (paper / "results.md").read_text()
     assert "stale figures" not in text and text.endswith("<!-- paper:end -->\n\nthe rest of the page\n")
