@@ -6,6 +6,9 @@ backbone's figures on the same images (`results/full_scale/<task>-frozen-full.js
 
     python -m results.bundles_table [cifar10@3 fashion-mnist@1 ...] [--write]
 
+Default: the five tasks, `mixed` and `digits` (scikit-learn's 8×8 digits); the targets table
+holds the five tasks only (issue #11's targets).
+
 `--write` also puts the table (and the targets table) between the markers in README.md and
 docs/results.md.
 """
@@ -131,7 +134,7 @@ def main(refs: list[str], write: bool = False) -> None:
     print(table)
     if write:  # README and docs/results.md carry the tables between their markers; all computed before any write
         blocks = [(ROOT / "README.md", "readme-bundles", table), (ROOT / "docs" / "results.md", "bundles-table", table),
-                  (ROOT / "docs" / "results.md", "targets", "\n".join(target_row(r) for r in refs if r.split("@")[0] != "mixed"))]
+                  (ROOT / "docs" / "results.md", "targets", "\n".join(target_row(r) for r in refs if r.split("@")[0] in TASKS))]
         if any(r.split("@")[0] == "mixed" for r in refs):
             blocks.append((ROOT / "docs" / "results.md", "mixed-table", mixed_table()))
         for path, block, _ in blocks:
@@ -144,4 +147,4 @@ def main(refs: list[str], write: bool = False) -> None:
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if a != "--write"]
-    main(args or [*TASKS, "mixed"], write="--write" in sys.argv)
+    main(args or [*TASKS, "mixed", "digits"], write="--write" in sys.argv)

@@ -385,12 +385,13 @@ def test_console_in_chromium(server, page, files):
         page.wait_for_selector("section.answer[data-adapter=cifar10] .neighbours figure")
 
         # Load and unload from the page (digits is in the store, not loaded by this server).
+        digits = f"digits@{_latest('digits')[0]}"
         page.click("button[aria-label='load digits']")
         page.wait_for_selector("button[aria-label='unload digits']")
-        assert "digits@1" in httpx.get(server.url + "/readyz").json()["loaded"]
+        assert digits in httpx.get(server.url + "/readyz").json()["loaded"]
         page.click("button[aria-label='unload digits']")
         page.wait_for_selector("button[aria-label='load digits']")
-        assert "digits@1" not in httpx.get(server.url + "/readyz").json()["loaded"]
+        assert digits not in httpx.get(server.url + "/readyz").json()["loaded"]
 
         # A file that is not an image: the page shows the server's own error message.
         want = httpx.post(server.url + "/v1/predict", files=[("images", ("notes.jpg", files["bad"].read_bytes(), "image/jpeg"))], data={"adapter": ["base", "cifar10"], "top_k": "5", "include_seed": "true"}).json()["error"]
