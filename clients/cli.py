@@ -98,6 +98,11 @@ def _run(kind: str, url, adapters: list[str], images: list[Path], batch: int, as
             _fail(e, chunk)
 
 
+def _ref(r: dict) -> str:
+    """`name@version` of the adapter that answered (`base` has no version)."""
+    return f"{r['adapter']}@{r['version']}" if r.get("version") else r["adapter"]
+
+
 def _pairs(chunk: list[Path], results: list[dict]):
     """Results are image-major: image 0 with every adapter, then image 1, ..."""
     per = max(1, len(results) // max(1, len(chunk)))
@@ -125,7 +130,7 @@ def predict(
             if r.get("unknown"):
                 preds = f"[bold]unknown[/bold] ({preds})"
                 table.caption = UNKNOWN_CAPTION
-            table.add_row(str(p), f"{r['adapter']}@{r['version']}" if r["version"] else r["adapter"], preds)
+            table.add_row(str(p), _ref(r), preds)
     if not as_json:
         Console().print(table)
 
@@ -140,7 +145,7 @@ def embed(images: ImagesArg, url: UrlOpt = None, adapter: AdapterOpt = ["base"],
     for chunk, body in _run("embed", url, adapter, images, batch, as_json):
         for p, r in _pairs(chunk, body["results"]):
             head = ", ".join(f"{v:+.3f}" for v in r["embedding"][:4])
-            table.add_row(str(p), r["adapter"], str(r["dim"]), f"[{head}, …]")
+            table.add_row(str(p), _ref(r), str(r["dim"]), f"[{head}, …]")
     if not as_json:
         Console().print(table)
 
@@ -167,7 +172,7 @@ def knn(
             vote = f"[bold]unknown[/bold] ({r['label']})" if r.get("unknown") else str(r["label"])
             if r.get("unknown"):
                 table.caption = UNKNOWN_CAPTION
-            table.add_row(str(p), r["adapter"], vote, near)
+            table.add_row(str(p), _ref(r), vote, near)
     if not as_json:
         Console().print(table)
 

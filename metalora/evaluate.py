@@ -84,7 +84,10 @@ def evaluate_features(
                 "knn_threshold": calibration["knn_threshold"]}
     unknown = sorted(set(test.labels) - set(gallery_labels))
     if unknown:
-        raise ValueError(f"test labels {unknown[:5]} are not in the adapter's/gallery's labels {gallery_labels[:5]}… (out-of-domain data: use ood)")
+        hint = "out-of-domain data: use ood"
+        if any("/" in g for g in gallery_labels) and not any("/" in t for t in test.labels):
+            hint = "this adapter's labels are task/class: name each test set's task, e.g. --data cifar10=SPEC; out-of-domain data: use ood"
+        raise ValueError(f"test labels {unknown[:5]} are not in the adapter's/gallery's labels {gallery_labels[:5]}… ({hint})")
     emb, logits, _ = embed_features(model, adapter, test, device=device)
     pred, near = knn_search(gallery.embeddings, gallery.labels, emb, k, len(gallery_labels))
     knn = [gallery_labels[i] for i in pred.tolist()]

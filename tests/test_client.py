@@ -231,6 +231,11 @@ def test_cli_predict_json_is_the_body_and_table_lists_adapters(server, images, t
     assert r.exit_code == 0 and all(n in r.output for n in ADAPTERS)
     r = CliRunner().invoke(cli_app, ["knn", "--url", server.url, "--adapter", "alpha", str(d / "0.jpg")])
     assert r.exit_code == 0 and "item" in r.output
+    # every table names the version that answered, as predict's does
+    version = _raw(server, "/v1/knn", {"adapter": "alpha", "images": [_b64(images[0])], "k": 1})[1]["results"][0]["version"]
+    for cmd in ("knn", "embed", "predict"):
+        r = CliRunner(env={"COLUMNS": "200"}).invoke(cli_app, [cmd, "--url", server.url, "--adapter", "alpha", str(d / "0.jpg")])
+        assert r.exit_code == 0 and f"alpha@{version}" in r.output, (cmd, r.output)
     r = CliRunner(env={"METALORA_URL": server.url}).invoke(cli_app, ["predict", "--adapter", "nope", str(d / "0.jpg")])
     assert r.exit_code == 2 and "unknown_adapter" in r.output
 

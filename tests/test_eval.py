@@ -60,3 +60,18 @@ def test_shipped_bundles_load_and_carry_metrics(name):
     g = load_gallery(path, manifest)
     assert g is not None and g.embeddings.shape[1] == 1280 and len(g.ids) == len(g.labels) > 0
     assert manifest["trainable_params"] == adapter.num_trainable()
+
+
+@pytest.mark.slow
+def test_a_multi_task_adapter_asks_for_task_named_test_data(tmp_path):
+    """`mixed`'s labels are task/class: test data given without its task is refused, and the error
+    says how to name it (a new user's first try, `--data cifar10/test.zip`, used to get "use ood")."""
+    from metalora.backbones import create_backbone
+
+    store = ModelStore(DEFAULT_STORE)
+    if "mixed" not in store.adapter_names():
+        pytest.skip("no mixed bundle in the store")
+    _, _, path = store.resolve("mixed")
+    bb = create_backbone("efficientnet_lite0", split=int(read_manifest(path)["backbone"].get("cut", "blocks[:6]")[-2]))
+    with pytest.raises(ValueError, match=r"task/class: name each test set's task, e\.g\. --data cifar10=SPEC"):
+        evaluate("mixed", ["sklearn:digits?split=test,per_class=1"], bb, cache_dir=tmp_path, progress=False)
