@@ -119,10 +119,14 @@ def cells(recs: list[dict], columns: list[str]) -> dict:
     return out
 
 
+def by_seed(recs: list[dict]) -> dict[tuple, float | None]:
+    """{(row, column, seed, metric key): value} of the seeded runs."""
+    return {(r["row"], r["task"], r["seed"], k): metric(r, k) for r in recs if r.get("seed") is not None for k in ("knn_top1", "head_top1")}
+
+
 def paired(recs: list[dict], columns: list[str]) -> list[dict]:
     """Per column, metric and pair: the per-seed differences (points) and their 95 % t-interval."""
-    val = {(r["row"], r["task"], r["seed"], k): metric(r, k) for r in recs if r.get("seed") is not None
-           for k in ("knn_top1", "head_top1")}
+    val = by_seed(recs)
     out = []
     for col in columns:
         for row, ref in PAIRS:
@@ -155,7 +159,7 @@ def mixture_gap(recs: list[dict], tasks: list[str]) -> list[dict]:
     ("all tasks"). Each pair has the same seed, epochs, budget and the task's same training images
     (the mixture trains on the union, so each image is seen as often in both): what sharing one adapter
     of the same size among five tasks costs, with exposure held equal."""
-    val = {(r["row"], r["task"], r["seed"], k): metric(r, k) for r in recs if r.get("seed") is not None for k in ("knn_top1", "head_top1")}
+    val = by_seed(recs)
     mix = {(r["row"], t, r["seed"], k): metric(r, k, t) for r in recs if r["task"] == MIXED and r.get("seed") is not None
            for t in tasks for k in ("knn_top1", "head_top1")}
     out = []
