@@ -306,27 +306,42 @@ def markdown(s: dict, pngs: dict[str, str]) -> str:
 
 
 # ---------------------------------------------------------------------- charts
-def sweep_chart(points: list[dict], main_points: list[dict], path: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+COLOR = {"lora": "C0", "metalora-tr": "C1", "metalora-cp": "C2", "metalora-tr-frozen-seed-same-ranks": "C3",
+         "metalora-tr-frozen-seed": "C4"}
+BUDGET_MARK = {"main": ("D", "≈ 70k, main table"), "budget2": ("s", "≈ 280k, second budget")}
+
+
+def sweep_chart(points: list[dict], budget_points: list[dict], path: Path, frozen: dict | None = None) -> None:
+    """Accuracy vs trainable parameters on the mixture: the rank sweep as lines (seed 0), every
+    trained row at the two budgets as markers (mean ± std over the seeds done, in the row's colour),
+    the frozen backbone's k-NN as a dashed line."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for ax, key, title in ((axes[0], "knn", "k-NN@10 top-1 (%)"), (axes[1], "head", "head top-1 (%)")):
         for row in sorted({p["row"] for p in points}):
             ps = sorted((p for p in points if p["row"] == row and p[key]), key=lambda p: p["params"])
             if not ps:
                 continue
             ax.errorbar([p["params"] for p in ps], [100 * p[key]["mean"] for p in ps],
-                        yerr=[100 * (p[key]["std"] or 0) for p in ps], marker="o", capsize=3, label=LABEL.get(row, row))
+                        yerr=[100 * (p[key]["std"] or 0) for p in ps], marker="o", capsize=3, color=COLOR.get(row),
+                        label=f"{LABEL.get(row, row)}: rank sweep, seed 0")
             for p in ps:
                 ax.annotate(f"R={p['rank']}", (p["params"], 100 * p[key]["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        for p in main_points:
+        for p in budget_points:
             if p.get(key):
-                ax.scatter([p["params"]], [100 * p[key]["mean"]], marker="x", color="k", s=25, zorder=3)
+                marker, what = BUDGET_MARK[p["budget"]]
+                ax.errorbar([p["params"]], [100 * p[key]["mean"]], yerr=[100 * (p[key]["std"] or 0)], marker=marker, ms=6,
+                            mfc="none", capsize=3, linestyle="none", color=COLOR.get(p["row"], "k"),
+                            label=f"{LABEL.get(p['row'], p['row'])}, {what} (n={p[key]['n']})")
+        if key == "knn" and frozen:
+            ax.axhline(100 * frozen["mean"], ls="--", color="0.5", lw=1, label="frozen backbone")
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters (head excluded)")
         ax.set_ylabel(title)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Mixture: accuracy vs trainable parameters (mean ± std over seeds; x: the main-table runs)", fontsize=10)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.suptitle("Mixture: accuracy vs trainable parameters (lines: rank sweep, seed 0; open markers: mean ± std over seeds)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.2, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -477,9 +492,11 @@ def build(out: Path, suite: str, rows: list[str], seeds: list[int], lr_grid, swe
         if f.exists():
             analyses[LABEL[row]], projections[LABEL[row]] = seed_analysis(f, tsne_max)
     s["seeds_analysis"] = analyses
-    return s, {"projections": projections, "main_points": [
-        {"params": params[row]["params"], "knn": c.get((row, MIXED, "knn")), "head": c.get((row, MIXED, "head"))}
-        for row in params if row in sweep_rows and row in TRAINED]}
+    budget_points = [{"row": row, "budget": "main", "params": params[row]["params"], "knn": c.get((row, MIXED, "knn")),
+                      "head": c.get((row, MIXED, "head"))} for row in params if row in TRAINED]
+    budget_points += [{"row": row, "budget": "budget2", "params": b["params_2"], "knn": b["knn_2"], "head": b["head_2"]}
+                      for row, b in s["budget2"].items() if row in TRAINED and b["params_2"] is not None]
+    return s, {"projections": projections, "budget_points": budget_points, "frozen": c.get(("frozen", MIXED, "knn"))}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -500,7 +517,7 @@ def main(argv: list[str] | None = None) -> None:
     pngs: dict[str, Path] = {}
     if s["sweep"]:
         pngs["sweep"] = args.out / "sweep.png"
-        sweep_chart(s["sweep"], extra["main_points"], pngs["sweep"])
+        sweep_chart(s["sweep"], extra["budget_points"], pngs["sweep"], extra["frozen"])
     pngs.update(seed_charts(s["seeds_analysis"], extra["projections"], args.out))
     # JSON keys: "row|column|metric" (column "mixed:<task>" for the mixture's per-task figures)
     out_json = {**s, "cells": {"|".join(k): v for k, v in s["cells"].items()}}
