@@ -28,6 +28,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -282,17 +283,23 @@ def markdown(s: dict, pngs: dict[str, str]) -> str:
         lines += ["", f"### Second budget ≈ {s['budget2_value']:,} on the mixture (k-NN@10 % / head %)", "",
                   f"| row | ≈ {s['budget']:,}: k-NN | head | ≈ {s['budget2_value']:,}: k-NN | head | params at the second budget |", "|---|---|---|---|---|---|"]
         for row, b in s["budget2"].items():
-            lines.append(f"| {LABEL.get(row, row)} | {pct(b['knn_1'])} | {pct(b['head_1'])} | {pct(b['knn_2'])} | {pct(b['head_2'])} | {b['params_2']:,} |"
-                         if b["params_2"] is not None else f"| {LABEL.get(row, row)} | {pct(b['knn_1'])} | {pct(b['head_1'])} | {DASH} | {DASH} | {DASH} |")
+            n = len(s["seeds"])
+            lines.append(f"| {LABEL.get(row, row)} | {pct(b['knn_1'], want_n=n)} | {pct(b['head_1'], want_n=n)} | "
+                         f"{pct(b['knn_2'], want_n=n)} | {pct(b['head_2'], want_n=n)} | {b['params_2']:,} |"
+                         if b["params_2"] is not None else f"| {LABEL.get(row, row)} | {pct(b['knn_1'], want_n=n)} | {pct(b['head_1'], want_n=n)} | {DASH} | {DASH} | {DASH} |")
     if s["seeds_analysis"]:
         lines += ["", "### The seeds c(x) on the mixture's test images (seed-0 adapters)", ""]
         for key in ("pca", "tsne", "move"):
             if key in pngs:
                 lines += [f"![seeds: {key}]({pngs[key]})", ""]
-        lines += ["| adapter | seed dims | images | task probe (5-fold, logistic regression) | chance | between-task share of variance |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["Probe: a logistic regression (standardised inputs) predicting the task from c(x), 5-fold stratified "
+                  "cross-validation on a task-balanced subsample (its size in the table; ± the std over the folds); chance: the "
+                  "largest task's share of that subsample. Between-task share: the variance of the per-task mean seeds "
+                  "(weighted by task size) over the total variance of c(x), on all test images.", "",
+                  "| adapter | seed dims | test images | probe images | task probe | chance | between-task share of variance |",
+                  "|---|---|---|---|---|---|---|"]
         for name, a in s["seeds_analysis"].items():
-            lines.append(f"| {name} | {a['seed_dim']} | {a['n']} | {100 * a['probe']['mean']:.1f} ± {100 * a['probe']['std']:.1f} % | "
+            lines.append(f"| {name} | {a['seed_dim']} | {a['n']} | {a['probe']['n']} | {100 * a['probe']['mean']:.1f} ± {100 * a['probe']['std']:.1f} % | "
                          f"{100 * a['probe']['chance']:.1f} % | {100 * a['between_task_share']:.0f} % |")
         lines += ["", "How far the seeds moved from their start value c0 (ones for CP, the identity core for TR), per task. "
                   "‖c̄ − c0‖: the shift of the mean seed, a constant (foldable into B, so no conditioning); "
@@ -335,12 +342,16 @@ def sweep_chart(points: list[dict], budget_points: list[dict], path: Path, froze
         if key == "knn" and frozen:
             ax.axhline(100 * frozen["mean"], ls="--", color="0.5", lw=1, label="frozen backbone")
         ax.set_xscale("log")
+        ticks = [t for t in (1e4, 2e4, 5e4, 1e5, 2e5, 5e5, 1e6) if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        ax.set_xticks(ticks, [f"{t / 1e3:g}k" for t in ticks])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("trainable parameters (head excluded)")
         ax.set_ylabel(title)
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
-    fig.suptitle("Mixture: accuracy vs trainable parameters (lines: rank sweep, seed 0; open markers: mean ± std over seeds)", fontsize=10)
+    fig.suptitle("Mixture: accuracy vs trainable parameters (lines: rank sweep, seed 0; open markers: each row at a budget, "
+                 "mean ± std over the seeds done, n in the legend)", fontsize=10)
     fig.tight_layout(rect=(0, 0.2, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
