@@ -282,8 +282,8 @@ def markdown(s: dict, pngs: dict[str, str]) -> str:
     if s["budget2"]:
         lines += ["", f"### Second budget ≈ {s['budget2_value']:,} on the mixture (k-NN@10 % / head %)", "",
                   f"| row | ≈ {s['budget']:,}: k-NN | head | ≈ {s['budget2_value']:,}: k-NN | head | params at the second budget |", "|---|---|---|---|---|---|"]
+        n = len(s["seeds"])
         for row, b in s["budget2"].items():
-            n = len(s["seeds"])
             lines.append(f"| {LABEL.get(row, row)} | {pct(b['knn_1'], want_n=n)} | {pct(b['head_1'], want_n=n)} | "
                          f"{pct(b['knn_2'], want_n=n)} | {pct(b['head_2'], want_n=n)} | {b['params_2']:,} |"
                          if b["params_2"] is not None else f"| {LABEL.get(row, row)} | {pct(b['knn_1'], want_n=n)} | {pct(b['head_1'], want_n=n)} | {DASH} | {DASH} | {DASH} |")
@@ -342,9 +342,11 @@ def sweep_chart(points: list[dict], budget_points: list[dict], path: Path, froze
         if key == "knn" and frozen:
             ax.axhline(100 * frozen["mean"], ls="--", color="0.5", lw=1, label="frozen backbone")
         ax.set_xscale("log")
-        ticks = [t for t in (1e4, 2e4, 5e4, 1e5, 2e5, 5e5, 1e6) if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
-        ax.set_xticks(ticks, [f"{t / 1e3:g}k" for t in ticks])
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        lo, hi = ax.get_xlim()
+        ticks = [m * 10**e for e in range(2, 8) for m in (1, 2, 5) if lo <= m * 10**e <= hi]
+        if len(ticks) >= 2:  # "20k" rather than crowded 2×10⁴, 3×10⁴, ... minor labels
+            ax.set_xticks(ticks, [f"{t / 1e3:g}k" for t in ticks])
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("trainable parameters (head excluded)")
         ax.set_ylabel(title)
         ax.grid(alpha=0.3)
