@@ -427,6 +427,8 @@ def seed_charts(analyses: dict, projections: dict, out: Path) -> dict[str, Path]
             sub = f"PC1 {100 * a['pca_explained_variance'][0]:.0f} %, PC2 {100 * a['pca_explained_variance'][1]:.0f} %" if key == "pca" else f"{a['tsne']['n']} images, perplexity {a['tsne']['perplexity']:g}"
             ax.set_title(f"{name}: c(x) {title}\n{sub}; task probe {100 * a['probe']['mean']:.1f} %", fontsize=9)
             ax.legend(markerscale=4, fontsize=7)
+            ax.set_xlabel(f"{title} 1" if key == "tsne" else "PC1")
+            ax.set_ylabel(f"{title} 2" if key == "tsne" else "PC2")
         fig.tight_layout()
         paths[key] = out / f"seeds_{key}.png"
         fig.savefig(paths[key], dpi=120)
