@@ -59,6 +59,8 @@ LABEL = {
 # (row, reference): the paired comparisons of the issue, and the ablation's own question.
 PAIRS = [("metalora-cp", "lora"), ("metalora-tr", "lora"), ("metalora-tr-frozen-seed", "lora"),
          ("metalora-tr", "metalora-tr-frozen-seed"), ("metalora-tr", "metalora-tr-frozen-seed-same-ranks")]
+# At the second budget also: does the frozen-seed TR still tie LoRA, and does oracle routing still pay?
+PAIRS_BUDGET2 = [*PAIRS, ("metalora-tr-frozen-seed-same-ranks", "lora"), ("multi-lora", "lora")]
 DASH = "—"
 
 
@@ -125,12 +127,12 @@ def by_seed(recs: list[dict]) -> dict[tuple, float | None]:
     return {(r["row"], r["task"], r["seed"], k): metric(r, k) for r in recs if r.get("seed") is not None for k in ("knn_top1", "head_top1")}
 
 
-def paired(recs: list[dict], columns: list[str]) -> list[dict]:
-    """Per column, metric and pair: the per-seed differences (points) and their 95 % t-interval."""
+def paired(recs: list[dict], columns: list[str], pairs: list[tuple[str, str]] = PAIRS) -> list[dict]:
+    """Per column, metric and (row, reference) pair: the per-seed differences (points) and their 95 % t-interval."""
     val = by_seed(recs)
     out = []
     for col in columns:
-        for row, ref in PAIRS:
+        for row, ref in pairs:
             for key in ("knn_top1", "head_top1"):
                 seeds = sorted(s for (rw, t, s, k) in val if rw == row and t == col and k == key
                                and val.get((ref, col, s, key)) is not None and val[(rw, t, s, k)] is not None)
@@ -212,6 +214,16 @@ def ci(p: dict) -> str:
     return f"{p['mean_points']:+.2f} [{lo:+.2f}, {hi:+.2f}]" + (" **excludes 0**" if p["excludes_zero"] else "")
 
 
+def paired_table(pairs: list[dict]) -> list[str]:
+    """Markdown rows of `paired`'s records: comparison, column, metric, seeds, per-seed differences, mean [95 % CI]."""
+    lines = ["| comparison | column | metric | seeds | per seed | mean [95 % CI] |", "|---|---|---|---|---|---|"]
+    for p in pairs:
+        per_seed = ", ".join(f"{d:+.2f}" for d in p["differences_points"])
+        lines.append(f"| {LABEL[p['row']]} − {LABEL[p['reference']]} | {p['column']} | {'k-NN@10' if p['metric'] == 'knn_top1' else 'head'} "
+                     f"| {p['n']} | {per_seed} | {ci(p)} |")
+    return lines
+
+
 def markdown(s: dict, pngs: dict[str, str]) -> str:
     prog = s["progress"]
     tasks, columns = s["tasks"], s["columns"]
@@ -243,11 +255,7 @@ def markdown(s: dict, pngs: dict[str, str]) -> str:
     if s["paired"]:
         lines += ["", "### Paired differences (points), 95 % t-interval over seeds", "",
                   "Row minus reference, seed by seed; `[lo, hi]`: mean ± t(0.975, n−1)·s/√n.", "",
-                  "| comparison | column | metric | seeds | per seed | mean [95 % CI] |", "|---|---|---|---|---|---|"]
-        for p in s["paired"]:
-            per_seed = ", ".join(f"{d:+.2f}" for d in p["differences_points"])
-            lines.append(f"| {LABEL[p['row']]} − {LABEL[p['reference']]} | {p['column']} | {'k-NN@10' if p['metric'] == 'knn_top1' else 'head'} "
-                         f"| {p['n']} | {per_seed} | {ci(p)} |")
+                  *paired_table(s["paired"])]
     gaps = s.get("mixture_gap") or []
     if gaps:
         cols = [*tasks, "all tasks"]
@@ -287,6 +295,9 @@ def markdown(s: dict, pngs: dict[str, str]) -> str:
             lines.append(f"| {LABEL.get(row, row)} | {pct(b['knn_1'], want_n=n)} | {pct(b['head_1'], want_n=n)} | "
                          f"{pct(b['knn_2'], want_n=n)} | {pct(b['head_2'], want_n=n)} | {b['params_2']:,} |"
                          if b["params_2"] is not None else f"| {LABEL.get(row, row)} | {pct(b['knn_1'], want_n=n)} | {pct(b['head_1'], want_n=n)} | {DASH} | {DASH} | {DASH} |")
+    if s.get("paired_budget2"):
+        lines += ["", f"### Paired differences at the second budget (points), the mixture, 95 % t-interval over seeds", "",
+                  *paired_table(s["paired_budget2"])]
     if s["seeds_analysis"]:
         lines += ["", "### The seeds c(x) on the mixture's test images (seed-0 adapters)", ""]
         for key in ("pca", "tsne", "move"):
@@ -501,6 +512,7 @@ def build(out: Path, suite: str, rows: list[str], seeds: list[int], lr_grid, swe
                    "knn_2": summarise([metric(r, "knn_top1") for r in rs2]), "head_2": summarise([metric(r, "head_top1") for r in rs2]),
                    "params_2": rs2[0]["trainable_params"] if rs2 else None}
     s["budget2"] = b2 if recs["budget2"] else {}
+    s["paired_budget2"] = paired([r for r in recs["budget2"] if r["task"] == MIXED], [MIXED], PAIRS_BUDGET2)
     analyses, projections = {}, {}
     for row in SEED_ROWS:
         f = out / "seeds" / f"{MIXED}-{row}-s0.npz"
