@@ -17,4 +17,5 @@ ROWS=(frozen lora multi-lora metalora-cp metalora-tr metalora-tr-frozen-seed-sam
 # It trains at LoRA's rate: with the seed frozen it is LoRA rank 16 (same function, same init), so
 # LoRA's search is its search. Its own search runs after, as a check that it picks the same rate.
 "$PY" results/run_paper.py --stage main --rows metalora-tr-frozen-seed --seeds 0 1 2 --lr metalora-tr-frozen-seed=0.01
+"$PY" results/run_paper.py --stage budget2 --rows metalora-tr-frozen-seed --seeds 0 1 2 --lr metalora-tr-frozen-seed=0.01
 "$PY" results/run_paper.py --stage lr --rows metalora-tr-frozen-seed
