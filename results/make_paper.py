@@ -58,9 +58,9 @@ LABEL = {
 }
 # (row, reference): the paired comparisons of the issue, and the ablation's own question.
 PAIRS = [("metalora-cp", "lora"), ("metalora-tr", "lora"), ("metalora-tr-frozen-seed", "lora"),
-         ("metalora-tr", "metalora-tr-frozen-seed"), ("metalora-tr", "metalora-tr-frozen-seed-same-ranks")]
-# At the second budget also: does the frozen-seed TR still tie LoRA, and does oracle routing still pay?
-PAIRS_BUDGET2 = [*PAIRS, ("metalora-tr-frozen-seed-same-ranks", "lora"), ("multi-lora", "lora")]
+         ("metalora-tr", "metalora-tr-frozen-seed"), ("metalora-tr", "metalora-tr-frozen-seed-same-ranks"),
+         # the controls against LoRA: does the frozen-seed TR tie it, does oracle routing pay?
+         ("metalora-tr-frozen-seed-same-ranks", "lora"), ("multi-lora", "lora")]
 DASH = "—"
 
 
@@ -127,12 +127,12 @@ def by_seed(recs: list[dict]) -> dict[tuple, float | None]:
     return {(r["row"], r["task"], r["seed"], k): metric(r, k) for r in recs if r.get("seed") is not None for k in ("knn_top1", "head_top1")}
 
 
-def paired(recs: list[dict], columns: list[str], pairs: list[tuple[str, str]] = PAIRS) -> list[dict]:
+def paired(recs: list[dict], columns: list[str]) -> list[dict]:
     """Per column, metric and (row, reference) pair: the per-seed differences (points) and their 95 % t-interval."""
     val = by_seed(recs)
     out = []
     for col in columns:
-        for row, ref in pairs:
+        for row, ref in PAIRS:
             for key in ("knn_top1", "head_top1"):
                 seeds = sorted(s for (rw, t, s, k) in val if rw == row and t == col and k == key
                                and val.get((ref, col, s, key)) is not None and val[(rw, t, s, k)] is not None)
@@ -512,7 +512,7 @@ def build(out: Path, suite: str, rows: list[str], seeds: list[int], lr_grid, swe
                    "knn_2": summarise([metric(r, "knn_top1") for r in rs2]), "head_2": summarise([metric(r, "head_top1") for r in rs2]),
                    "params_2": rs2[0]["trainable_params"] if rs2 else None}
     s["budget2"] = b2 if recs["budget2"] else {}
-    s["paired_budget2"] = paired([r for r in recs["budget2"] if r["task"] == MIXED], [MIXED], PAIRS_BUDGET2)
+    s["paired_budget2"] = paired([r for r in recs["budget2"] if r["task"] == MIXED], [MIXED])
     analyses, projections = {}, {}
     for row in SEED_ROWS:
         f = out / "seeds" / f"{MIXED}-{row}-s0.npz"
