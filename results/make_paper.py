@@ -296,7 +296,7 @@ def markdown(s: dict, pngs: dict[str, str]) -> str:
                          f"{pct(b['knn_2'], want_n=n)} | {pct(b['head_2'], want_n=n)} | {b['params_2']:,} |"
                          if b["params_2"] is not None else f"| {LABEL.get(row, row)} | {pct(b['knn_1'], want_n=n)} | {pct(b['head_1'], want_n=n)} | {DASH} | {DASH} | {DASH} |")
     if s.get("paired_budget2"):
-        lines += ["", f"### Paired differences at the second budget (points), the mixture, 95 % t-interval over seeds", "",
+        lines += ["", "### Paired differences at the second budget (points), the mixture, 95 % t-interval over seeds", "",
                   *paired_table(s["paired_budget2"])]
     if s["seeds_analysis"]:
         lines += ["", "### The seeds c(x) on the mixture's test images (seed-0 adapters)", ""]
