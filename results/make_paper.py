@@ -292,9 +292,9 @@ def markdown(s: dict, pngs: dict[str, str]) -> str:
                   f"| row | ≈ {s['budget']:,}: k-NN | head | ≈ {s['budget2_value']:,}: k-NN | head | params at the second budget |", "|---|---|---|---|---|---|"]
         n = len(s["seeds"])
         for row, b in s["budget2"].items():
-            lines.append(f"| {LABEL.get(row, row)} | {pct(b['knn_1'], want_n=n)} | {pct(b['head_1'], want_n=n)} | "
-                         f"{pct(b['knn_2'], want_n=n)} | {pct(b['head_2'], want_n=n)} | {b['params_2']:,} |"
-                         if b["params_2"] is not None else f"| {LABEL.get(row, row)} | {pct(b['knn_1'], want_n=n)} | {pct(b['head_1'], want_n=n)} | {DASH} | {DASH} | {DASH} |")
+            second = ([pct(b["knn_2"], want_n=n), pct(b["head_2"], want_n=n), f"{b['params_2']:,}"]
+                      if b["params_2"] is not None else [DASH] * 3)
+            lines.append("| " + " | ".join([LABEL.get(row, row), pct(b["knn_1"], want_n=n), pct(b["head_1"], want_n=n), *second]) + " |")
     if s.get("paired_budget2"):
         lines += ["", "### Paired differences at the second budget (points), the mixture, 95 % t-interval over seeds", "",
                   *paired_table(s["paired_budget2"])]
