@@ -1,0 +1,126 @@
+"""The same requests get the same answers on every front door: `/v1`, `/v2` REST and gRPC, errors
+included, replayed against a real server on the shipped store and compared with the golden set
+recorded before the one-data-plane move (`tests/golden/cases.py`).
+
+Byte for byte where the machine is the one that recorded it; elsewhere as parsed JSON with floats
+to 1e-4 (another CPU rounds the last bits differently). `/v2` answers may carry the `unknown`
+output that the move added; nothing else may differ.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+
+import pytest
+
+from .golden import cases
+
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
+pytest.importorskip("skimage")
+
+
+@pytest.fixture(scope="module")
+def answers(tmp_path_factory):
+    golden = json.loads(cases.GOLDEN.read_text())
+    with cases.start_server(tmp_path_factory.mktemp("golden")) as srv:
+        now = cases.record_all(srv.url, srv.grpc_url)
+    return golden, now
+
+
+def _close(a, b, path="") -> list[str]:
+    """Where two parsed JSON documents differ (floats to 1e-4)."""
+    if isinstance(a, float) or isinstance(b, float):
+        ok = isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-4)
+        return [] if ok else [f"{path}: {a!r} != {b!r}"]
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [f"{path}: keys {sorted(a)} != {sorted(b)}"]
+        return [d for k in a for d in _close(a[k], b[k], f"{path}.{k}")]
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{path}: {len(a)} items != {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _close(x, y, f"{path}[{i}]")]
+    return [] if a == b else [f"{path}: {a!r} != {b!r}"]
+
+
+def _without_new_outputs(name: str, body: str) -> str:
+    """A /v2 infer answer without the outputs the move added (`unknown`), re-serialised as the server writes it."""
+    if not name.startswith("v2.infer"):
+        return body
+    doc = json.loads(body)
+    if isinstance(doc, dict) and "outputs" in doc:
+        doc["outputs"] = [o for o in doc["outputs"] if o["name"] not in cases.V2_NEW_OUTPUTS]
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
+
+
+def test_every_case_answered(answers):
+    golden, now = answers
+    assert [r["name"] for r in now["http"]] == [r["name"] for r in golden["http"]]
+    assert [r["name"] for r in now["grpc"]] == [r["name"] for r in golden["grpc"]]
+    assert len(golden["http"]) >= 60 and len(golden["grpc"]) >= 10
+
+
+@pytest.mark.parametrize("i", range(len(json.loads(cases.GOLDEN.read_text())["http"])))
+def test_http_answer_unchanged(answers, i):
+    golden, now = answers
+    want, got = golden["http"][i], now["http"][i]
+    assert got["status"] == want["status"], f"{want['name']}: {got['body'][:300]}"
+    assert got["headers"] == want["headers"], want["name"]
+    if want["binary"]:
+        same_machine = now["machine"] == golden["machine"]
+        if same_machine:
+            assert base64.b64decode(got["body"]) == base64.b64decode(want["body"]), want["name"]
+        return
+    body = _without_new_outputs(want["name"], got["body"])
+    wbody = _without_new_outputs(want["name"], want["body"])
+    if now["machine"] == golden["machine"]:
+        assert body == wbody, want["name"]
+    else:
+        diffs = _close(json.loads(body), json.loads(wbody))
+        assert not diffs, f"{want['name']}: {diffs[:5]}"
+
+
+@pytest.mark.parametrize("i", range(len(json.loads(cases.GOLDEN.read_text())["grpc"])))
+def test_grpc_answer_unchanged(answers, i):
+    golden, now = answers
+    want, got = golden["grpc"][i], now["grpc"][i]
+    assert got["code"] == want["code"], f"{want['name']}: {got}"
+    if want["code"] != "OK":
+        assert got["details"] == want["details"], want["name"]
+    elif now["machine"] == golden["machine"] and not want["name"].startswith("grpc.infer"):
+        assert got["body"] == want["body"], want["name"]
+    else:  # infer answers may carry the new `unknown` output: compare what both have, as messages
+        from google.protobuf import json_format
+
+        from service.oip import proto
+
+        rpc = {name: rpc for name, rpc, _, _ in cases.grpc_cases({"cat": b""})}[want["name"]]
+        _, resp_t = proto.methods()[rpc]
+        w, g = resp_t.FromString(base64.b64decode(want["body"])), resp_t.FromString(base64.b64decode(got["body"]))
+        if want["name"].startswith("grpc.infer"):
+            keep = [k for k, o in enumerate(g.outputs) if o.name not in cases.V2_NEW_OUTPUTS]
+            if len(keep) != len(g.outputs):
+                outs = [g.outputs[k] for k in keep]
+                raws = [g.raw_output_contents[k] for k in keep] if g.raw_output_contents else []
+                del g.outputs[:]
+                g.outputs.extend(outs)
+                del g.raw_output_contents[:]
+                g.raw_output_contents.extend(raws)
+        if now["machine"] == golden["machine"]:
+            assert g.SerializeToString(deterministic=True) == w.SerializeToString(deterministic=True), want["name"]
+        else:
+            wd, gd = json_format.MessageToDict(w), json_format.MessageToDict(g)
+            if w.raw_output_contents:  # raw FP32 bytes: compare as numbers
+                import numpy as np
+
+                for k, (a, b) in enumerate(zip(w.raw_output_contents, g.raw_output_contents)):
+                    if w.outputs[k].datatype == "FP32":
+                        np.testing.assert_allclose(np.frombuffer(b, "<f4"), np.frombuffer(a, "<f4"), atol=1e-4)
+                    else:
+                        assert a == b
+                wd.pop("rawOutputContents", None)
+                gd.pop("rawOutputContents", None)
+            diffs = _close(gd, wd)
+            assert not diffs, f"{want['name']}: {diffs[:5]}"
