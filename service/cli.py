@@ -73,7 +73,7 @@ def run_server(settings: Settings) -> None:
     """Run the app under uvicorn with the settings' host, port and log level."""
     import uvicorn
 
-    from .app import create_app
+    from .http.app import create_app
 
     logging.basicConfig(level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=10)

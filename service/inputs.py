@@ -28,7 +28,7 @@ from metalora.images import ImageError, Preprocessor
 from .adapters import AdapterRegistry
 from .errors import ServiceError
 from .metrics import FANOUT
-from .schemas import ImagesRequest
+from .http.schemas import ImagesRequest
 from .settings import Settings
 
 TIMEOUT_HEADER = "x-timeout-ms"

@@ -94,7 +94,7 @@ def test_grpc_answer_unchanged(answers, i):
     else:  # infer answers may carry the new `unknown` output: compare what both have, as messages
         from google.protobuf import json_format
 
-        from service.oip import proto
+        from service.grpc import proto
 
         rpc = {name: rpc for name, rpc, _, _ in cases.grpc_cases({"cat": b""})}[want["name"]]
         _, resp_t = proto.methods()[rpc]

@@ -420,7 +420,7 @@ def test_overload_is_unavailable_or_503_with_a_retry_hint(tmp_path, photos):
     """A 2-image queue held for 1.5 s: concurrent gRPC requests beyond it get UNAVAILABLE and the
     retry hint (retry-after, grpc-retry-pushback-ms), /v2 requests 503 with Retry-After in the
     protocol's shape, and the server recovers."""
-    from service.oip import proto
+    from service.grpc import proto
 
     pb = proto.messages()
     with ServerProcess(ROOT / "model_store", tmp_path / "tight.log", device="cpu", backend="torch", adapters="cifar10", max_queue=2, max_delay_ms=1500, max_batch_size=64, gallery_dir=tmp_path / "g") as srv:

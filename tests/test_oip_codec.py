@@ -18,7 +18,8 @@ from tritonclient.grpc import service_pb2 as triton_pb2
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
 from service.errors import ServiceError
-from service.oip import codec, proto
+from service.oip import codec
+from service.grpc import proto
 from service.oip.codec import InferRequest, InferResponse, RequestedOutput, Tensor
 
 RNG = np.random.default_rng(0)

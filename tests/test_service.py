@@ -377,7 +377,7 @@ def test_admin_routes_refused_without_configured_token(tmp_path):
     """A server with no token (uvicorn in a thread, a store with no adapters) refuses admin routes with 403."""
     import uvicorn
 
-    from service.app import create_app
+    from service.http.app import create_app
     from service.settings import Settings
 
     shutil.copytree(ROOT / "model_store" / "backbones", tmp_path / "backbones")

@@ -20,7 +20,7 @@ from schemathesis.specs.openapi.checks import content_type_conformance, response
 from metalora.adapters import Adapter, AdapterConfig
 from metalora.backbones import create_backbone
 from metalora.bundle import Gallery, save_bundle
-from service.app import create_app
+from service.http.app import create_app
 from service.launch import ServerProcess
 from service.settings import Settings
 
@@ -142,7 +142,7 @@ def test_body_and_deadline_errors_are_declared_where_they_happen():
 def test_openapi_declares_the_admin_bearer_scheme_on_the_guarded_routes_only():
     """Swagger UI's Authorize button and generated clients read `securitySchemes`; the routes that
     carry it must be exactly those that answer 401 without the token."""
-    from service.app import create_app
+    from service.http.app import create_app
     from service.settings import Settings
 
     doc = create_app(Settings()).openapi()

@@ -188,7 +188,7 @@ def replay_grpc(target: str, img: dict[str, bytes]) -> list[dict]:
     import grpc
     from google.protobuf import json_format
 
-    from service.oip import proto
+    from service.grpc import proto
 
     pb, methods = proto.messages(), proto.methods()
     out = []

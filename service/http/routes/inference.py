@@ -11,9 +11,9 @@ from fastapi import APIRouter, Request
 from metalora.runtime import BASE
 
 from ..deps import ReadyDep
-from ..errors import ServiceError
-from ..inputs import Watch, openapi_body, parse_images_body, request_timeout
-from ..knn import vote
+from ...errors import ServiceError
+from ...inputs import Watch, openapi_body, parse_images_body, request_timeout
+from ...knn import vote
 from ..schemas import (
     EmbedRequest,
     EmbedResponse,

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
 from ..deps import ServiceDep
-from ..metrics import CONTENT_TYPE
+from ...metrics import CONTENT_TYPE
 from ..schemas import Health, Ready, error_responses
 
 router = APIRouter(tags=["operations"], responses=error_responses(400))

@@ -13,13 +13,13 @@ from functools import partial
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
-from . import errors
-from .container import Service
+from .. import errors
+from ..container import Service
 from .middleware import LimitsAndMetrics
-from .oip import grpc_server
-from .oip import rest as oip_rest
+from ..grpc import server as grpc_server
+from . import v2 as oip_rest
 from .routes import adapters, console, inference, operations
-from .settings import Settings
+from ..settings import Settings
 
 log = logging.getLogger("metalora.service")
 

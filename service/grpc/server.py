@@ -26,10 +26,11 @@ import grpc
 from metalora.bundle import BundleError
 from metalora.images import ImageError
 
-from ..deps import check_admin
+from ..http.deps import check_admin
 from ..errors import ServiceError
 from ..inputs import Watch
-from . import codec, dataplane, proto
+from ..oip import codec, dataplane
+from . import proto
 
 log = logging.getLogger("metalora.service")
 

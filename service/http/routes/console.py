@@ -16,9 +16,9 @@ from fastapi.responses import FileResponse, Response
 from metalora.runtime import BASE
 
 from ..deps import ReadyDep, RefPath
-from ..errors import ServiceError, error_body
+from ...errors import ServiceError, error_body
 from ..schemas import error_responses
-from ..thumbnails import media_type
+from ...thumbnails import media_type
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 STATIC_TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".png": "image/png", ".svg": "image/svg+xml"}

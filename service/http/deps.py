@@ -8,8 +8,8 @@ from typing import Annotated
 from fastapi import Depends, Path, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from .container import Service
-from .errors import ServiceError
+from ..container import Service
+from ..errors import ServiceError
 
 
 async def get_service(request: Request) -> Service:

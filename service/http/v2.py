@@ -22,12 +22,12 @@ from fastapi.routing import APIRoute
 from metalora.bundle import BundleError
 from metalora.images import ImageError
 
-from ..deps import AdminDep, ReadyDep, ServiceDep
+from .deps import AdminDep, ReadyDep, ServiceDep
 from ..errors import ServiceError
 from ..inputs import Watch, request_timeout
-from ..schemas import error_responses
-from . import codec, dataplane
-from .schemas import (
+from .schemas import error_responses
+from ..oip import codec, dataplane
+from .v2_schemas import (
     InferRequestBody,
     InferResponseBody,
     ModelConfig,

@@ -11,11 +11,11 @@ from fastapi import APIRouter, Path, Query, Request
 from metalora.bundle import BundleError, read_manifest
 from metalora.runtime import BASE
 
-from ..container import Service
+from ...container import Service
 from ..deps import AdminDep, ReadyDep, RefPath
-from ..errors import ServiceError
-from ..galleries import Item
-from ..inputs import Watch, request_timeout
+from ...errors import ServiceError
+from ...galleries import Item
+from ...inputs import Watch, request_timeout
 from ..schemas import (
     AdapterInfo,
     AdapterList,
@@ -31,7 +31,7 @@ from ..schemas import (
     UnloadResponse,
     error_responses,
 )
-from ..thumbnails import thumbnail_of_base64
+from ...thumbnails import thumbnail_of_base64
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"], responses=error_responses(400, 404, 409, 422, 503))
 # Declared where they can happen: 401/403 behind AdminDep, 413 where a body is read (the
