@@ -183,7 +183,7 @@ if __name__ == "__main__":
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny sizes: the script's logic on a CPU")
     ap.add_argument("--steps", default="precision,mixed,onnx,http")
-    ap.add_argument("--json", type=Path, default=Path("results/bench/gpu.json"))
+    ap.add_argument("--json", type=Path, default=Path("research/bench/gpu.json"))
     ap.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"))
     a = ap.parse_args()
     res = run_gpu(a.device, a.tiny, a.steps, log=lambda s: print(s, flush=True))

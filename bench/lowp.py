@@ -2,7 +2,7 @@
 
 Run the long accuracy measurement once, resumable, in the background:
 
-    python -m bench.lowp accuracy --state results/bench/lowp-accuracy.json > results/bench/lowp-accuracy.log 2>&1 &
+    python -m bench.lowp accuracy --state research/bench/lowp-accuracy.json > research/bench/lowp-accuracy.log 2>&1 &
 
 Definitions (also in docs/benchmarks.md):
 
@@ -252,7 +252,7 @@ def lowp_section(batch: int = 32, rounds: int = 5, http_window_s: float = 4.0, h
         shown = state.resolve().relative_to(root) if state.resolve().is_relative_to(root) else state
         out["accuracy_set"] = f"full ({shown}; every test image of each set)"
     else:
-        small = (state.parent if state else Path("results/bench")) / "lowp-accuracy-small.json"
+        small = (state.parent if state else Path("research/bench")) / "lowp-accuracy-small.json"
         out["accuracy"] = accuracy(small, ["fp32", "int8"] + (["bf16"] if "bf16" in out["images_per_s"] else []), imagenet=96 if quick else 400, per_class=5 if quick else 20, log=log)
         out["accuracy_set"] = f"small ({small}); the full run: python -m bench.lowp accuracy"
     out["accuracy_pass"] = {p: all(row[p].get("pass", False) for row in out["accuracy"].values() if p in row) for p in ("int8", "bf16") if any(p in r for r in out["accuracy"].values())}  # no FP32 reference: not a pass
@@ -264,7 +264,7 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("what", choices=["accuracy", "throughput"])
-    ap.add_argument("--state", type=Path, default=Path("results/bench/lowp-accuracy.json"))
+    ap.add_argument("--state", type=Path, default=Path("research/bench/lowp-accuracy.json"))
     ap.add_argument("--precisions", default=None, help="comma list; default: every precision this CPU can run")
     ap.add_argument("--imagenet", type=int, default=None)
     ap.add_argument("--per-class", type=int, default=None)

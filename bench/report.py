@@ -432,7 +432,7 @@ def _lowp_doc(g: dict | None, add, fig: str | None = None) -> None:
         add("")
     add("```bash")
     add("metalora bench --sections h --json out.json                 # this section")
-    add("python -m bench.lowp accuracy --state results/bench/lowp-accuracy.json   # full accuracy, resumable")
+    add("python -m bench.lowp accuracy --state research/bench/lowp-accuracy.json   # full accuracy, resumable")
     add("metalora serve --precision int8                             # or auto | fp32 | bf16 (METALORA_PRECISION)")
     add("```")
     add("")

@@ -65,7 +65,7 @@ class BenchConfig:
     lowp_rounds: int = 7
     lowp_http_window_s: float = 6.0
     lowp_http_rounds: int = 3
-    lowp_accuracy_state: str = "results/bench/lowp-accuracy.json"
+    lowp_accuracy_state: str = "research/bench/lowp-accuracy.json"
     photo_window_s: float = 8.0
     photo_rounds: int = 5
     photo_size: tuple[int, int] = (4032, 3024)  # 12 MP, a phone's photo

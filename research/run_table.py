@@ -2,9 +2,9 @@
 
 Each run is exactly `metalora train ... --eval-data ...` (the same `metalora.train.train` call),
 driven from one process so the backbone and the prefix cache are loaded once. A run whose JSON
-already exists under results/raw/ is skipped, so an interrupted table resumes where it stopped.
+already exists under research/raw/ is skipped, so an interrupted table resumes where it stopped.
 
-    .venv/bin/python results/run_table.py            # then: .venv/bin/python results/make_table.py
+    .venv/bin/python -m research.run_table            # then: .venv/bin/python -m research.make_table
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--formats", nargs="+", default=list(FORMATS))
     ap.add_argument("--epochs", type=int, default=EPOCHS)
     ap.add_argument("--budget", type=int, default=BUDGET)
-    ap.add_argument("--raw", type=Path, default=ROOT / "results" / "raw")
+    ap.add_argument("--raw", type=Path, default=ROOT / "research" / "raw")
     args = ap.parse_args()
     args.raw.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))

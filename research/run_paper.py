@@ -6,11 +6,11 @@ library's `metalora.train.train` (the same call as `metalora train`) and writes 
 from its last finished epoch (`runs/paper/ckpt/`), so the script can be killed and restarted at
 any time. CUDA is used when present.
 
-    $PY results/run_paper.py --stage lr        # learning rate per row, on a validation split of the mixture
-    $PY results/run_paper.py --stage main      # the table: 6 columns x 5 rows x 3 seeds (+ frozen, Multi-LoRA)
-    $PY results/run_paper.py --stage sweep     # ranks 4, 8, 16, 32 on the mixture (LoRA, TR)
-    $PY results/run_paper.py --stage budget2   # every row at the second budget (~280k) on the mixture
-    $PY results/make_paper.py                  # tables, intervals, charts -> docs/results.md
+    $PY -m research.run_paper --stage lr        # learning rate per row, on a validation split of the mixture
+    $PY -m research.run_paper --stage main      # the table: 6 columns x 5 rows x 3 seeds (+ frozen, Multi-LoRA)
+    $PY -m research.run_paper --stage sweep     # ranks 4, 8, 16, 32 on the mixture (LoRA, TR)
+    $PY -m research.run_paper --stage budget2   # every row at the second budget (~280k) on the mixture
+    $PY -m research.make_paper                  # tables, intervals, charts -> docs/results.md
 
 Stages and what they fix (docs/results.md, "The five-domain experiment"):
 
@@ -45,7 +45,6 @@ import json
 import os
 import platform
 import shutil
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -53,14 +52,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from metalora.bundle import Gallery
+from metalora.data import DataSpec, FeatureSet, prefix_features
+from metalora.evaluate import evaluate_features, knn_search
+from metalora.features import embed_features, model_for
+from metalora.train import DEFAULT_TARGETS, TrainConfig, count_params, holdout_split, pick_device, ranks_for_budget, train
 
-from metalora.bundle import Gallery  # noqa: E402
-from metalora.data import DataSpec, FeatureSet, prefix_features  # noqa: E402
-from metalora.evaluate import evaluate_features, knn_search  # noqa: E402
-from metalora.features import embed_features, model_for  # noqa: E402
-from metalora.train import DEFAULT_TARGETS, TrainConfig, count_params, holdout_split, pick_device, ranks_for_budget, train  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 D = "../shared/data"
 FIRST_1000 = "per_class=1000,pick=first"  # the sets with more than 1,000 a class: the first 1,000 by id
@@ -485,7 +483,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--lr", type=parse_lr, action="append", help="ROW=VALUE (or VALUE for all): skip the lr stage's choice")
     ap.add_argument("--sweep-rows", nargs="+", default=["lora", "metalora-tr"], choices=list(TRAINED))
     ap.add_argument("--sweep-ranks", type=int, nargs="+", default=list(SWEEP_RANKS))
-    ap.add_argument("--out", type=Path, default=ROOT / "results" / "paper")
+    ap.add_argument("--out", type=Path, default=ROOT / "research" / "paper")
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "paper", help="checkpoints of unfinished runs")
     ap.add_argument("--cache-dir", type=Path, help="prefix-feature cache (default: $METALORA_CACHE or ~/.cache/metalora)")
     ap.add_argument("--device", default="auto")

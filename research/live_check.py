@@ -2,10 +2,10 @@
 `/v1/knn` over a test set, accuracy and the share answered `"unknown"`, next to `metalora eval`'s
 figures for the same images; and the class of scikit-image's `chelsea` (a cat).
 
-    python -m results.live_check --adapter cifar10 --data '../shared/data/cifar10/test.zip?per_class=100' \
-        --out results/full_scale/cifar10-live.json [--ood '../shared/data/mnist/test.zip?per_class=20']
-    python -m results.live_check --adapter mixed --data 'cifar10=../shared/data/cifar10/test.zip' \
-        --data 'mnist=../shared/data/mnist/test.zip' ... --out results/full_scale/mixed-3-live-full.json
+    python -m research.live_check --adapter cifar10 --data '../shared/data/cifar10/test.zip?per_class=100' \
+        --out research/full_scale/cifar10-live.json [--ood '../shared/data/mnist/test.zip?per_class=20']
+    python -m research.live_check --adapter mixed --data 'cifar10=../shared/data/cifar10/test.zip' \
+        --data 'mnist=../shared/data/mnist/test.zip' ... --out research/full_scale/mixed-3-live-full.json
 
 Several `--data` specs (each `task=`, as `metalora train` takes them) give labels `task/class`
 and a figure per task beside the overall one.

@@ -2,8 +2,8 @@
 as gallery) and a logistic-regression probe on the pooled embedding, same images and preprocessing
 as the adapters (the cached prefix features, `metalora cache-features`).
 
-    python -m results.frozen_baseline --train ../shared/data/cifar10/train.zip --test ../shared/data/cifar10/test.zip \
-        --out results/full_scale/cifar10-frozen.json [--partial]
+    python -m research.frozen_baseline --train ../shared/data/cifar10/train.zip --test ../shared/data/cifar10/test.zip \
+        --out research/full_scale/cifar10-frozen.json [--partial]
 
 `--partial` uses the training chunks finished so far (a class-balanced sample) while the cache
 still runs. The probe: scikit-learn `LogisticRegression` (lbfgs, C=1, max_iter 300) on the

@@ -6,7 +6,7 @@ test set with galleries of the first N images a class (the rule `metalora train 
 uses), each stored as fp16 or product-quantised (`Gallery.compress`: M bytes an item plus a
 655 KB codebook at D = 1280). The bytes are those of the gallery.safetensors file it would write.
 
-    python -m results.gallery_size --adapter mnist@3   # -> results/gallery_size.json, docs/img/gallery_size.png
+    python -m research.gallery_size --adapter mnist@3   # -> research/gallery_size.json, docs/img/gallery_size.png
 
 It embeds the bundle's whole training set through its adapter and trains 15 PQ codebooks: 23 min
 for MNIST's 54,001 images on 2 busy cores. The recorded run is keyed `mnist@2`: the weights that
@@ -24,26 +24,52 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
+from metalora.backbones import create_backbone
 from metalora.bundle import BundleError, Gallery, load_bundle, read_manifest
-from metalora.cli import _eval_backbone
 from metalora.data import load_features
 from metalora.evaluate import knn_predict
 from metalora.features import embed_features, model_for
 from metalora.store import DEFAULT_STORE, ModelStore
-from metalora.train import _gallery_subset, holdout_split
+from metalora.train import holdout_split
 
 from bench.common import machine
 
-OUT = Path("results/gallery_size.json")
+OUT = Path("research/gallery_size.json")
 PLOT = Path("docs/img/gallery_size.png")
 PER_CLASS = [100, 300, 1000, 2000, None]  # None: every image the gallery may hold
 CODECS = [None, 320, 160, 64]  # None: fp16; else PQ sub-quantizers (bytes an item)
 
 
+def bundle_backbone(manifest: dict):
+    """The backbone `metalora eval` builds for a store bundle: cut where the bundle was trained,
+    else as the store's backbone manifest says (a copy of metalora.cli's private helper, for a
+    bundle of the repository's store)."""
+    name = manifest["backbone"]["name"]
+    kw = dict((ModelStore(DEFAULT_STORE).backbone_manifest(name) or {}).get("kwargs", {}))
+    bb = create_backbone(name, **kw)
+    own = bb.split_of(manifest["backbone"].get("cut"))
+    return bb if own is None or own == bb.split else create_backbone(name, split=own)
+
+
+def gallery_subset(labels: list[str], per_class: int | None) -> list[int]:
+    """The first `per_class` training images of each class: the rule of `metalora train
+    --gallery-per-class` (metalora.train's private helper, copied; the images are already a seeded
+    sample)."""
+    if per_class is None:
+        return list(range(len(labels)))
+    counts: dict[str, int] = {}
+    keep = []
+    for i, lab in enumerate(labels):
+        if counts.get(lab, 0) < per_class:
+            counts[lab] = counts.get(lab, 0) + 1
+            keep.append(i)
+    return keep
+
+
 def measure(ref: str, per_class: list[int | None], codecs: list[int | None]) -> dict:
     path = ModelStore(DEFAULT_STORE).resolve(ref)[2]
     manifest = read_manifest(path)
-    bb = _eval_backbone(manifest["backbone"]["name"], None, None, ref)
+    bb = bundle_backbone(manifest)
     adapter, manifest = load_bundle(path, bb)
     model = model_for(bb)
     tr = manifest["training"]
@@ -59,7 +85,7 @@ def measure(ref: str, per_class: list[int | None], codecs: list[int | None]) -> 
     truth = torch.tensor([labels.index(lab) for lab in test.labels])
     rows = []
     for pc in per_class:
-        keep = _gallery_subset(train_fs, pc)
+        keep = gallery_subset(train_fs.labels, pc)
         if pc is not None and len(keep) == len(train_fs) and any(r["per_class"] is None for r in rows):
             continue
         base = Gallery(emb[keep], y[keep], [train_fs.ids[i] for i in keep])
@@ -114,7 +140,7 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     results = json.loads(args.out.read_text()) if args.out.is_file() else {"bundles": {}}
     results["machine"] = machine()
-    results["command"] = "python -m results.gallery_size " + " ".join(f"--adapter {a}" for a in args.adapter)
+    results["command"] = "python -m research.gallery_size " + " ".join(f"--adapter {a}" for a in args.adapter)
     for ref in args.adapter:
         if ref in results["bundles"] and not args.force:
             continue

@@ -14,12 +14,12 @@ every adapter shares and INT8 quantises — and the images/s of the service's CP
 machine is shared). Prefix + tail are the same FLOPs at every cut; what moves is how much of them
 runs once per batch (the prefix) rather than once per adapter segment (the tail).
 
-    python -m results.layer_sweep                  # every run; resumable (one JSON per run)
-    python -m results.layer_sweep --tasks cifar10 --splits 6 5
-    python -m results.layer_sweep --tasks cifar10 --splits 5 --budget 545408   # twice the budget
-    python -m results.layer_sweep --serving-mixed   # a blocks[:5] store serving default-cut adapters
-    python -m results.layer_sweep --serving-mixed --cut4   # ... and a blocks[:4] store serving all three cuts
-Writes results/layer_sweep/<task>-split<S>.json, results/layer_sweep/serving.json, serving-mixed.json
+    python -m research.layer_sweep                  # every run; resumable (one JSON per run)
+    python -m research.layer_sweep --tasks cifar10 --splits 6 5
+    python -m research.layer_sweep --tasks cifar10 --splits 5 --budget 545408   # twice the budget
+    python -m research.layer_sweep --serving-mixed   # a blocks[:5] store serving default-cut adapters
+    python -m research.layer_sweep --serving-mixed --cut4   # ... and a blocks[:4] store serving all three cuts
+Writes research/layer_sweep/<task>-split<S>.json, research/layer_sweep/serving.json, serving-mixed.json
 and serving-mixed-cut4.json.
 """
 
@@ -36,7 +36,7 @@ from metalora.backbones import create_backbone
 from metalora.train import TrainConfig, train
 
 D = "../shared/data"
-OUT = Path("results/layer_sweep")
+OUT = Path("research/layer_sweep")
 # (train spec, test spec, epochs, batch size): the shipped bundles' settings, cifar10 on 500 a class
 TASKS = {
     "cifar10": (f"{D}/cifar10/train.zip?per_class=500,pick=first", f"{D}/cifar10/test.zip", 4, 128),
@@ -293,10 +293,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--budget", type=int, default=BUDGET, help="trainable parameters (a non-default budget is in the file name)")
     ap.add_argument("--serving-only", action="store_true")
     ap.add_argument("--serving-mixed", action="store_true", help="only measure what a blocks[:5] store costs default-cut adapters "
-                                                                 "(results/layer_sweep/serving-mixed.json)")
+                                                                 "(research/layer_sweep/serving-mixed.json)")
     ap.add_argument("--cut4", action="store_true", help="with --serving-mixed: what moving the store's cut to blocks[:4] costs "
-                                                        "(results/layer_sweep/serving-mixed-cut4.json)")
-    ap.add_argument("--report", action="store_true", help="only write the table (stdout) and results/layer_sweep/layer_sweep.png from the JSONs")
+                                                        "(research/layer_sweep/serving-mixed-cut4.json)")
+    ap.add_argument("--report", action="store_true", help="only write the table (stdout) and research/layer_sweep/layer_sweep.png from the JSONs")
     args = ap.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     if args.report:

@@ -5,7 +5,7 @@ A small side-by-side pilot before the full CIFAR-10 run: CIFAR-10, 1,000 trainin
 training image in the gallery (fp16), the whole 10,000-image test set; one run per weight, the same
 seed, data order and flips. About 6.5 min a run on 2 cores.
 
-    python -m results.cosine_loss_pilot --weights 0 1   # -> results/cosine_loss_pilot.json
+    python -m research.cosine_loss_pilot --weights 0 1   # -> research/cosine_loss_pilot.json
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from metalora.train import TrainConfig, default_targets, train
 
 from bench.common import machine
 
-OUT = Path("results/cosine_loss_pilot.json")
+OUT = Path("research/cosine_loss_pilot.json")
 
 
 def main(argv: list[str] | None = None) -> None:
