@@ -15,7 +15,7 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   # torch/torchvision first, pinned to the builds this machine has on disk (see README).
   .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-  .venv/bin/python -m pip install -q -e ".[dev]"
+  .venv/bin/python -m pip install -q -e ".[dev,research]"
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
