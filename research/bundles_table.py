@@ -1,4 +1,4 @@
-"""The shipped bundles' table (README, docs/results.md "Shipped bundles"), from what is on disk:
+"""The shipped bundles' table (README, research/NOTES.md "Shipped bundles"), from what is on disk:
 each bundle's manifest (its own test-set figures, calibration, OOD rejection), the frozen
 backbone's figures on the same images (`research/full_scale/<task>-frozen-full.json`, written by
 `research/frozen_baseline.py`) and, where measured, k-NN with the whole training set as gallery
@@ -10,7 +10,7 @@ Default: the five tasks, `mixed` and `digits` (scikit-learn's 8×8 digits); the 
 holds the five tasks only (issue #11's targets).
 
 `--write` also puts the table (and the targets table) between the markers in README.md and
-docs/results.md.
+research/NOTES.md.
 """
 
 from __future__ import annotations
@@ -132,11 +132,11 @@ def _replace(path: Path, block: str, text: str) -> None:
 def main(refs: list[str], write: bool = False) -> None:
     table = "\n".join([HEADER, *(row(r) for r in refs)])
     print(table)
-    if write:  # README and docs/results.md carry the tables between their markers; all computed before any write
-        blocks = [(ROOT / "README.md", "readme-bundles", table), (ROOT / "docs" / "results.md", "bundles-table", table),
-                  (ROOT / "docs" / "results.md", "targets", "\n".join(target_row(r) for r in refs if r.split("@")[0] in TASKS))]
+    if write:  # README and research/NOTES.md carry the tables between their markers; all computed before any write
+        blocks = [(ROOT / "README.md", "readme-bundles", table), (ROOT / "research" / "NOTES.md", "bundles-table", table),
+                  (ROOT / "research" / "NOTES.md", "targets", "\n".join(target_row(r) for r in refs if r.split("@")[0] in TASKS))]
         if any(r.split("@")[0] == "mixed" for r in refs):
-            blocks.append((ROOT / "docs" / "results.md", "mixed-table", mixed_table()))
+            blocks.append((ROOT / "research" / "NOTES.md", "mixed-table", mixed_table()))
         for path, block, _ in blocks:
             doc = path.read_text()
             if f"<!-- {block}:start -->" not in doc or f"<!-- {block}:end -->" not in doc:

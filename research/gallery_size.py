@@ -6,7 +6,7 @@ test set with galleries of the first N images a class (the rule `metalora train 
 uses), each stored as fp16 or product-quantised (`Gallery.compress`: M bytes an item plus a
 655 KB codebook at D = 1280). The bytes are those of the gallery.safetensors file it would write.
 
-    python -m research.gallery_size --adapter mnist@3   # -> research/gallery_size.json, docs/img/gallery_size.png
+    python -m research.gallery_size --adapter mnist@3   # -> research/gallery_size.json, research/gallery_size.png
 
 It embeds the bundle's whole training set through its adapter and trains 15 PQ codebooks: 23 min
 for MNIST's 54,001 images on 2 busy cores. The recorded run is keyed `mnist@2`: the weights that
@@ -35,7 +35,7 @@ from metalora.train import holdout_split
 from bench.common import machine
 
 OUT = Path("research/gallery_size.json")
-PLOT = Path("docs/img/gallery_size.png")
+PLOT = Path("research/gallery_size.png")
 PER_CLASS = [100, 300, 1000, 2000, None]  # None: every image the gallery may hold
 CODECS = [None, 320, 160, 64]  # None: fp16; else PQ sub-quantizers (bytes an item)
 

@@ -5,7 +5,7 @@
 Reads `<out>/raw/{lr,main,sweep,budget2}/*.json` and `<out>/seeds/*.npz`; writes
 `<out>/summary.json`, `<out>/sweep.png`, `<out>/seeds_pca.png`, `<out>/seeds_tsne.png`,
 `<out>/seeds_move.png`, and replaces the block between `<!-- paper:start -->` and
-`<!-- paper:end -->` in docs/results.md. A run not done yet shows as "—", and the block says how
+`<!-- paper:end -->` in research/NOTES.md. A run not done yet shows as "—", and the block says how
 many runs are done, so it can be run while the long run continues.
 
 Statistics: mean ± sample standard deviation over seeds. Paired differences: per seed, row minus
@@ -528,7 +528,7 @@ def build(out: Path, suite: str, rows: list[str], seeds: list[int], lr_grid, swe
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "research" / "paper")
-    ap.add_argument("--docs", type=Path, default=ROOT / "docs" / "results.md", help="the page whose paper block is replaced ('-': none)")
+    ap.add_argument("--docs", type=Path, default=ROOT / "research" / "NOTES.md", help="the page whose paper block is replaced ('-': none)")
     ap.add_argument("--suite", choices=list(SUITES), default="paper")
     ap.add_argument("--rows", nargs="+", default=ROWS, choices=ALL_ROWS, help="the rows planned (for the 'N of M done' count)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

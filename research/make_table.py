@@ -3,7 +3,7 @@
     .venv/bin/python -m research.make_table
 
 Writes research/table.json, research/table.md, research/knn_top1.png, research/seeds_pca.png and
-replaces the block between the table markers in docs/results.md.
+replaces the block between the table markers in research/NOTES.md.
 """
 
 from __future__ import annotations
@@ -226,7 +226,7 @@ def main() -> None:
     (ROOT / "research" / "table.json").write_text(json.dumps(out, indent=1) + "\n")
     (ROOT / "research" / "table.md").write_text(md)
     bar_chart(table, ROOT / "research" / "knn_top1.png")
-    doc = ROOT / "docs" / "results.md"
+    doc = ROOT / "research" / "NOTES.md"
     if doc.exists():
         text = doc.read_text()
         if START in text and END in text:

@@ -10,9 +10,9 @@ any time. CUDA is used when present.
     $PY -m research.run_paper --stage main      # the table: 6 columns x 5 rows x 3 seeds (+ frozen, Multi-LoRA)
     $PY -m research.run_paper --stage sweep     # ranks 4, 8, 16, 32 on the mixture (LoRA, TR)
     $PY -m research.run_paper --stage budget2   # every row at the second budget (~280k) on the mixture
-    $PY -m research.make_paper                  # tables, intervals, charts -> docs/results.md
+    $PY -m research.make_paper                  # tables, intervals, charts -> research/NOTES.md
 
-Stages and what they fix (docs/results.md, "The five-domain experiment"):
+Stages and what they fix (research/NOTES.md, "The five-domain experiment"):
 
 * rows: `frozen` (k-NN on the frozen backbone, no head), `lora`, `metalora-cp`, `metalora-tr`,
   `metalora-tr-frozen-seed` (TR with c(x) fixed at its start value, mapping network off:

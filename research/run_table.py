@@ -1,4 +1,4 @@
-"""Run the comparison table of docs/results.md: every (task, format, seed) at one matched budget.
+"""Run the comparison table of research/NOTES.md: every (task, format, seed) at one matched budget.
 
 Each run is exactly `metalora train ... --eval-data ...` (the same `metalora.train.train` call),
 driven from one process so the backbone and the prefix cache are loaded once. A run whose JSON
@@ -24,7 +24,7 @@ from metalora.train import TrainConfig, embed_features, model_for, train
 
 ROOT = Path(__file__).resolve().parent.parent
 D = "../shared/data"
-# Seeded per-class subsets (see docs/results.md): train / test images per class.
+# Seeded per-class subsets (see research/NOTES.md): train / test images per class.
 SINGLE = {
     "cifar10": ([f"{D}/cifar10/train.zip?per_class=100"], [f"{D}/cifar10/test.zip?per_class=50"]),
     "mnist": ([f"{D}/mnist/train.zip?per_class=50"], [f"{D}/mnist/test.zip?per_class=30"]),

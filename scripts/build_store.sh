@@ -11,7 +11,7 @@
 # skips finished chunks) and every training run checkpoints per epoch under runs/ckpt/ (its
 # --checkpoint, else <name>-<version>) and a rerun resumes it.
 #
-# Each bundle is trained in the format docs/results.md's table favours for its task, at the table's
+# Each bundle is trained in the format research/NOTES.md's table favours for its task, at the table's
 # matched budget and settings with seed 0, so it is the table's seed-0 run of that format; the
 # manifest records the data specs, the k-NN/head accuracy on the test subset and the frozen
 # backbone's k-NN on the same images. Frozen prefix features are cached under $METALORA_CACHE
@@ -22,7 +22,7 @@ METALORA=${METALORA:-.venv/bin/metalora}
 D=../shared/data   # relative on purpose: the manifests record these exact specs
 [ -d "$D" ] || { echo "needs $D (cifar10/, mnist/ zips) next to the repository" >&2; exit 2; }
 
-# Formats chosen from the table (docs/results.md); the settings are research/run_table.py's.
+# Formats chosen from the table (research/NOTES.md); the settings are research/run_table.py's.
 FMT_CIFAR10=${FMT_CIFAR10:-tr}
 FMT_MNIST=${FMT_MNIST:-cp}
 FMT_DIGITS=${FMT_DIGITS:-tr}
@@ -97,7 +97,7 @@ CUT5=(--format tr --lr 0.003 --seed 0 --holdout-frac 0.1 --json --split 5)
 "$METALORA" train --overwrite "${CUT5[@]}" --rank 3 --rank 6 --rank 3 --epochs 10 --batch-size 64 "${G[@]}" \
     --data "$D/gtsrb/train.zip" --eval-data "$D/gtsrb/test.zip" $(ood gtsrb) \
     --checkpoint runs/ckpt/gtsrb-3 --out model_store/adapters/gtsrb/4
-# eurosat/2 ships the 200-a-class fp16 gallery it was first written with (not the rule's: see docs/results.md).
+# eurosat/2 ships the 200-a-class fp16 gallery it was first written with (not the rule's: see research/NOTES.md).
 for spec in "fashion-mnist ${G[*]}" "eurosat --gallery-per-class 200"; do
   read -r t gallery <<< "$spec"
   "$METALORA" train --overwrite "${CUT5[@]}" --budget 280000 --epochs 10 --batch-size 64 $gallery \
