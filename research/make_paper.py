@@ -463,7 +463,7 @@ def seed_charts(analyses: dict, projections: dict, out: Path) -> dict[str, Path]
 
 # ---------------------------------------------------------------------- main
 def build(out: Path, suite: str, rows: list[str], seeds: list[int], lr_grid, sweep_ranks, sweep_rows, sweep_seeds, tsne_max: int) -> tuple[dict, dict]:
-    from run_paper import choose_lr
+    from research.run_paper import choose_lr
 
     recs = load(out)
     tasks = list(SUITES[suite])
