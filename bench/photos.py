@@ -4,7 +4,7 @@ One real `metalora serve` (backend `auto`: ONNX Runtime on CPU, the service's de
 the frozen backbone (`base`). Rounds alternate two closed-loop windows at concurrency 32: 12 MP
 quality-90 JPEGs (about 3 MB, made in memory by `bench.decode.phone_photo`) and small (256 px)
 JPEGs. `photo_vs_small_c32` = photo images/s / small images/s, median over rounds. The decode
-share is CPU time: the server's own decode step (`service.inputs.decode_one`: base64, decode,
+share is CPU time: the server's own decode step (`service.decode.decode_one`: base64, decode,
 preprocess) timed with `time.thread_time` here, over the server process's CPU seconds per image
 in the window (/proc, every thread). CPU time, not wall time: it is not inflated by waiting.
 """
@@ -31,11 +31,11 @@ def _cpu_s(pid: int) -> float:
 
 
 def _decode_cpu_s(imgs: list[bytes], repeats: int = 2) -> float:
-    """CPU seconds per image of the server's own decode step (`service.inputs.decode_one`: base64 + decode + preprocess)."""
+    """CPU seconds per image of the server's own decode step (`service.decode.decode_one`: base64 + decode + preprocess)."""
     import base64
 
     from metalora.images import Preprocessor
-    from service.inputs import decode_one
+    from service.decode import decode_one
     from service.settings import Settings
 
     s = Settings()

@@ -72,12 +72,14 @@ _ALPHA = {"RGBA", "LA", "RGBa", "La"}
 
 
 class ImageError(ValueError):
-    """An image that cannot be used; `code` is stable for clients, `status` the HTTP status."""
+    """An image that cannot be used; `code` is stable for clients, `kind` says which family of
+    failure it is: `invalid` (the bytes or picture are unusable), `unsupported` (a format not
+    read here) or `too_large` (over a pixel limit). The service maps the kind to a status."""
 
-    def __init__(self, code: str, message: str, status: int = 422):
+    def __init__(self, code: str, message: str, kind: str = "invalid"):
         super().__init__(message)
         self.code = code
-        self.status = status
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -96,24 +98,24 @@ class Decoded:
 def _open(data: bytes, max_pixels: int, max_aspect_ratio: float) -> Image.Image:
     """Bytes -> a lazily opened image, refusing unknown formats, bombs and slivers before decoding."""
     if not data:
-        raise ImageError("empty_image", "image is empty", 422)
+        raise ImageError("empty_image", "image is empty")
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise ImageError("undecodable_image", "bytes are not an image in a supported format", 415) from None
+        raise ImageError("undecodable_image", "bytes are not an image in a supported format", "unsupported") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError("image_too_large", f"image refused as a decompression bomb: {e}", 413) from None
+        raise ImageError("image_too_large", f"image refused as a decompression bomb: {e}", "too_large") from None
     except Exception as e:  # noqa: BLE001 - Pillow's plugins raise an open set of types on malformed headers
-        raise ImageError("undecodable_image", f"image header could not be read: {type(e).__name__}: {e}", 422) from None
+        raise ImageError("undecodable_image", f"image header could not be read: {type(e).__name__}: {e}") from None
     if img.format not in SUPPORTED_FORMATS:
-        raise ImageError("unsupported_image", f"image format {img.format} is not supported (supported: {', '.join(sorted(SUPPORTED_FORMATS))})", 415)
+        raise ImageError("unsupported_image", f"image format {img.format} is not supported (supported: {', '.join(sorted(SUPPORTED_FORMATS))})", "unsupported")
     w, h = img.size  # read from the header: nothing decoded yet
     if w < 1 or h < 1:
-        raise ImageError("undecodable_image", f"image has no pixels ({w}x{h})", 422)
+        raise ImageError("undecodable_image", f"image has no pixels ({w}x{h})")
     if w * h > max_pixels:
-        raise ImageError("image_too_large", f"image has {w}x{h} pixels, the limit is {max_pixels}", 413)
+        raise ImageError("image_too_large", f"image has {w}x{h} pixels, the limit is {max_pixels}", "too_large")
     if max(w, h) > max_aspect_ratio * min(w, h):
-        raise ImageError("extreme_aspect_ratio", f"image is {w}x{h}; the long side may be at most {max_aspect_ratio:g} times the short side", 422)
+        raise ImageError("extreme_aspect_ratio", f"image is {w}x{h}; the long side may be at most {max_aspect_ratio:g} times the short side")
     return img
 
 
@@ -223,11 +225,11 @@ def _decode(data: bytes, max_pixels: int, max_aspect_ratio: float, min_short: fl
         except ImageError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageError("image_too_large", f"image refused as a decompression bomb: {e}", 413) from None
+            raise ImageError("image_too_large", f"image refused as a decompression bomb: {e}", "too_large") from None
         except MemoryError:
             raise
         except Exception as e:  # noqa: BLE001 - truncated or corrupt data: Pillow raises OSError, SyntaxError, ValueError, EOFError, ...
-            raise ImageError("undecodable_image", f"image could not be decoded: {type(e).__name__}: {e}", 422) from None
+            raise ImageError("undecodable_image", f"image could not be decoded: {type(e).__name__}: {e}") from None
     if orientation in _ORIENT:
         img = img.transpose(_ORIENT[orientation])
     return Decoded(img, size, factor)

@@ -17,9 +17,9 @@ from .backbones import Preprocess, create_backbone
 from .bundle import BundleError, load_bundle, load_gallery
 from .images import DEFAULT_MAX_PIXELS, Preprocessor
 from .imagenet import imagenet_labels
+from .refs import BASE, AdapterRef, name_of, version_of
 from .store import DEFAULT_STORE, ModelStore
 
-BASE = "base"
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -65,7 +65,7 @@ class Runtime:
         if ref == BASE:
             return BASE
         name, version, _ = self.store.resolve(ref)
-        return f"{name}@{version}"
+        return AdapterRef.key_of(name, version)
 
     def load(self, ref: str) -> str:
         key = self.resolve(ref)
@@ -123,9 +123,9 @@ class Runtime:
         k = min(top_k, probs.numel())
         scores, idx = probs.topk(k)
         labels = self.labels(key)
-        version = "" if key == BASE else key.split("@", 1)[1]
+        version = version_of(key)
         return {
-            "adapter": key.split("@", 1)[0],
+            "adapter": name_of(key),
             "version": version,
             "predictions": [{"label": labels[i], "index": int(i), "score": float(s)} for s, i in zip(scores.tolist(), idx.tolist())],
         }

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from .bundle import MANIFEST, BundleError, check_name, read_manifest
+from .refs import AdapterRef
 
 DEFAULT_STORE = Path(__file__).resolve().parent.parent / "model_store"
 
@@ -27,11 +28,11 @@ def _version_key(v: str):
 
 def parse_ref(ref: str) -> tuple[str, str | None]:
     """`name` or `name@version` -> (name, version or None)."""
-    name, _, version = ref.partition("@")
+    name, version = AdapterRef.split(ref)
     check_name(name)
     if version:
         check_name(version, "version")
-    return name, version or None
+    return name, version
 
 
 class ModelStore:

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from metalora.bundle import read_manifest
+from metalora.refs import name_of
 from metalora.store import ModelStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,8 +135,8 @@ def main(refs: list[str], write: bool = False) -> None:
     print(table)
     if write:  # README and research/NOTES.md carry the tables between their markers; all computed before any write
         blocks = [(ROOT / "README.md", "readme-bundles", table), (ROOT / "research" / "NOTES.md", "bundles-table", table),
-                  (ROOT / "research" / "NOTES.md", "targets", "\n".join(target_row(r) for r in refs if r.split("@")[0] in TASKS))]
-        if any(r.split("@")[0] == "mixed" for r in refs):
+                  (ROOT / "research" / "NOTES.md", "targets", "\n".join(target_row(r) for r in refs if name_of(r) in TASKS))]
+        if any(name_of(r) == "mixed" for r in refs):
             blocks.append((ROOT / "research" / "NOTES.md", "mixed-table", mixed_table()))
         for path, block, _ in blocks:
             doc = path.read_text()

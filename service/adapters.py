@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from metalora.bundle import BundleError
-from metalora.runtime import BASE, Runtime
+from metalora.refs import BASE, AdapterRef, name_of, version_of
+from metalora.runtime import Runtime
 
-from .errors import ServiceError
+from .errors import from_library, invalid, not_found
 from .metrics import Metrics
 
 log = logging.getLogger("metalora.service")
@@ -42,11 +43,11 @@ class Entry:
 
     @property
     def name(self) -> str:
-        return self.key.split("@", 1)[0]
+        return name_of(self.key)
 
     @property
     def version(self) -> str:
-        return self.key.split("@", 1)[1] if "@" in self.key else ""
+        return version_of(self.key)
 
 
 class AdapterRegistry:
@@ -64,13 +65,14 @@ class AdapterRegistry:
         self._store_count: tuple[float, int] | None = None  # (when counted, adapters in the store)
 
     # ---------------------------------------------------------------- lookups
-    def resolve(self, ref: str) -> str:
-        """`base` / `name` / `name@version` -> key; unknown names raise 404, bad names 422."""
+    def resolve(self, ref: AdapterRef) -> str:
+        """An adapter reference -> the key of the version it names (`base` or `name@version`);
+        unknown names raise NOT_FOUND `unknown_adapter`, bad names INVALID `invalid_name`."""
         try:
-            key = self.runtime.resolve(ref)
+            key = self.runtime.resolve(str(ref))
         except BundleError as e:
-            raise ServiceError.from_bundle(e) from None
-        self.metrics.admit(key.split("@", 1)[0])
+            raise from_library(e) from None
+        self.metrics.admit(name_of(key))
         return key
 
     def loaded(self) -> list[str]:
@@ -80,7 +82,7 @@ class AdapterRegistry:
         return key in self.entries and self.entries[key].pinned
 
     # ---------------------------------------------------------------- acquire / release
-    async def acquire(self, ref: str, n: int) -> Entry:
+    async def acquire(self, ref: AdapterRef, n: int) -> Entry:
         """Resolve, load when cold, touch, and count `n` images in flight; pair with `release`."""
         key = self.resolve(ref)
         if key == BASE:
@@ -105,7 +107,7 @@ class AdapterRegistry:
         self.entries.move_to_end(entry.key)
 
     # ---------------------------------------------------------------- load / unload
-    async def load(self, ref: str, pin: bool = False) -> Entry:
+    async def load(self, ref: AdapterRef, pin: bool = False) -> Entry:
         key = self.resolve(ref)
         if key == BASE:
             return self.base
@@ -128,7 +130,7 @@ class AdapterRegistry:
             except BundleError as e:
                 self.failed[key] = f"{e.code}: {e}"
                 log.warning("refused bundle %s: %s", key, e)
-                raise ServiceError.from_bundle(e) from None
+                raise from_library(e) from None
             dt = time.perf_counter() - t0
             self.metrics.adapter_load.observe(dt)
             self.failed.pop(key, None)
@@ -141,14 +143,14 @@ class AdapterRegistry:
             self._gauge()
             return entry  # the caller touches it and then evicts, so the new entry is never the victim
 
-    def unload(self, ref: str) -> tuple[Entry, bool]:
+    def unload(self, ref: AdapterRef) -> tuple[Entry, bool]:
         """Unload now, or when its images in flight are done; returns (entry, deferred)."""
         key = self.resolve(ref)
         if key == BASE:
-            raise ServiceError(422, "cannot_unload_base", "the frozen backbone ('base') is always loaded")
+            raise invalid("cannot_unload_base", "the frozen backbone ('base') is always loaded")
         entry = self.entries.get(key)
         if entry is None:
-            raise ServiceError(404, "not_loaded", f"adapter {key} is not loaded")
+            raise not_found("not_loaded", f"adapter {key} is not loaded")
         entry.pinned = False
         if entry.inflight > 0:
             entry.unload_pending = True

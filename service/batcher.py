@@ -16,7 +16,7 @@ from typing import Any, Awaitable, Callable
 
 import torch
 
-from .errors import ServiceError
+from .errors import DomainError, Kind, unavailable
 from .metrics import Metrics
 
 log = logging.getLogger("metalora.service")
@@ -62,15 +62,13 @@ class Batcher:
             except asyncio.CancelledError:
                 pass
         while not self.queue.empty():
-            self._fail(self.queue.get_nowait(), ServiceError(503, "shutting_down", "the server is shutting down", {"Retry-After": str(self.retry_after_s)}))
+            self._fail(self.queue.get_nowait(), unavailable("shutting_down", "the server is shutting down", self.retry_after_s))
 
     def submit(self, items: list[WorkItem]) -> list[asyncio.Future]:
         """Accept all items or none: a request that does not fit the queue gets 503 + Retry-After."""
         if self.pending + len(items) > self.max_queue:
             self.metrics.rejected.labels("queue_full").inc(len(items))
-            raise ServiceError(
-                503, "overloaded", f"queue is full ({self.pending} of {self.max_queue} images waiting); retry later", {"Retry-After": str(self.retry_after_s)}
-            )
+            raise unavailable("overloaded", f"queue is full ({self.pending} of {self.max_queue} images waiting); retry later", self.retry_after_s)
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         for it in items:
@@ -121,7 +119,7 @@ class Batcher:
                     self._fail(it, None)
                 elif now > it.deadline:
                     self.metrics.rejected.labels("deadline").inc()
-                    self._fail(it, ServiceError(504, "deadline_exceeded", f"request waited {now - it.enqueued:.3f} s in the queue, past its deadline; it was not computed"))
+                    self._fail(it, DomainError(Kind.DEADLINE_EXCEEDED, "deadline_exceeded", f"request waited {now - it.enqueued:.3f} s in the queue, past its deadline; it was not computed"))
                 else:
                     live.append(it)
             if not live:
@@ -135,7 +133,7 @@ class Batcher:
                     raise RuntimeError(f"engine returned {len(results)} results for a batch of {len(live)}")
             except asyncio.CancelledError:
                 for it in live:
-                    self._fail(it, ServiceError(503, "shutting_down", "the server is shutting down"))
+                    self._fail(it, DomainError(Kind.UNAVAILABLE, "shutting_down", "the server is shutting down"))
                 raise
             except Exception as e:  # a failed batch fails its items, never the loop
                 log.exception("engine batch of %d failed", len(live))

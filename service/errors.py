@@ -1,48 +1,95 @@
-"""One JSON error shape for every failure: `{"error": {"code": "...", "message": "..."}}`.
+"""Domain errors: what went wrong with a request, in no protocol's terms.
 
-Codes are stable and machine-readable; the message is for people. Client mistakes are 4xx,
-overload is 503 with Retry-After, a missed deadline 504; a 500 is always a bug.
+Every failure the core reports is a `DomainError`: a stable machine-readable `code`
+(`unknown_adapter`, `overloaded`, `deadline_exceeded`, ...), a message for people, optional
+`details`, and its `kind` — the family of failure (the client's input is invalid, something named
+does not exist, the server is overloaded, ...) that each front door maps to its protocol's status
+through one table (`service/http/errors.py` for `/v1` and `/v2` REST, `service/grpc/server.py`
+for gRPC). No HTTP status appears below the front doors. The kinds follow gRPC's canonical codes
+and kserve's error classes (`kserve/errors.py`), which both protocols' statuses are drawn from.
 """
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Iterable
+from enum import Enum
 from pathlib import Path
-
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from metalora.bundle import BundleError
 from metalora.images import ImageError
-
-log = logging.getLogger("metalora.service")
-
-# BundleError codes that mean "the client named something wrong" rather than "the bundle is bad".
-_BUNDLE_STATUS = {"unknown_adapter": 404, "invalid_name": 422}
-# Any other BundleError (checksum_mismatch, bad_manifest, backbone_mismatch, ...) is a bundle
-# that cannot be served: 409, the store's state conflicts with the request.
-BUNDLE_CONFLICT = 409
+from metalora.refs import RefError
 
 
-class ServiceError(Exception):
-    """An error with its HTTP status, stable code and optional headers (e.g. Retry-After)."""
+class Kind(str, Enum):
+    """The family of a failure; a front door's table turns it into a status."""
 
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+    INVALID = "invalid"  # the request is malformed or a value is out of range
+    UNSUPPORTED = "unsupported"  # a media type or format the server does not read
+    TOO_LARGE = "too_large"  # over a limit: images, pixels, bytes, items
+    UNAUTHENTICATED = "unauthenticated"  # no or a wrong admin token
+    PERMISSION_DENIED = "permission_denied"  # the operation is switched off here
+    NOT_FOUND = "not_found"  # an adapter, version or item that does not exist
+    CONFLICT = "conflict"  # the store's state conflicts with the request (a bad bundle, an empty gallery)
+    UNAVAILABLE = "unavailable"  # overloaded, starting, shutting down, a store down: retry later
+    DEADLINE_EXCEEDED = "deadline_exceeded"  # the request's deadline passed before its answer
+    CANCELLED = "cancelled"  # the client went away
+
+
+class DomainError(Exception):
+    """A failure of one request: `code`, `message`, `kind`, optional `details` and a retry hint
+    (`retry_after_s`, for UNAVAILABLE)."""
+
+    def __init__(self, kind: Kind, code: str, message: str, *, retry_after_s: float | None = None, details: dict | None = None):
         super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+        self.kind, self.code, self.message = kind, code, message
+        self.retry_after_s, self.details = retry_after_s, details or {}
 
-    @classmethod
-    def from_bundle(cls, e: BundleError) -> "ServiceError":
-        return cls(_BUNDLE_STATUS.get(e.code, BUNDLE_CONFLICT), e.code, str(e))
+    def __repr__(self) -> str:
+        return f"DomainError({self.kind.value}, {self.code!r}, {self.message!r})"
 
-    @classmethod
-    def from_image(cls, e: ImageError, where: str | None = None) -> "ServiceError":
-        """The image error, its message led by the image's name in the request (`images[3]: ...`)."""
-        return cls(e.status, e.code, f"{where}: {e}" if where else str(e))
+
+def invalid(code: str, message: str) -> DomainError:
+    return DomainError(Kind.INVALID, code, message)
+
+
+def not_found(code: str, message: str) -> DomainError:
+    return DomainError(Kind.NOT_FOUND, code, message)
+
+
+def too_large(code: str, message: str) -> DomainError:
+    return DomainError(Kind.TOO_LARGE, code, message)
+
+
+def conflict(code: str, message: str) -> DomainError:
+    return DomainError(Kind.CONFLICT, code, message)
+
+
+def unavailable(code: str, message: str, retry_after_s: float) -> DomainError:
+    return DomainError(Kind.UNAVAILABLE, code, message, retry_after_s=retry_after_s)
+
+
+# BundleError codes that mean "the client named something wrong" rather than "the bundle is bad";
+# any other (checksum_mismatch, bad_manifest, backbone_mismatch, ...) is a bundle that cannot be served.
+_BUNDLE_KIND = {"unknown_adapter": Kind.NOT_FOUND, "invalid_name": Kind.INVALID}
+_IMAGE_KIND = {"invalid": Kind.INVALID, "unsupported": Kind.UNSUPPORTED, "too_large": Kind.TOO_LARGE}
+
+
+def from_library(e: Exception, where: str | None = None) -> DomainError:
+    """The library's errors (`BundleError`, `ImageError`, `RefError`) as domain errors; an image
+    error's message is led by the image's name in the request (`images[3]: ...`)."""
+    if isinstance(e, DomainError):
+        return e
+    if isinstance(e, BundleError):
+        return DomainError(_BUNDLE_KIND.get(e.code, Kind.CONFLICT), e.code, str(e))
+    if isinstance(e, ImageError):
+        return DomainError(_IMAGE_KIND[e.kind], e.code, f"{where}: {e}" if where else str(e))
+    if isinstance(e, RefError):
+        return DomainError(Kind.INVALID, e.code, str(e))
+    raise TypeError(f"not a library error: {e!r}")
+
+
+LIBRARY_ERRORS = (BundleError, ImageError, RefError)
 
 
 def public_message(message: str, roots: Iterable[Path]) -> str:
@@ -56,56 +103,3 @@ def public_message(message: str, roots: Iterable[Path]) -> str:
         message = re.sub(rf"{r}/", "", message)
         message = re.sub(rf"{r}(?![\w.-])", lambda _, name=Path(root).name: name, message)
     return message
-
-
-def error_body(code: str, message: str) -> dict:
-    return {"error": {"code": code, "message": message}}
-
-
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(code, message), status_code=status, headers=headers)
-
-
-_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
-
-
-def install(app: FastAPI) -> None:
-    """Register the handlers that turn every exception into the one error shape."""
-
-    @app.exception_handler(ServiceError)
-    async def _service(request: Request, e: ServiceError):
-        return error_response(e.status, e.code, request.app.state.service.public(e.message), e.headers)
-
-    @app.exception_handler(BundleError)
-    async def _bundle(request: Request, e: BundleError):
-        se = ServiceError.from_bundle(e)
-        return error_response(se.status, se.code, request.app.state.service.public(se.message))
-
-    @app.exception_handler(ImageError)
-    async def _image(request: Request, e: ImageError):
-        return error_response(e.status, e.code, str(e))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, e: RequestValidationError):
-        parts = []
-        for err in e.errors()[:5]:
-            loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-            parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
-        types = {err.get("type") for err in e.errors()}
-        code = "invalid_json" if "json_invalid" in types else "invalid_name" if "invalid_name" in types else "invalid_request"
-        return error_response(422, code, "; ".join(parts) or "invalid request")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, e: StarletteHTTPException):
-        code = _HTTP_CODES.get(e.status_code, f"http_{e.status_code}")
-        if request.url.path == "/v2" or request.url.path.startswith("/v2/"):
-            # an unmatched /v2 route or method: the Open Inference Protocol's shape, `"error": "<string>"`
-            # (tritonclient's exceptions fail on the /v1 object), as the /v2 routes' own errors
-            message = f"{e.detail}: {request.method} {request.url.path} (no such Open Inference Protocol route here)"
-            return JSONResponse({"error": message, "code": code}, status_code=e.status_code, headers=getattr(e, "headers", None))
-        return error_response(e.status_code, code, str(e.detail), getattr(e, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _bug(request: Request, e: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", f"internal error ({type(e).__name__}); this is a bug, please report it")

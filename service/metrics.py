@@ -8,6 +8,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from metalora.refs import AdapterRef
+
 # Request latency spans a cached 5 ms answer up to a CPU batch stuck behind a long queue.
 REQUEST_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 QUEUE_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -74,7 +76,7 @@ class Metrics:
         """An adapter label value: its name when admitted, else 'other' (unknown names never get one)."""
         if not name:
             return "none"
-        name = name.split("@", 1)[0]
+        name, _ = AdapterRef.split(name)  # unvalidated here: a name the registry refused counts as "other"
         return name if name in self._allowed else OTHER
 
     def render(self) -> bytes:

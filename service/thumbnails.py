@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from metalora.bundle import GALLERY, BundleError, Gallery, read_manifest
+from metalora.refs import AdapterRef
 from metalora.store import ModelStore
 from metalora.thumbnails import atomic_write, make_thumbnail, sidecar_path
 
@@ -44,7 +45,7 @@ class ThumbnailStore:
         self._lock = threading.Lock()
 
     def sidecar(self, key: str, item_id: str) -> Path:
-        name, version = key.split("@", 1)
+        name, version = AdapterRef.split(key)
         return sidecar_path(self.root, name, version, item_id)
 
     def get(self, key: str, item_id: str) -> bytes | None:

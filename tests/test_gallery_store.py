@@ -23,7 +23,7 @@ import torch
 from metalora.adapters import Adapter, AdapterConfig
 from metalora.bundle import Gallery, save_bundle
 from metalora.store import ModelStore
-from service.errors import ServiceError
+from service.errors import DomainError, Kind
 from service.galleries import EmbeddedStore, Item, LiveIndex, Seed, UnknownItems
 from service.galleries import index as index_mod
 from service.galleries.manager import Galleries
@@ -278,14 +278,14 @@ def test_galleries_put_search_delete_and_restart(make_store, models, tmp_path):
     hits = index.search(v, 3)[0]
     assert hits[0].id == "new" and abs(hits[0].score - 1) < 1e-5 and hits[-1].id != "seed3"
     g.delete("pets@1", ["new"])
-    with pytest.raises(ServiceError) as e:
+    with pytest.raises(DomainError) as e:
         g.delete("pets@1", ["new"])
-    assert (e.value.status, e.value.code) == (404, "unknown_item")
+    assert (e.value.kind, e.value.code) == (Kind.NOT_FOUND, "unknown_item")
     for bad, code in [(Item("z", "zebra", v), "unknown_label"), (Item("z", "cat", v[:3]), "invalid_vector"), (Item("z", "cat", v * np.nan), "invalid_vector"), (Item("z", "cat", v * 0), "invalid_vector")]:
-        with pytest.raises(ServiceError) as e:
+        with pytest.raises(DomainError) as e:
             g.put("pets@1", [Item("ok", "cat", v), bad])  # all or nothing
         assert e.value.code == code and "ok" not in index
-    with pytest.raises(ServiceError) as e:
+    with pytest.raises(DomainError) as e:
         g.put("pets@1", [Item("d", "cat", v), Item("d", "dog", v)])
     assert e.value.code == "duplicate_id"
     g.close()
@@ -396,9 +396,9 @@ def test_database_down_answers_503_and_recovers(make_pg_store, models, pg):
     rng = np.random.default_rng(8)
     pg.stop("fast")
     try:
-        with pytest.raises(ServiceError) as e:
+        with pytest.raises(DomainError) as e:
             a.put("pets@1", [Item("while-down", "cat", _vec(rng))])
-        assert e.value.status == 503 and e.value.code == "gallery_unavailable" and e.value.headers["Retry-After"].isdigit()
+        assert e.value.kind is Kind.UNAVAILABLE and e.value.code == "gallery_unavailable" and e.value.retry_after_s >= 1
         assert len(ia.search(_vec(rng), 3)[0]) == 3  # searches go on from memory
     finally:
         pg.start()
@@ -407,7 +407,7 @@ def test_database_down_answers_503_and_recovers(make_pg_store, models, pg):
         try:
             a.put("pets@1", [Item("after", "dog", _vec(rng))])
             break
-        except ServiceError:
+        except DomainError:
             assert time.monotonic() - t0 < 20
             time.sleep(0.2)
     t0 = time.monotonic()

@@ -17,7 +17,9 @@ from tritonclient.grpc import _utils as grpc_utils
 from tritonclient.grpc import service_pb2 as triton_pb2
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
-from service.errors import ServiceError
+from service.errors import DomainError
+from service.http import body as http_body
+from service.oip.status import status as v2_status
 from service.oip import codec
 from service.grpc import proto
 from service.oip.codec import InferRequest, InferResponse, RequestedOutput, Tensor
@@ -62,9 +64,9 @@ def test_bytes_serialization_matches_tritonclient(n):
     ],
 )
 def test_malformed_bytes_are_400(buf, count):
-    with pytest.raises(ServiceError) as e:
+    with pytest.raises(DomainError) as e:
         codec.deserialize_bytes(buf, count, "image")
-    assert (e.value.status, e.value.code) == (400, "invalid_binary_data")
+    assert (v2_status(e.value), e.value.code) == (400, "invalid_binary_data")
 
 
 # ------------------------------------------------------------------------ REST requests
@@ -134,9 +136,9 @@ def _doc(**inp):
 def test_malformed_rest_requests_are_400(body, header, code):
     if header == "len":
         header = str(body.index(b"}]}") + 3)
-    with pytest.raises(ServiceError) as e:
+    with pytest.raises(DomainError) as e:
         codec.parse_rest("m", "", body, header)
-    assert (e.value.status, e.value.code) == (400, code)
+    assert (v2_status(e.value), e.value.code) == (400, code)
 
 
 # ------------------------------------------------------------------------ REST responses
@@ -240,9 +242,9 @@ def test_grpc_uint8_contents_out_of_range_is_400():
     msg = pb.ModelInferRequest(model_name="m")
     t = msg.inputs.add(name="pixels", datatype="UINT8", shape=[1, 1, 1, 3])
     t.contents.uint_contents.extend([1, 2, 300])
-    with pytest.raises(ServiceError) as e:
+    with pytest.raises(DomainError) as e:
         codec.parse_grpc(msg)
-    assert (e.value.status, e.value.code) == (400, "invalid_data")
+    assert (v2_status(e.value), e.value.code) == (400, "invalid_data")
 
 
 # ------------------------------------------------------------------------ Content-Encoding (request compression)
@@ -269,22 +271,22 @@ PLAIN = json.dumps({"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1], 
 )
 def test_decompress_gives_back_what_the_standard_library_compressed(encoding, compress):
     body = compress(PLAIN)
-    assert codec.decompress(body, encoding, len(PLAIN)) == PLAIN
+    assert http_body.decompress(body, encoding, len(PLAIN)) == PLAIN
 
 
 def test_decompress_holds_the_limit_on_the_decompressed_size():
     import gzip
     import zlib
 
-    assert codec.decompress(gzip.compress(PLAIN), "gzip", len(PLAIN)) == PLAIN  # exactly the limit: fine
-    with pytest.raises(ServiceError) as e:
-        codec.decompress(gzip.compress(PLAIN), "gzip", len(PLAIN) - 1)
-    assert (e.value.status, e.value.code) == (413, "body_too_large")
+    assert http_body.decompress(gzip.compress(PLAIN), "gzip", len(PLAIN)) == PLAIN  # exactly the limit: fine
+    with pytest.raises(DomainError) as e:
+        http_body.decompress(gzip.compress(PLAIN), "gzip", len(PLAIN) - 1)
+    assert (v2_status(e.value), e.value.code) == (413, "body_too_large")
     bomb = zlib.compress(bytes(200_000_000), 9)  # ~200 kB that inflate to 200 MB
     assert len(bomb) < 300_000
-    with pytest.raises(ServiceError) as e:
-        codec.decompress(bomb, "deflate", 1_000_000)
-    assert (e.value.status, e.value.code) == (413, "body_too_large")
+    with pytest.raises(DomainError) as e:
+        http_body.decompress(bomb, "deflate", 1_000_000)
+    assert (v2_status(e.value), e.value.code) == (413, "body_too_large")
 
 
 @pytest.mark.parametrize(
@@ -299,6 +301,6 @@ def test_decompress_holds_the_limit_on_the_decompressed_size():
     ],
 )
 def test_decompress_refuses_what_it_cannot_read(body, encoding, status, code):
-    with pytest.raises(ServiceError) as e:
-        codec.decompress(body, encoding, 10 * len(PLAIN))
-    assert (e.value.status, e.value.code) == (status, code)
+    with pytest.raises(DomainError) as e:
+        http_body.decompress(body, encoding, 10 * len(PLAIN))
+    assert (v2_status(e.value), e.value.code) == (status, code)

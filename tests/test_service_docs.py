@@ -26,8 +26,8 @@ def test_every_setting_is_documented():
 
 def test_every_error_code_is_documented():
     src = "\n".join(p.read_text() for p in (ROOT / "service").rglob("*.py"))
-    codes = set(re.findall(r'ServiceError\(\s*\d{3},\s*"([a-z_]+)"', src))
-    codes |= set(re.findall(r'\bbad\(\s*"([a-z_]+)"', src))  # service/oip: 400s of the Open Inference Protocol
+    codes = set(re.findall(r'DomainError\(\s*Kind\.[A-Z_]+,\s*"([a-z_]+)"', src))
+    codes |= set(re.findall(r'\b(?:invalid|not_found|too_large|conflict|unavailable|bad)\(\s*"([a-z_]+)"', src))  # bad(): the Open Inference Protocol's
     codes |= {"body_too_large", "internal_error", "invalid_request", "invalid_json", "invalid_base64"}
     assert codes, "no codes found: the regex no longer matches the code"
     for code in codes:

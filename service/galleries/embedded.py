@@ -19,6 +19,8 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
+from metalora.refs import AdapterRef
+
 from .store import AbstractStore, Change, Item, Seed, Snapshot, StoreReadOnly, StoreUnavailable, UnknownItems, from_blobs, to_blob
 
 log = logging.getLogger("metalora.galleries")
@@ -39,8 +41,8 @@ CREATE INDEX IF NOT EXISTS metalora_gallery_items_seq ON metalora_gallery_items 
 
 
 def split_key(key: str) -> tuple[str, str]:
-    name, version = key.split("@", 1)
-    return name, version
+    """A loaded version's key (`name@version`) -> (name, version), as the tables store them."""
+    return AdapterRef.split(key)
 
 
 def source_of(last_seq: int, seed_seq: int, seed_source: str, live: int) -> str:

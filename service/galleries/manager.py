@@ -21,9 +21,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from metalora.bundle import Gallery, load_gallery, read_manifest, verify_files
+from metalora.refs import AdapterRef
 from metalora.store import ModelStore, safe_join
 
-from ..errors import ServiceError
+from ..errors import DomainError, conflict, invalid, not_found, unavailable
 from .index import GalleryEmpty, LiveIndex, normalise
 from .store import AbstractStore, Change, Item, Seed, StoreReadOnly, StoreUnavailable, UnknownItems
 
@@ -33,9 +34,9 @@ log = logging.getLogger("metalora.galleries")
 class Galleries:
     """Live indexes of the galleries in `store`; `get`, `put`, `delete` block (call them off the event loop).
 
-    Errors are `ServiceError`s: 503 `gallery_unavailable` (with Retry-After) when the store is
-    down, 409 `gallery_read_only` when it cannot be written here, 404 `unknown_item`, 422 `unknown_label` / `invalid_vector` / `duplicate_id`,
-    409 `bad_gallery` / `gallery_empty`.
+    Errors are `DomainError`s: UNAVAILABLE `gallery_unavailable` (with a retry hint) when the store
+    is down, CONFLICT `gallery_read_only` when it cannot be written here, NOT_FOUND `unknown_item`,
+    INVALID `unknown_label` / `invalid_vector` / `duplicate_id`, CONFLICT `bad_gallery` / `gallery_empty`.
     """
 
     def __init__(self, models: ModelStore, store: AbstractStore, dim: int, exact_max: int, legacy_dir: Path | None = None, retry_after_s: int = 1):
@@ -52,7 +53,7 @@ class Galleries:
         """Where the previous release wrote a whole edited gallery; imported once as the seed if present."""
         if self.legacy_dir is None:
             return None
-        name, version = key.split("@", 1)
+        name, version = AdapterRef.split(key)
         return safe_join(self.legacy_dir, name) / f"{version}.safetensors"
 
     def get(self, key: str) -> LiveIndex:
@@ -71,7 +72,7 @@ class Galleries:
         if self.store.shared:  # writes of other replicas between the snapshot and now
             try:
                 self.on_change(key, None)
-            except ServiceError as e:
+            except DomainError as e:
                 log.warning("catch-up of %s after loading failed (%s); the listener will retry", key, e.message)
         return index
 
@@ -81,7 +82,7 @@ class Galleries:
         pos = {lab: j for j, lab in enumerate(labels)}
         idx = [pos.get(lab, -1) for lab in snap.labels]
         if -1 in idx:
-            raise ServiceError(409, "bad_gallery", f"{key}: the gallery store holds labels the adapter does not have ({snap.labels[idx.index(-1)]!r})")
+            raise conflict("bad_gallery", f"{key}: the gallery store holds labels the adapter does not have ({snap.labels[idx.index(-1)]!r})")
         index = LiveIndex(key, labels, self.dim, self.exact_max, snap.source)
         index.threshold = self.knn_threshold(key)
         index.load(snap.ids, np.asarray(idx, dtype=np.int32), snap.vectors)
@@ -109,17 +110,17 @@ class Galleries:
                 try:
                     g = Gallery.from_tensors(load_file(str(legacy)))
                 except (SafetensorError, OSError) as e:
-                    raise ServiceError(409, "bad_gallery", f"edited gallery {legacy} cannot be read ({e})") from None
+                    raise conflict("bad_gallery", f"edited gallery {legacy} cannot be read ({e})") from None
             else:
                 verify_files(path, manifest)  # the gallery is read without load_bundle: check its sha256 here
                 g, source = load_gallery(path, manifest), "bundle"
             if g is None:
                 return None
             if g.embeddings.shape[0] and g.embeddings.shape[1] != self.dim:
-                raise ServiceError(409, "bad_gallery", f"{key}: gallery vectors have dim {g.embeddings.shape[1]}, the adapter embeds to {self.dim}")
+                raise conflict("bad_gallery", f"{key}: gallery vectors have dim {g.embeddings.shape[1]}, the adapter embeds to {self.dim}")
             idx = g.labels.tolist()
             if any(not 0 <= j < len(labels) for j in idx):
-                raise ServiceError(409, "bad_gallery", f"{key}: gallery label indices outside the adapter's {len(labels)} labels")
+                raise conflict("bad_gallery", f"{key}: gallery label indices outside the adapter's {len(labels)} labels")
             return Seed(list(g.ids), [labels[j] for j in idx], normalise(g.embeddings.float().numpy()), source)
 
         return labels, seed
@@ -135,18 +136,18 @@ class Galleries:
         for n, it in enumerate(items):
             where = f"items[{n}]: " if len(items) > 1 else ""
             if it.id in seen:
-                raise ServiceError(422, "duplicate_id", f"{where}id {it.id!r} appears twice in one request")
+                raise invalid("duplicate_id", f"{where}id {it.id!r} appears twice in one request")
             seen.add(it.id)
             if it.label not in index.labels:
-                raise ServiceError(422, "unknown_label", f"{where}label {it.label!r} is not one of {index.key}'s {len(index.labels)} labels")
+                raise invalid("unknown_label", f"{where}label {it.label!r} is not one of {index.key}'s {len(index.labels)} labels")
             if it.vector.shape != (self.dim,):
-                raise ServiceError(422, "invalid_vector", f"{where}vector must have {self.dim} finite numbers, not all zero")
+                raise invalid("invalid_vector", f"{where}vector must have {self.dim} finite numbers, not all zero")
         v = np.stack([it.vector for it in items]) if items else np.zeros((0, self.dim), np.float32)  # (N, D)
         bad = ~(np.isfinite(v).all(1) & (np.abs(v).sum(1) > 0))
         if bad.any():
             n = int(np.flatnonzero(bad)[0])
             where = f"items[{n}]: " if len(items) > 1 else ""
-            raise ServiceError(422, "invalid_vector", f"{where}vector must have {self.dim} finite numbers, not all zero")
+            raise invalid("invalid_vector", f"{where}vector must have {self.dim} finite numbers, not all zero")
 
     def put(self, key: str, items: list[Item]) -> tuple[LiveIndex, list[bool]]:
         """Add or replace items, all or none; returns the index and, per item, whether its id was new."""
@@ -162,12 +163,12 @@ class Galleries:
         """Delete items, all or none (404 `unknown_item` naming the ids that are not there)."""
         index = self.get(key)
         if len(set(ids)) != len(ids):
-            raise ServiceError(422, "duplicate_id", "an id appears twice in one request")
+            raise invalid("duplicate_id", "an id appears twice in one request")
         try:
             changes = self._call(self.store.delete, key, ids)
         except UnknownItems as e:
             shown = ", ".join(repr(i) for i in e.ids[:5])
-            raise ServiceError(404, "unknown_item", f"{key} has no gallery item {shown}") from None
+            raise not_found("unknown_item", f"{key} has no gallery item {shown}") from None
         self._apply(key, changes)
         return index
 
@@ -216,9 +217,9 @@ class Galleries:
         try:
             return fn(*args)
         except StoreUnavailable as e:
-            raise ServiceError(503, "gallery_unavailable", f"{e}; try again shortly", {"Retry-After": str(self.retry_after_s)}) from None
+            raise unavailable("gallery_unavailable", f"{e}; try again shortly", self.retry_after_s) from None
         except StoreReadOnly as e:
-            raise ServiceError(409, "gallery_read_only", f"gallery edits are off: {e}") from None
+            raise conflict("gallery_read_only", f"gallery edits are off: {e}") from None
 
     def close(self) -> None:
         self.store.close()

@@ -24,6 +24,8 @@ from contextlib import contextmanager
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from metalora.refs import AdapterRef
+
 from .embedded import source_of, split_key
 from .store import AbstractStore, Change, Item, Seed, Snapshot, StoreUnavailable, UnknownItems, from_blobs, to_blob
 
@@ -150,7 +152,7 @@ class PostgresStore(AbstractStore):
     def last_seqs(self) -> dict[str, int]:
         """Every gallery's last_seq (one cheap query; the listener's catch-up starts here)."""
         with self._tx() as conn:
-            return {f"{a}@{v}": s for a, v, s in conn.execute("SELECT adapter, version, last_seq FROM metalora_galleries")}
+            return {AdapterRef.key_of(a, v): s for a, v, s in conn.execute("SELECT adapter, version, last_seq FROM metalora_galleries")}
 
     # ------------------------------------------------------------------ following other replicas
     def follow(self, on_change: Callable[[str, int], None], keys: Callable[[], list[str]]) -> None:

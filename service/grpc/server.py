@@ -1,15 +1,16 @@
 """gRPC: the protocol's `inference.GRPCInferenceService` on its own port, over the same `Service`.
 
 A `grpc.aio` server on the app's event loop, so it shares the decoder pool, micro-batcher and
-adapter registry with HTTP (`dataplane` does the work; this file translates messages). The
-handlers are built from the service in the shipped .proto (`proto.methods()`), not from generated
-stubs.
+adapter registry with HTTP (the data plane does the work, through the protocol's model mapping
+`service.oip.model`; this file translates messages). The handlers are built from the service in
+the shipped .proto (`proto.methods()`), not from generated stubs. It imports no web framework.
 
-Errors: `ServiceError` statuses map to gRPC codes (400/413/415/422 INVALID_ARGUMENT, 401
-UNAUTHENTICATED, 403 PERMISSION_DENIED, 404 NOT_FOUND, 409 FAILED_PRECONDITION, 503 UNAVAILABLE,
-504 DEADLINE_EXCEEDED). A 503 carries its retry hint as trailing metadata: `retry-after`
-(seconds, as HTTP) and `grpc-retry-pushback-ms` (what gRPC's own retry policy reads). The
-repository RPCs need `authorization: Bearer <token>` metadata, as the HTTP admin routes do.
+Errors: each domain error's kind maps to a gRPC code through `GRPC_CODES` (invalid, unsupported
+and too-large input INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, a conflict
+FAILED_PRECONDITION, UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED). An UNAVAILABLE error carries its
+retry hint as trailing metadata: `retry-after` (seconds, as HTTP) and `grpc-retry-pushback-ms`
+(what gRPC's own retry policy reads). The repository RPCs need `authorization: Bearer <token>`
+metadata, as the HTTP admin routes do.
 
 Metrics: each call counts in `metalora_requests_total` with `endpoint` = the gRPC method path
 (`/inference.GRPCInferenceService/ModelInfer`) and `code` = the HTTP status the same outcome
@@ -23,28 +24,26 @@ import time
 
 import grpc
 
-from metalora.bundle import BundleError
-from metalora.images import ImageError
-
-from ..http.deps import check_admin
-from ..errors import ServiceError
-from ..inputs import Watch
-from ..oip import codec, dataplane
+from ..dataplane import DataPlane
+from ..errors import LIBRARY_ERRORS, DomainError, Kind, from_library
+from ..oip import codec
+from ..oip import model as oip
+from ..oip import status as oip_status
 from . import proto
 
 log = logging.getLogger("metalora.service")
 
 GRPC_CODES = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    401: grpc.StatusCode.UNAUTHENTICATED,
-    403: grpc.StatusCode.PERMISSION_DENIED,
-    404: grpc.StatusCode.NOT_FOUND,
-    409: grpc.StatusCode.FAILED_PRECONDITION,
-    413: grpc.StatusCode.INVALID_ARGUMENT,
-    415: grpc.StatusCode.INVALID_ARGUMENT,
-    422: grpc.StatusCode.INVALID_ARGUMENT,
-    503: grpc.StatusCode.UNAVAILABLE,
-    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Kind.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    Kind.UNSUPPORTED: grpc.StatusCode.INVALID_ARGUMENT,
+    Kind.TOO_LARGE: grpc.StatusCode.INVALID_ARGUMENT,
+    Kind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    Kind.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
+    Kind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Kind.CONFLICT: grpc.StatusCode.FAILED_PRECONDITION,
+    Kind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Kind.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Kind.CANCELLED: grpc.StatusCode.CANCELLED,
 }
 UNMETERED = {"ServerLive", "ServerReady"}  # probes would drown the request counts, as /healthz would
 
@@ -52,78 +51,64 @@ UNMETERED = {"ServerLive", "ServerReady"}  # probes would drown the request coun
 class Servicer:
     """One method per RPC of `inference.GRPCInferenceService`; each returns its response message."""
 
-    def __init__(self, svc):
-        self.svc = svc
+    def __init__(self, dp: DataPlane):
+        self.dp = dp
         self.pb = proto.messages()
 
-    def _ready(self):
-        if not self.svc.ready:
-            raise ServiceError(503, "not_ready", "the server is still loading and warming its adapters", {"Retry-After": "2"})
-        return self.svc
+    def _ready(self) -> DataPlane:
+        self.dp.check_ready()
+        return self.dp
 
     def _admin(self, context) -> None:
         md = {k: v for k, v in (context.invocation_metadata() or ())}
-        check_admin(self.svc.settings, md.get("authorization", ""))
+        self.dp.authorize(md.get("authorization", ""))
 
     async def ServerLive(self, request, context):
         return self.pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
-        return self.pb.ServerReadyResponse(ready=self.svc.ready)
+        return self.pb.ServerReadyResponse(ready=self.dp.ready)
 
     async def ModelReady(self, request, context):
-        return self.pb.ModelReadyResponse(ready=dataplane.model_ready(self.svc, request.name, request.version))
+        return self.pb.ModelReadyResponse(ready=oip.model_ready(self.dp, request.name, request.version))
 
     async def ServerMetadata(self, request, context):
-        return self.pb.ServerMetadataResponse(**dataplane.server_metadata())
+        return self.pb.ServerMetadataResponse(**oip.server_metadata())
 
     async def ModelMetadata(self, request, context):
-        meta = await dataplane.model_metadata(self.svc, request.name, request.version)
+        meta = await oip.model_metadata(self.dp, request.name, request.version)
         T = self.pb.ModelMetadataResponse.TensorMetadata
         return self.pb.ModelMetadataResponse(
             name=meta["name"], versions=meta["versions"], platform=meta["platform"], inputs=[T(**t) for t in meta["inputs"]], outputs=[T(**t) for t in meta["outputs"]]
         )
 
     async def ModelInfer(self, request, context):
-        svc = self._ready()
-        timeout = svc.settings.request_timeout_s
-        remaining = context.time_remaining()
-        if remaining is not None:  # the client's deadline, when it set one, is the request's
-            timeout = min(timeout, max(remaining, 0.0))
-        req = codec.parse_grpc(request)
-        resp = await dataplane.infer(svc, req, Watch(None, timeout))
+        dp = self._ready()
+        deadline = dp.deadline(context.time_remaining())  # the client's deadline, when it set one
+        resp = await oip.infer(dp, codec.parse_grpc(request), deadline)
         return codec.encode_grpc(resp, self.pb)
 
     async def RepositoryIndex(self, request, context):
         self._admin(context)
-        rows = dataplane.repository_index(self._ready(), request.ready)
+        rows = oip.repository_index(self._ready(), request.ready)
         return self.pb.RepositoryIndexResponse(models=[self.pb.RepositoryIndexResponse.ModelIndex(**r) for r in rows])
 
     async def RepositoryModelLoad(self, request, context):
         self._admin(context)
-        params = set(request.parameters) - {"unload_dependents"}
-        if params:
-            raise codec.bad("invalid_parameter", f"load takes no parameters here (no config or file overrides); got {sorted(params)}")
-        await dataplane.load(self._ready(), request.model_name)
+        dp = self._ready()
+        await oip.load(dp, request.model_name, request.parameters)
         return self.pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request, context):
         self._admin(context)
-        dataplane.unload(self._ready(), request.model_name)
+        oip.unload(self._ready(), request.model_name)
         return self.pb.RepositoryModelUnloadResponse()
 
 
-def _as_service_error(e: Exception) -> ServiceError:
-    if isinstance(e, ServiceError):
-        return e
-    if isinstance(e, BundleError):
-        return ServiceError.from_bundle(e)
-    return ServiceError.from_image(e)
-
-
-def _metered(svc, name: str, fn):
+def _metered(dp: DataPlane, name: str, fn):
     """Wrap one RPC: errors -> gRPC status (+ retry hint), and the request metrics."""
     endpoint = f"/{proto.SERVICE}/{name}"
+    metrics = dp.svc.metrics
 
     async def call(request, context):
         t0 = time.perf_counter()
@@ -132,13 +117,13 @@ def _metered(svc, name: str, fn):
             response = await fn(request, context)
             status = 200
             return response
-        except (ServiceError, BundleError, ImageError) as e:
-            se = _as_service_error(e)
-            status = 400 if se.status in (415, 422) else se.status  # as /v2 answers it
-            retry = se.headers.get("Retry-After")
-            if retry is not None:
-                context.set_trailing_metadata((("retry-after", retry), ("grpc-retry-pushback-ms", str(int(float(retry) * 1000)))))
-            await context.abort(GRPC_CODES.get(se.status, grpc.StatusCode.UNKNOWN), f"{se.code}: {svc.public(se.message)}")
+        except (DomainError, *LIBRARY_ERRORS) as e:
+            de = from_library(e)
+            status = oip_status.status(de)  # as /v2 answers it
+            if de.retry_after_s is not None:
+                retry = str(int(de.retry_after_s)) if float(de.retry_after_s).is_integer() else str(de.retry_after_s)
+                context.set_trailing_metadata((("retry-after", retry), ("grpc-retry-pushback-ms", str(int(de.retry_after_s * 1000)))))
+            await context.abort(GRPC_CODES[de.kind], f"{de.code}: {dp.public(de.message)}")
         except grpc.aio.AbortError:
             raise
         except Exception as e:
@@ -146,9 +131,9 @@ def _metered(svc, name: str, fn):
             await context.abort(grpc.StatusCode.INTERNAL, f"internal_error: internal error ({type(e).__name__}); this is a bug, please report it")
         finally:
             if name not in UNMETERED:
-                adapter = svc.metrics.label(getattr(request, "model_name", None) or getattr(request, "name", None))
-                svc.metrics.requests.labels(endpoint, adapter, str(status)).inc()
-                svc.metrics.request_duration.labels(endpoint, adapter).observe(time.perf_counter() - t0)
+                adapter = metrics.label(getattr(request, "model_name", None) or getattr(request, "name", None))
+                metrics.requests.labels(endpoint, adapter, str(status)).inc()
+                metrics.request_duration.labels(endpoint, adapter).observe(time.perf_counter() - t0)
 
     return call
 
@@ -168,19 +153,19 @@ def _not_here(message: str):
     return call
 
 
-def build_server(svc, host: str, port: int) -> grpc.aio.Server:
+def build_server(dp: DataPlane, host: str, port: int) -> grpc.aio.Server:
     """A `grpc.aio` server for the service, bound to host:port (not started). Messages are limited to
     the HTTP body limit, so both front doors refuse the same sizes.
 
     Binds without `SO_REUSEPORT` (grpcio's default sets it): a port another process holds is
     refused here (RuntimeError naming the address, so the start-up fails as uvicorn's
     `[Errno 98]` does for HTTP), instead of the kernel silently spreading clients over both."""
-    limit = svc.settings.max_body_bytes
+    limit = dp.settings.max_body_bytes
     options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", max(limit, 64 * 2**20)), ("grpc.so_reuseport", 0)]
     server = grpc.aio.server(options=options)
-    servicer = Servicer(svc)
+    servicer = Servicer(dp)
     handlers = {
-        name: grpc.unary_unary_rpc_method_handler(_metered(svc, name, getattr(servicer, name)), request_deserializer=req.FromString, response_serializer=resp.SerializeToString)
+        name: grpc.unary_unary_rpc_method_handler(_metered(dp, name, getattr(servicer, name)), request_deserializer=req.FromString, response_serializer=resp.SerializeToString)
         for name, (req, resp) in proto.methods().items()
     }
     handlers.update({name: grpc.unary_unary_rpc_method_handler(_not_here(msg)) for name, msg in NOT_HERE.items() if name not in handlers})
@@ -196,12 +181,12 @@ def build_server(svc, host: str, port: int) -> grpc.aio.Server:
     return server
 
 
-async def start(svc) -> grpc.aio.Server | None:
+async def start(dp: DataPlane) -> grpc.aio.Server | None:
     """Start gRPC on `METALORA_GRPC_PORT` (same host as HTTP) for the app's lifespan; None when 0."""
-    s = svc.settings
+    s = dp.settings
     if not s.grpc_port:
         return None
-    server = build_server(svc, s.host, s.grpc_port)
+    server = build_server(dp, s.host, s.grpc_port)
     await server.start()
     log.info("gRPC (inference.GRPCInferenceService) on %s:%d", s.host, s.grpc_port)
     return server

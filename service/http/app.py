@@ -1,4 +1,5 @@
-"""The FastAPI app, assembled: the `Service` lifespan, one router per resource, errors, middleware.
+"""The FastAPI app, assembled: the `Service` lifespan (with the gRPC door beside it), one router
+per resource, the error handlers, the middleware.
 
 `create_app(settings)` builds it; `metalora serve` (service/cli.py) runs it under uvicorn.
 """
@@ -13,13 +14,13 @@ from functools import partial
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
-from .. import errors
 from ..container import Service
-from .middleware import LimitsAndMetrics
+from ..dataplane import DataPlane
 from ..grpc import server as grpc_server
-from . import v2 as oip_rest
-from .routes import adapters, console, inference, operations
 from ..settings import Settings
+from . import errors, v2
+from .middleware import LimitsAndMetrics
+from .routes import adapters, console, inference, operations
 
 log = logging.getLogger("metalora.service")
 
@@ -27,11 +28,12 @@ log = logging.getLogger("metalora.service")
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     service = Service(settings)
+    dataplane = DataPlane(service)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await service.start()
-        grpc = await grpc_server.start(service)  # None when METALORA_GRPC_PORT=0
+        grpc = await grpc_server.start(dataplane)  # None when METALORA_GRPC_PORT=0
         warm = asyncio.create_task(service.warm())
         warm.add_done_callback(partial(_log_failure, service))
         try:
@@ -49,8 +51,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.service = service
+    app.state.dataplane = dataplane
     errors.install(app)
-    for module in (inference, adapters, operations, console, oip_rest):
+    for module in (inference, adapters, operations, console, v2):
         app.include_router(module.router)
     app.include_router(console.thumbnails)
     service.metrics.init_endpoints(sorted(app.openapi()["paths"]))  # the route templates the middleware labels with

@@ -7,10 +7,10 @@ import time
 
 from starlette.responses import JSONResponse
 
-from .. import errors
 from ..container import Service
-from ..inputs import ARRIVED
 from ..metrics import UNCOUNTED
+from . import errors
+from .parse import ARRIVED
 
 _CONVERTER = re.compile(r":[a-z]+}")  # a path converter in a route template
 

@@ -1,6 +1,8 @@
 """`/v2`: the Open Inference Protocol over HTTP (KServe predict API v2, Triton's HTTP API).
 
-A thin translator: each route parses its wire format, calls `dataplane`, and writes the answer.
+A thin translator: each route parses its wire format (`service.oip.codec`), calls the protocol's
+model mapping (`service.oip.model`) on the data plane, and writes the answer; errors go through
+the protocol's status table (`service.oip.status`).
 Errors use the protocol's shape, `{"error": "<message>"}` (plus the stable `code` every error of
 this service carries), with 400 for any bad request (the protocol's status; `/v1` says 415/422),
 413 for a limit (images per request, pixels, body size, compressed or not), 415 for a
@@ -19,14 +21,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 
-from metalora.bundle import BundleError
-from metalora.images import ImageError
-
-from .deps import AdminDep, ReadyDep, ServiceDep
-from ..errors import ServiceError
-from ..inputs import Watch, request_timeout
+from ..errors import LIBRARY_ERRORS, DomainError
+from ..oip import codec
+from ..oip import model as oip
+from . import body as http_body
+from . import parse
+from .deps import AdminDep, AnyPlaneDep, PlaneDep
+from .errors import v2_error, v2_response
 from .schemas import error_responses
-from ..oip import codec, dataplane
 from .v2_schemas import (
     InferRequestBody,
     InferResponseBody,
@@ -42,26 +44,6 @@ from .v2_schemas import (
 )
 
 
-HTTP_LEVEL = {"unsupported_content_encoding"}
-
-
-def protocol_error(e: Exception, svc) -> JSONResponse:
-    """Any error of a /v2 route -> the protocol's JSON error with its HTTP status (the message
-    without server paths: `svc.public`)."""
-    if isinstance(e, BundleError):
-        e = ServiceError.from_bundle(e)
-    elif isinstance(e, ImageError):
-        e = ServiceError.from_image(e)
-    elif isinstance(e, RequestValidationError):
-        err = e.errors()[0] if e.errors() else {}
-        loc = ".".join(str(p) for p in err.get("loc", ()))
-        e = ServiceError(400, "invalid_request", f"{loc}: {err.get('msg', 'invalid request')}")
-    # a bad tensor is a bad request, whatever /v1 calls it; a Content-Encoding the server does not
-    # speak is about the HTTP message, not the tensors, and keeps HTTP's 415 (RFC 7694)
-    status = 400 if e.status in (415, 422) and e.code not in HTTP_LEVEL else e.status
-    return JSONResponse({"error": svc.public(e.message), "code": e.code}, status_code=status, headers=e.headers or None)
-
-
 class ProtocolRoute(APIRoute):
     """A route whose errors (its dependencies' too) come out in the protocol's shape."""
 
@@ -71,8 +53,8 @@ class ProtocolRoute(APIRoute):
         async def route(request: Request) -> Response:
             try:
                 return await handler(request)
-            except (ServiceError, BundleError, ImageError, RequestValidationError) as e:
-                return protocol_error(e, request.app.state.service)
+            except (DomainError, *LIBRARY_ERRORS, RequestValidationError) as e:
+                return v2_response(v2_error(e), request.app.state.dataplane.public)
 
         return route
 
@@ -88,7 +70,7 @@ VersionPath = Annotated[str, Path(description="the bundle version", max_length=6
 @router.get("", response_model=ServerMetadata)
 async def server_metadata() -> ServerMetadata:
     """Server name, version and the protocol extensions it speaks."""
-    return ServerMetadata(**dataplane.server_metadata())
+    return ServerMetadata(**oip.server_metadata())
 
 
 @router.get("/health/live", response_model=ServerLive)
@@ -98,53 +80,53 @@ async def server_live() -> ServerLive:
 
 
 @router.get("/health/ready", response_model=ServerReady)
-async def server_ready(svc: ServiceDep):
+async def server_ready(dp: AnyPlaneDep):
     """Readiness: 200 once the default adapters are loaded and warmed, else 503."""
-    return JSONResponse({"ready": svc.ready}, status_code=200 if svc.ready else 503)
+    return JSONResponse({"ready": dp.ready}, status_code=200 if dp.ready else 503)
 
 
 # ------------------------------------------------------------------------ models
-async def _model_ready(svc, name: str, version: str):
-    ready = dataplane.model_ready(svc, name, version)
+async def _model_ready(dp, name: str, version: str):
+    ready = oip.model_ready(dp, name, version)
     if not ready:  # the protocol answers "not ready" with a 4xx
-        return JSONResponse({"error": f"model {name}{'@' + version if version else ''} is not loaded", "code": "not_loaded"}, status_code=400)
+        return JSONResponse({"error": f"model {oip.model_ref(name, version)} is not loaded", "code": "not_loaded"}, status_code=400)
     return ModelReady(name=name, ready=True)
 
 
 @router.get("/models/{model_name}/ready", response_model=ModelReady)
-async def model_ready(model_name: ModelPath, svc: ServiceDep):
+async def model_ready(model_name: ModelPath, dp: AnyPlaneDep):
     """200 when the adapter's latest loaded version (or `base`) is on the device, 400 when not, 404 if unknown."""
-    return await _model_ready(svc, model_name, "")
+    return await _model_ready(dp, model_name, "")
 
 
 @router.get("/models/{model_name}/versions/{model_version}/ready", response_model=ModelReady)
-async def model_version_ready(model_name: ModelPath, model_version: VersionPath, svc: ServiceDep):
+async def model_version_ready(model_name: ModelPath, model_version: VersionPath, dp: AnyPlaneDep):
     """200 when this bundle version is on the device, 400 when not, 404 if unknown."""
-    return await _model_ready(svc, model_name, model_version)
+    return await _model_ready(dp, model_name, model_version)
 
 
 @router.get("/models/{model_name}", response_model=ModelMetadata)
-async def model_metadata(model_name: ModelPath, svc: ServiceDep) -> ModelMetadata:
+async def model_metadata(model_name: ModelPath, dp: AnyPlaneDep) -> ModelMetadata:
     """Versions, inputs and outputs of an adapter (`base` included)."""
-    return ModelMetadata(**await dataplane.model_metadata(svc, model_name))
+    return ModelMetadata(**await oip.model_metadata(dp, model_name))
 
 
 @router.get("/models/{model_name}/versions/{model_version}", response_model=ModelMetadata)
-async def model_version_metadata(model_name: ModelPath, model_version: VersionPath, svc: ServiceDep) -> ModelMetadata:
+async def model_version_metadata(model_name: ModelPath, model_version: VersionPath, dp: AnyPlaneDep) -> ModelMetadata:
     """Inputs and outputs of one bundle version."""
-    return ModelMetadata(**await dataplane.model_metadata(svc, model_name, model_version))
+    return ModelMetadata(**await oip.model_metadata(dp, model_name, model_version))
 
 
 @router.get("/models/{model_name}/config", response_model=ModelConfig, response_model_exclude_none=True)
-async def model_config(model_name: ModelPath, svc: ServiceDep) -> ModelConfig:
+async def model_config(model_name: ModelPath, dp: AnyPlaneDep) -> ModelConfig:
     """Triton's model configuration (model-configuration extension): batching, inputs and outputs."""
-    return ModelConfig(**dataplane.model_config(svc, await dataplane.model_metadata(svc, model_name)))
+    return ModelConfig(**oip.model_config(dp, await oip.model_metadata(dp, model_name)))
 
 
 @router.get("/models/{model_name}/versions/{model_version}/config", response_model=ModelConfig, response_model_exclude_none=True)
-async def model_version_config(model_name: ModelPath, model_version: VersionPath, svc: ServiceDep) -> ModelConfig:
+async def model_version_config(model_name: ModelPath, model_version: VersionPath, dp: AnyPlaneDep) -> ModelConfig:
     """The model configuration of one bundle version."""
-    return ModelConfig(**dataplane.model_config(svc, await dataplane.model_metadata(svc, model_name, model_version)))
+    return ModelConfig(**oip.model_config(dp, await oip.model_metadata(dp, model_name, model_version)))
 
 
 # ------------------------------------------------------------------------ infer
@@ -163,19 +145,19 @@ INFER_RESPONSES = {
 }
 
 
-async def _infer(request: Request, svc, model_name: str, model_version: str) -> Response:
+async def _infer(request: Request, dp, model_name: str, model_version: str) -> Response:
     request.state.adapter = model_name
     body = await request.body()  # the middleware holds the compressed size to the limit ...
     encoding = request.headers.get("content-encoding")
     if encoding:  # ... and `decompress` the decompressed size; off the event loop, it is CPU work
         try:
-            body = await asyncio.to_thread(codec.decompress, body, encoding, svc.settings.max_body_bytes)
-        except ServiceError as e:
+            body = await asyncio.to_thread(http_body.decompress, body, encoding, dp.settings.max_body_bytes)
+        except DomainError as e:
             if e.code == "body_too_large":
-                svc.metrics.rejected.labels("body_too_large").inc()
+                request.app.state.service.metrics.rejected.labels("body_too_large").inc()
             raise
     req = codec.parse_rest(model_name, model_version, body, request.headers.get(codec.HEADER_LENGTH))
-    resp = await dataplane.infer(svc, req, Watch(request, request_timeout(request, svc.settings)))
+    resp = await oip.infer(dp, req, parse.deadline(request, dp))
     out, header = codec.encode_rest(resp, req)
     if header is None:
         return Response(out, media_type="application/json")
@@ -183,15 +165,15 @@ async def _infer(request: Request, svc, model_name: str, model_version: str) -> 
 
 
 @router.post("/models/{model_name}/infer", response_model=None, openapi_extra=INFER_DOC, responses=INFER_RESPONSES)
-async def infer(model_name: ModelPath, request: Request, svc: ReadyDep) -> Response:
+async def infer(model_name: ModelPath, request: Request, dp: PlaneDep) -> Response:
     """Run images through the adapter's latest version: `probabilities`, `embedding`, `label`."""
-    return await _infer(request, svc, model_name, "")
+    return await _infer(request, dp, model_name, "")
 
 
 @router.post("/models/{model_name}/versions/{model_version}/infer", response_model=None, openapi_extra=INFER_DOC, responses=INFER_RESPONSES)
-async def infer_version(model_name: ModelPath, model_version: VersionPath, request: Request, svc: ReadyDep) -> Response:
+async def infer_version(model_name: ModelPath, model_version: VersionPath, request: Request, dp: PlaneDep) -> Response:
     """Run images through one bundle version."""
-    return await _infer(request, svc, model_name, model_version)
+    return await _infer(request, dp, model_name, model_version)
 
 
 # ------------------------------------------------------------------------ model-repository extension
@@ -210,27 +192,24 @@ async def _json_object(request: Request) -> dict:
 
 
 @router.post("/repository/index", response_model=list[RepositoryModel], dependencies=[AdminDep], responses=ADMIN_ERRORS, openapi_extra={"requestBody": {"content": {"application/json": {"schema": RepositoryIndexRequest.model_json_schema()}}}})
-async def repository_index(request: Request, svc: ReadyDep) -> list[RepositoryModel]:
+async def repository_index(request: Request, dp: PlaneDep) -> list[RepositoryModel]:
     """Every adapter version in the store (and `base`) with its state; admin token."""
     doc = await _json_object(request)
-    return [RepositoryModel(**r) for r in dataplane.repository_index(svc, bool(doc.get("ready", False)))]
+    return [RepositoryModel(**r) for r in oip.repository_index(dp, bool(doc.get("ready", False)))]
 
 
 @router.post("/repository/models/{model_name}/load", response_model=None, dependencies=[AdminDep], responses=ADMIN_ERRORS)
-async def repository_load(model_name: ModelPath, request: Request, svc: ReadyDep) -> Response:
+async def repository_load(model_name: ModelPath, request: Request, dp: PlaneDep) -> Response:
     """Load an adapter (latest version, or `name@version`) onto the device; admin token."""
     request.state.adapter = model_name
-    params = (await _json_object(request)).get("parameters") or {}
-    if set(params) - {"unload_dependents"}:
-        raise codec.bad("invalid_parameter", f"load takes no parameters here (no config or file overrides); got {sorted(params)}")
-    await dataplane.load(svc, model_name)
+    await oip.load(dp, model_name, (await _json_object(request)).get("parameters") or {})
     return Response(status_code=200)
 
 
 @router.post("/repository/models/{model_name}/unload", response_model=None, dependencies=[AdminDep], responses=ADMIN_ERRORS)
-async def repository_unload(model_name: ModelPath, request: Request, svc: ReadyDep) -> Response:
+async def repository_unload(model_name: ModelPath, request: Request, dp: PlaneDep) -> Response:
     """Unload an adapter (every loaded version, or `name@version`); requests in flight finish; admin token."""
     request.state.adapter = model_name
     await _json_object(request)
-    dataplane.unload(svc, model_name)
+    oip.unload(dp, model_name)
     return Response(status_code=200)

@@ -14,15 +14,14 @@ Formats, from the protocol and its extensions (sources):
   output says `binary_data: true`, or, when it says nothing, when the request parameters say
   `binary_data_output: true`; little-endian, no padding; a BYTES element is a 4-byte
   little-endian length and its bytes (Triton docs, protocol/extension_binary_data.md);
-* request compression (tritonclient's `request_compression_algorithm`, as Triton takes it):
-  `Content-Encoding: gzip` (RFC 1952) or `deflate` (the zlib format, RFC 1950, as HTTP/1.1
-  means it; raw RFC 1951 deflate is taken too); `Inference-Header-Content-Length` counts the
-  decompressed body;
+* request compression is HTTP's (`service/http/body.py`); `Inference-Header-Content-Length`
+  counts the decompressed body;
 * classification extension: `parameters.classification = k` on a requested output turns it into
   a BYTES [N, k] tensor of `"<value>:<index>:<label>"` strings, highest value first (Triton docs,
   protocol/extension_classification.md).
 
-Every malformed request raises `ServiceError(400, ...)` with a stable code.
+Every malformed request raises an INVALID `DomainError` with a stable code (a 400 on `/v2`,
+INVALID_ARGUMENT on gRPC).
 """
 
 from __future__ import annotations
@@ -30,13 +29,12 @@ from __future__ import annotations
 import json
 import math
 import struct
-import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ..errors import ServiceError
+from ..errors import DomainError, invalid
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MAX_DIMS = 8  # no tensor here has more than 4; a cap keeps a hostile shape from costing anything
@@ -74,8 +72,9 @@ CONTENTS_FIELD = {
 }
 
 
-def bad(code: str, message: str) -> ServiceError:
-    return ServiceError(400, code, message)
+def bad(code: str, message: str) -> DomainError:
+    """A malformed protocol request."""
+    return invalid(code, message)
 
 
 # ------------------------------------------------------------------------ the neutral model
@@ -283,47 +282,6 @@ def _params(obj: Any, where: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------ REST
-CONTENT_ENCODINGS = ("gzip", "deflate")
-
-
-def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
-    """A request body as sent with `Content-Encoding` -> the body itself, at most `limit` bytes.
-
-    The limit holds on the decompressed size, and decompression stops one byte past it, so a small
-    body that inflates without end (a zip bomb) costs `limit` bytes, never more. Raises
-    ServiceError 413 `body_too_large` past the limit, 415 `unsupported_content_encoding` for an
-    encoding other than gzip / deflate / identity, 400 `invalid_compressed_body` for bytes that
-    are not (or not all) in the encoding named.
-    """
-    enc = (encoding or "").strip().lower()
-    if enc in ("", "identity"):
-        return body
-    if enc not in CONTENT_ENCODINGS:
-        raise ServiceError(415, "unsupported_content_encoding", f"Content-Encoding {encoding!r} is not supported; send gzip, deflate or an uncompressed body", {"Accept-Encoding": ", ".join(CONTENT_ENCODINGS)})
-    if enc == "gzip":
-        wbits = 16 + zlib.MAX_WBITS
-    else:  # a zlib header (CMF/FLG: method 8, check bits) or else raw deflate, as browsers accept both
-        wbits = zlib.MAX_WBITS if len(body) >= 2 and body[0] & 0x0F == 8 and (body[0] << 8 | body[1]) % 31 == 0 else -zlib.MAX_WBITS
-    out = bytearray()
-    rest = body
-    try:
-        while True:  # gzip allows several members one after another (RFC 1952 2.2)
-            d = zlib.decompressobj(wbits)
-            out += d.decompress(rest, limit + 1 - len(out))
-            if len(out) > limit:
-                raise ServiceError(413, "body_too_large", f"the decompressed request body is over the {limit}-byte limit")
-            if not d.eof:
-                raise bad("invalid_compressed_body", f"the {enc} body is truncated")
-            rest = d.unused_data
-            if not rest or enc != "gzip":
-                break
-    except zlib.error as e:
-        raise bad("invalid_compressed_body", f"the body is not valid {enc} data ({e})") from None
-    if rest:
-        raise bad("invalid_compressed_body", f"{len(rest)} bytes follow the end of the {enc} data")
-    return bytes(out)
-
-
 def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
     """Body -> (JSON header, binary tail) using `Inference-Header-Content-Length` (absent: all JSON)."""
     if header_length is None:

@@ -1,24 +1,25 @@
-"""The web console at `/` (static HTML, CSS and JavaScript shipped in `service/static/`) and the
+"""The web console at `/` (static HTML, CSS and JavaScript) and the
 gallery thumbnails it shows: `GET /v1/adapters/{name}/gallery/{id}/thumbnail`.
 
 The page only calls the public `/v1` API from the browser; the OpenAPI docs stay at `/docs`.
+(The static files are in `service/http/static/`.)
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from pathlib import Path
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
 
-from metalora.runtime import BASE
+from metalora.refs import AdapterRef
 
-from ..deps import ReadyDep, RefPath
-from ...errors import ServiceError, error_body
-from ..schemas import error_responses
+from ...errors import not_found
 from ...thumbnails import media_type
+from ..deps import PlaneDep, RefPath
+from ..errors import error_body
+from ..schemas import error_responses
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 STATIC_TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".png": "image/png", ".svg": "image/svg+xml"}
@@ -31,7 +32,7 @@ thumbnails = APIRouter(prefix="/v1/adapters", tags=["adapters"], responses=error
 def _static(name: str) -> FileResponse:
     f = STATIC / name
     if "/" in name or name.startswith(".") or f.suffix not in STATIC_TYPES or not f.is_file():
-        raise ServiceError(404, "not_found", f"no static file {name!r}")
+        raise not_found("not_found", f"no static file {name!r}")
     return FileResponse(f, media_type=STATIC_TYPES[f.suffix], headers={"Cache-Control": "no-cache"})
 
 
@@ -54,11 +55,6 @@ def _none_match(header: str, etag: str) -> bool:
     return "*" in tags or any(t.removeprefix("W/") == etag for t in tags)
 
 
-async def _has_item(svc, key: str, item_id: str) -> bool:
-    index = await svc.gallery_index(key)
-    return item_id in index  # live items only
-
-
 @thumbnails.get(
     "/{name}/gallery/{item_id:path}/thumbnail",
     response_class=Response,
@@ -68,19 +64,13 @@ async def _has_item(svc, key: str, item_id: str) -> bool:
         404: {"content": {"application/json": {"example": error_body("no_thumbnail", "item has no thumbnail")}}, "description": "unknown adapter or item (`unknown_adapter`, `unknown_item`), or an item without a picture (`no_thumbnail`)"},
     },
 )
-async def gallery_thumbnail(name: RefPath, item_id: str, request: Request, svc: ReadyDep) -> Response:
+async def gallery_thumbnail(name: RefPath, item_id: str, request: Request, dp: PlaneDep) -> Response:
     """A gallery item's thumbnail: the one `metalora thumbnails` made for a bundle item, the one
     made when the item was added from an image, or the bundle's own. Items added as a bare vector
     have none (404 `no_thumbnail`). Ids may contain `/`."""
-    key = svc.registry.resolve(name)
-    if key == BASE:
-        raise ServiceError(422, "no_gallery", "'base' has no gallery; galleries belong to adapters")
-    request.state.adapter = key
-    if not await _has_item(svc, key, item_id):
-        raise ServiceError(404, "unknown_item", f"{key} has no gallery item {item_id!r}")
-    data = await asyncio.to_thread(svc.thumbnails.get, key, item_id)
-    if data is None:
-        raise ServiceError(404, "no_thumbnail", f"{key} gallery item {item_id!r} has no thumbnail (added as a bare vector, or a bundle item whose picture was not made: run `metalora thumbnails`)")
+    ref = AdapterRef.parse(name)
+    request.state.adapter = dp.resolve_gallery(ref)
+    key, data = await dp.thumbnail(ref, item_id)
     etag = '"' + hashlib.sha256(data).hexdigest()[:32] + '"'
     headers = {"ETag": etag, "Cache-Control": THUMBNAIL_CACHE}
     if _none_match(request.headers.get("if-none-match", ""), etag):

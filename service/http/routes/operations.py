@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from ..deps import ServiceDep
 from ...metrics import CONTENT_TYPE
+from ..deps import AnyPlaneDep
 from ..schemas import Health, Ready, error_responses
 
 router = APIRouter(tags=["operations"], responses=error_responses(400))
@@ -33,20 +33,18 @@ async def healthz_head() -> Response:
 
 
 @router.get("/readyz", response_model=Ready, responses={503: {"model": Ready, "description": "still loading or warming (the same body, status not ready)"}})
-async def readyz(svc: ServiceDep):
+async def readyz(dp: AnyPlaneDep):
     """Readiness: 200 once the default adapters are loaded and one batch has run through them."""
-    reg = getattr(svc, "registry", None)
-    body = Ready(status="ready" if svc.ready else ("failed" if "startup" in svc.failed else "loading"), device=getattr(svc, "device", ""), backend=getattr(svc, "backend_name", svc.settings.backend), precision=getattr(svc, "precision", ""), loaded=reg.loaded() if reg else [], failed={k: svc.public(v) for k, v in svc.failed.items()})
-    return JSONResponse(body.model_dump(), status_code=200 if svc.ready else 503)
+    return JSONResponse(Ready(**dp.readiness()).model_dump(), status_code=200 if dp.ready else 503)
 
 
 @router.head("/readyz", response_class=Response, responses=_head({200: "ready: GET's status and headers, no body", 400: "malformed request framing", 503: "still loading or warming"}))
-async def readyz_head(svc: ServiceDep) -> Response:
+async def readyz_head(dp: AnyPlaneDep) -> Response:
     """Readiness for HEAD probes: GET /readyz's status without the body."""
-    return await readyz(svc)
+    return await readyz(dp)
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}, "description": "Prometheus text format"}})
-async def metrics(svc: ServiceDep) -> Response:
+async def metrics(request: Request) -> Response:
     """Prometheus metrics (DESIGN.md §6)."""
-    return Response(svc.metrics.render(), media_type=CONTENT_TYPE)
+    return Response(request.app.state.service.metrics.render(), media_type=CONTENT_TYPE)
