@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -32,9 +31,10 @@ from PIL import Image
 from metalora.backbones.base import Preprocess
 
 from .common import interleaved, machine
+from .settings import BenchSettings
 
 CFG = Preprocess(input_size=224, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bicubic", crop_pct=0.875)  # efficientnet_lite0
-SHARED = Path(os.environ.get("METALORA_SHARED", Path(__file__).resolve().parent.parent.parent / "shared"))
+SHARED = BenchSettings().shared
 IMAGENET_ZIP = SHARED / "data" / "imagenet-sample" / "val.zip"
 
 

@@ -42,7 +42,7 @@ def _autocast(device: str, dtype):
 
 
 def precision_step(device: str, sizes: dict) -> dict:
-    from metalora.onnx_backend import add_synthetic_adapters
+    from metalora.backends.measure import add_synthetic_adapters
     from metalora.runtime import Runtime
 
     rt = Runtime(device=device)
@@ -76,12 +76,14 @@ def mixed_step(device: str, sizes: dict) -> dict:
 
 
 def onnx_step(device: str, sizes: dict) -> dict:
-    from metalora.onnx_backend import add_synthetic_adapters, compare_throughput
+    from metalora.backends.measure import add_synthetic_adapters, compare_throughput
     from metalora.runtime import Runtime
+
+    from .settings import BenchSettings
 
     rt = Runtime(device=device)
     keys = add_synthetic_adapters(rt, min(4, sizes["adapters"]), "cp")
-    return compare_throughput(rt, keys, batch=sizes["onnx_batch"], rounds=sizes["rounds"], progress=False)
+    return compare_throughput(rt, keys, batch=sizes["onnx_batch"], rounds=sizes["rounds"], progress=False, cache_dir=BenchSettings().onnx_cache_dir)
 
 
 def http_step(device: str, sizes: dict, work: Path) -> dict:

@@ -29,8 +29,18 @@ from pathlib import Path
 import torch
 
 from .common import interleaved
+from .settings import BenchSettings
 
 KEYS = ["cifar10", "mnist", "digits", "mixed"]
+
+
+def _paths():
+    """(ONNX graph cache, INT8 calibration set) of these runs: the shared data beside the
+    checkout (BenchSettings), as the shipped adapters' accuracy figures were measured."""
+    from metalora.backends.calib import CalibrationSet
+
+    bs = BenchSettings()
+    return bs.onnx_cache_dir, CalibrationSet(data=bs.data)
 
 
 def backbone_flops(backbone, input_size: int) -> dict:
@@ -114,27 +124,30 @@ def gemm_flop_s(threads: int, n: int = 2048, repeats: int = 10) -> float:
 
 def lowp_throughput(batch: int = 32, rounds: int = 5, precisions: list[str] | None = None, threads: int | None = None, log=print) -> dict:
     """Images/s of the same mixed batch through each backend variant, runs alternated."""
-    from metalora.lowp import LowpRunner, candidates, check_images, check_precision, cpu_flags, cpu_info
-    from metalora.onnx_backend import OrtRunner
+    from metalora.backends.calib import check_images
+    from metalora.backends.cpu import cpu_flags, cpu_info
+    from metalora.backends.lowp import LowpRunner, candidates, check_precision
+    from metalora.backends.onnx import OrtRunner
     from metalora.runtime import Runtime
 
+    cache, calibration = _paths()
     threads = threads or torch.get_num_threads()
     rt = Runtime(device="cpu")
     names = [n for n in KEYS if n in rt.store.adapter_names()] or rt.store.adapter_names()[:4]
     keys = [rt.load(n) for n in names]
     precisions = precisions or candidates()
-    runners = {"fp32_ort": OrtRunner(rt, threads=threads)}
+    runners = {"fp32_ort": OrtRunner(rt, cache_dir=cache, threads=threads)}
     for p in precisions:
         t0 = time.perf_counter()
-        runners[p] = LowpRunner(rt, p, threads=threads)
+        runners[p] = LowpRunner(rt, p, cache_dir=cache, threads=threads, calibration=calibration)
         runners[p].prefix()
         log(f"[lowp] {p} ready in {time.perf_counter() - t0:.1f} s")
-    x = check_images(rt.preprocessor, n=batch)  # (B, 3, S, S) real photos
+    x = check_images(rt.preprocessor, n=batch, calibration=calibration)  # (B, 3, S, S) real photos
     xb = torch.from_numpy(x)
     ks = [keys[i % len(keys)] for i in range(len(x))]
     t = interleaved({k: (lambda r=r: r.run(xb, ks)) for k, r in runners.items()}, rounds)
     img_s = {k: len(x) / t.median(k) for k in runners}
-    check = check_precision(rt, {p: runners[p] for p in precisions}, check_images(rt.preprocessor, n=16))
+    check = check_precision(rt, {p: runners[p] for p in precisions}, check_images(rt.preprocessor, n=16, calibration=calibration))
     low = [p for p in precisions if p != "fp32" and check[p]["pass"]]  # a precision that fails its check does not count
     best = max(low, key=lambda p: img_s[p]) if low else None
     flags = cpu_flags()
@@ -171,12 +184,14 @@ def accuracy(state: Path, precisions: list[str] | None = None, imagenet: int | N
              adapters: list[str] | None = None) -> dict:
     """Full accuracy per precision (resumable through `state`), with drops vs FP32 and pass/fail;
     `adapters` limits the bundles (default: every one in the store), `imagenet=0` skips the ImageNet sample."""
-    from metalora.lowp import accuracy_table, candidates, evaluate_precisions
+    from metalora.backends.accuracy import accuracy_table, evaluate_precisions
+    from metalora.backends.lowp import candidates
     from metalora.runtime import Runtime
 
+    cache, calibration = _paths()
     rt = Runtime(device="cpu")
-    st = evaluate_precisions(rt, precisions or candidates(), adapters=adapters, imagenet=imagenet, per_class=per_class, state_path=state, log=log,
-                             threads=torch.get_num_threads())
+    st = evaluate_precisions(rt, precisions or candidates(), adapters=adapters, imagenet=imagenet, per_class=per_class, state_path=state, data=calibration.data,
+                             log=log, threads=torch.get_num_threads(), cache_dir=cache)
     return accuracy_table(st)
 
 
@@ -186,7 +201,6 @@ def lowp_http(precision: str, concurrency: int = 32, window_s: float = 4.0, roun
     import tempfile
 
     from clients.loadgen import LoadSpec, run_load_sync
-    from metalora.onnx_backend import default_cache_dir
     from metalora.store import DEFAULT_STORE
     from service.launch import ServerProcess
 
@@ -195,7 +209,9 @@ def lowp_http(precision: str, concurrency: int = 32, window_s: float = 4.0, roun
     tmp = None if workdir else tempfile.TemporaryDirectory(prefix="metalora-lowp-")
     work = Path(workdir or tmp.name)
     names = [n for n in KEYS if (DEFAULT_STORE / "adapters" / n).is_dir()]
-    common = dict(backend="onnx", max_queue=4096, max_delay_ms=10, max_batch_size=32, log_level="warning", onnx_cache=str(cache_dir or default_cache_dir()), adapters=",".join(names))
+    bs = BenchSettings()  # the servers calibrate on the shared data too, and share the graph cache
+    common = dict(backend="onnx", max_queue=4096, max_delay_ms=10, max_batch_size=32, log_level="warning", onnx_cache=str(cache_dir or bs.onnx_cache_dir),
+                  shared=str(bs.shared), adapters=",".join(names))
     servers = {p: ServerProcess(DEFAULT_STORE, work / f"{p}.log", precision=p, **common) for p in dict.fromkeys([precision, "fp32"])}
     imgs = sample_images(16)
     res: dict[str, list[float]] = {p: [] for p in servers}
@@ -226,12 +242,14 @@ def lowp_http(precision: str, concurrency: int = 32, window_s: float = 4.0, roun
 
 def lowp_section(batch: int = 32, rounds: int = 5, http_window_s: float = 4.0, http_rounds: int = 2, accuracy_state: Path | None = None, quick: bool = False, log=print) -> dict:
     """Section (h): throughput per precision, the choice `auto` makes, HTTP at c=32, accuracy."""
-    from metalora.lowp import LowpRunner, accuracy_table, choose_precision
+    from metalora.backends.accuracy import accuracy_table
+    from metalora.backends.lowp import LowpRunner, choose_precision
     from metalora.runtime import Runtime
 
+    cache, calibration = _paths()
     out = lowp_throughput(batch, rounds, log=log)
     rt = Runtime(device="cpu")
-    chosen, report = choose_precision(rt, "auto", threads=out["threads"])
+    chosen, report = choose_precision(rt, "auto", cache_dir=cache, threads=out["threads"], calibration=calibration)
     out["auto"] = {k: report.get(k) for k in ("chosen", "checks", "prefix_img_s", "how")}
     out["limit_fraction_chosen"] = out["limit_fraction"][chosen]
     out["http"] = lowp_http(chosen, 32, http_window_s, http_rounds)
@@ -242,7 +260,7 @@ def lowp_section(batch: int = 32, rounds: int = 5, http_window_s: float = 4.0, h
     # BF16 without AMX runs at a fraction of FP32's speed, and its full run would take hours).
     measured = [p for p in out["images_per_s"] if p == "fp32" or (p in ("int8", "bf16") and out["speedup_vs_fp32_ort"][p] > 1)]
     sets = ["imagenet", *(rt.load(n) for n in rt.store.adapter_names())]  # every shipped adapter as name@version
-    graph = {p: LowpRunner(rt, p).tag() for p in measured}  # what evaluate_precisions records
+    graph = {p: LowpRunner(rt, p, cache_dir=cache, calibration=calibration).tag() for p in measured}  # what evaluate_precisions records
     saved = json.loads(state.read_text()) if state is not None and state.is_file() else {}
     saved = {k: v for k, v in saved.items() if k.split("/")[0] in sets and v.get("graph") == graph.get(k.split("/")[1])}  # this graph, these bundles
     full = all(f"{s}/{p}" in saved for s in sets for p in measured)

@@ -116,7 +116,7 @@ def _section(name: str, fn, log) -> tuple[dict | None, str | None]:
 
 
 def run_bench(cfg: BenchConfig, json_path: Path, plots_dir: Path | None = None, doc_path: Path | None = None, log=print) -> dict:
-    from metalora.lowp import cpu_info
+    from metalora.backends.cpu import cpu_info
 
     from . import gallery, kernels, knn, lowp, many, onnx, photos, serving
 

@@ -206,7 +206,7 @@ def train(
                                                    "an --out that is a file or a directory of other files is always refused")] = False,
     baseline: Annotated[bool, typer.Option(help="with --eval-data, also measure the frozen backbone's k-NN on the same gallery/test images")] = True,
     thumbnails: Annotated[bool, typer.Option(help="store a <= 64 px WebP of each gallery item's source image inside the gallery (copies of your data: off by default; `metalora thumbnails` makes them beside the service's galleries instead)")] = False,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="prefix-feature cache (default: $METALORA_CACHE or ~/.cache/metalora)")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="prefix-feature cache (default: METALORA_CACHE under `metalora`, else ~/.cache/metalora)")] = None,
     backbone: Annotated[str, typer.Option(help="registered backbone")] = "efficientnet_lite0",
     split: Annotated[Optional[int], typer.Option(help=SPLIT_HELP)] = None,
     device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
@@ -259,7 +259,7 @@ def cache_features(
     backend: Annotated[str, typer.Option(help="auto (ONNX Runtime on CPU, torch on CUDA) | onnx | torch")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
     chunk_size: Annotated[int, typer.Option(min=1, help="images per chunk committed to disk (resume skips finished chunks)")] = 2048,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="prefix-feature cache (default: $METALORA_CACHE or ~/.cache/metalora)")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="prefix-feature cache (default: METALORA_CACHE under `metalora`, else ~/.cache/metalora)")] = None,
     backbone: Annotated[str, typer.Option(help="registered backbone")] = "efficientnet_lite0",
     split: Annotated[Optional[int], typer.Option(help=SPLIT_HELP)] = None,
     device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
@@ -292,7 +292,7 @@ def eval_cmd(
     k: Annotated[int, typer.Option(min=1, help="neighbours for the k-NN vote")] = 10,
     gallery_data: Annotated[Optional[list[str]], typer.Option(help="build the gallery from these training images instead of the bundle's")] = None,
     store: Annotated[Optional[Path], typer.Option(help="model store (default: the repository's model_store/)")] = None,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="prefix-feature cache (default: $METALORA_CACHE or ~/.cache/metalora)")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="prefix-feature cache (default: METALORA_CACHE under `metalora`, else ~/.cache/metalora)")] = None,
     backbone: Annotated[str, typer.Option(help="registered backbone")] = "efficientnet_lite0",
     split: Annotated[Optional[int], typer.Option(help=SPLIT_HELP)] = None,
     device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
@@ -334,8 +334,8 @@ def eval_cmd(
 @app.command("thumbnails")
 def thumbnails_cmd(
     adapters: Annotated[Optional[list[str]], typer.Argument(help="name or name@version (default: every version of every adapter in the store)")] = None,
-    store: Annotated[Optional[Path], typer.Option(envvar="METALORA_STORE", help="model store (default: the repository's model_store/, as the service's)")] = None,
-    gallery_dir: Annotated[Optional[Path], typer.Option(envvar="METALORA_GALLERY_DIR", help="the service's gallery directory (default: <store>/galleries, as the service's)")] = None,
+    store: Annotated[Optional[Path], typer.Option(help="model store (default: METALORA_STORE under `metalora`, else the repository's model_store/, as the service's)")] = None,
+    gallery_dir: Annotated[Optional[Path], typer.Option(help="the service's gallery directory (default: METALORA_GALLERY_DIR under `metalora`, else <store>/galleries, as the service's)")] = None,
     data_root: Annotated[Optional[Path], typer.Option(help="where the manifests' relative data paths (../shared/data/...) start: the repository root (default: the working directory)")] = None,
     if_available: Annotated[bool, typer.Option("--if-available", help="skip a bundle whose training data is not on this machine (exit 0) instead of failing")] = False,
 ):
@@ -383,7 +383,7 @@ def export_onnx_cmd(
     check: Annotated[bool, typer.Option(help="compare against torch on a random batch and report the max abs diff")] = True,
 ):
     """Export the backbone (+ one adapter, its seed computed in the graph) as a static ONNX graph."""
-    from .onnx_backend import export_from_store
+    from .backends.export import export_from_store
 
     typer.echo(json.dumps(export_from_store(store, adapter, out, check=check), indent=2))
 
@@ -397,14 +397,15 @@ def bench_onnx_cmd(
     store: Annotated[Optional[Path], typer.Option(help="model store (default: the repository's model_store/)")] = None,
     device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "cpu",
     threads: Annotated[Optional[int], typer.Option(min=1, help="intra-op threads for both (default: torch's)")] = None,
+    onnx_cache: Annotated[Optional[Path], typer.Option(help="ONNX graph cache (default: METALORA_ONNX_CACHE under `metalora`, else $XDG_CACHE_HOME/metalora/onnx or ~/.cache/metalora/onnx)")] = None,
 ):
     """Images/s of the torch and ONNX Runtime backends on the same batch, side by side."""
-    from .onnx_backend import add_synthetic_adapters, compare_throughput
+    from .backends.measure import add_synthetic_adapters, compare_throughput
     from .runtime import Runtime
 
     rt = Runtime(store, device=resolve_device(device))
     keys = add_synthetic_adapters(rt, synthetic) if synthetic else [rt.load(a) for a in adapter]
-    typer.echo(json.dumps(compare_throughput(rt, keys, batch=batch, rounds=rounds, threads=threads), indent=2))
+    typer.echo(json.dumps(compare_throughput(rt, keys, batch=batch, rounds=rounds, threads=threads, cache_dir=onnx_cache), indent=2))
 
 
 if __name__ == "__main__":  # python -m metalora.cli: this layer's commands only; `metalora` (metalora_serve.cli) has them all

@@ -85,7 +85,7 @@ CUT4_STORES = {
 def serving_mixed(configs=SERVING_CONFIGS, rounds: int = 7, precisions: tuple[str, ...] = ("fp32", "int8"), stores: dict | None = None) -> dict:
     """What a store cut before the default cut costs the default-cut bundles it also serves.
 
-    The runner is the service's CPU backend, `metalora.lowp.LowpRunner` (static-pad prefix and
+    The runner is the service's CPU backend, `metalora.backends.lowp.LowpRunner` (static-pad prefix and
     bridge graphs, FP32 tails), once per precision: `fp32` (what `metalora serve` runs by default)
     and `int8` (the prefix quantised; bridges and tails FP32), where this CPU offers it.
 
@@ -103,8 +103,10 @@ def serving_mixed(configs=SERVING_CONFIGS, rounds: int = 7, precisions: tuple[st
     import statistics
     import tempfile
 
+    from bench.settings import BenchSettings
     from metalora.adapters import Adapter, AdapterConfig
-    from metalora.lowp import LowpRunner, unavailable
+    from metalora.backends.calib import CalibrationSet
+    from metalora.backends.lowp import LowpRunner, unavailable
     from metalora.runtime import Runtime
     from metalora.train import ranks_for_budget
 
@@ -134,7 +136,8 @@ def serving_mixed(configs=SERVING_CONFIGS, rounds: int = 7, precisions: tuple[st
                 ad.load_state_dict(src.state_dict())
                 rt.model.add_adapter(f"a{i}@1", ad)
             for prec in precs:
-                runner = LowpRunner(rt, prec, threads=torch.get_num_threads())
+                bs = BenchSettings()  # int8 calibrates on the shared data beside the checkout
+                runner = LowpRunner(rt, prec, threads=torch.get_num_threads(), cache_dir=bs.onnx_cache_dir, calibration=CalibrationSet(data=bs.data))
                 for i in range(n_max):
                     runner.prepare(f"a{i}@1")
                 runners[(name, prec)] = runner
@@ -185,7 +188,8 @@ def serving_cost(splits: list[int], configs=SERVING_CONFIGS, rounds: int = 7) ->
     from torch.utils.flop_counter import FlopCounterMode
 
     from metalora.adapters import Adapter, AdapterConfig
-    from metalora.onnx_backend import OrtRunner
+    from bench.settings import BenchSettings
+    from metalora.backends.onnx import OrtRunner
     from metalora.runtime import Runtime
     from metalora.train import ranks_for_budget
 
@@ -213,7 +217,7 @@ def serving_cost(splits: list[int], configs=SERVING_CONFIGS, rounds: int = 7) ->
                 with FlopCounterMode(display=False) as fc:
                     bb.tail(h)
                 tail = fc.get_total_flops()
-            runner = OrtRunner(rt, threads=torch.get_num_threads())
+            runner = OrtRunner(rt, threads=torch.get_num_threads(), cache_dir=BenchSettings().onnx_cache_dir)
             for k in keys:
                 runner.prepare(k)
             runners[s] = runner
@@ -302,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.report:
         print(report())
         return
-    from metalora.lowp import cpu_info  # CPU model and ISA flags go with every figure
+    from metalora.backends.cpu import cpu_info  # CPU model and ISA flags go with every figure
 
     machine = cpu_info()
     if args.serving_mixed:

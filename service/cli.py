@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from .settings import Settings
+if TYPE_CHECKING:
+    from .settings import Settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="MetaLoRA Serve: the HTTP service.")
 
@@ -23,9 +24,18 @@ def serve(
     backend: Annotated[Optional[str], typer.Option(help="auto|torch|onnx [env METALORA_BACKEND; default auto: onnx on CPU, torch on CUDA]")] = None,
     precision: Annotated[Optional[str], typer.Option(help="auto|fp32|int8|bf16: the shared prefix on the ONNX CPU backend [env METALORA_PRECISION; default fp32; auto = the fastest one whose start-up accuracy check passes]")] = None,
 ):
-    """Run the HTTP service (every setting also reads METALORA_* env vars; see docs/api.md)."""
+    """Run the HTTP service (every setting also reads METALORA_* env vars; see docs/api.md).
+
+    A METALORA_* variable that no setting reads stops it with one line and exit code 1."""
     from pydantic import ValidationError
 
+    from .settings import Settings, UnknownSetting, check_environment
+
+    try:
+        check_environment()
+    except UnknownSetting as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
     given = {k: v for k, v in dict(store=store, host=host, port=port, grpc_port=grpc_port, device=device, backend=backend, precision=precision).items() if v is not None}
     try:
         settings = Settings(**given)
@@ -42,10 +52,9 @@ def preflight(settings: Settings) -> None:
     """What can be refused before the server starts, with the setting to change: a precision the
     backend, device or CPU cannot run, and calibration images that are not there. Raises
     ValueError. (What needs the model, such as building the graphs, fails the start itself.)"""
-    import os
-
-    from metalora import lowp
-    from metalora.onnx_backend import resolve_backend
+    from metalora.backends import lowp
+    from metalora.backends.base import resolve_backend
+    from metalora.backends.calib import calibration_sources
     from metalora.runtime import pick_device
 
     try:
@@ -60,12 +69,12 @@ def preflight(settings: Settings) -> None:
     why = lowp.refused(p, backend, device)
     if why:
         raise ValueError(why)
-    if p in ("int8", "auto") and backend != "torch" and os.environ.get("METALORA_CALIBRATION_DATA"):
+    if p in ("int8", "auto") and backend != "torch" and settings.calibration_data:
         try:
-            if not lowp.calibration_sources():
+            if not calibration_sources(calibration=settings.calibration):
                 raise ValueError("it names no images")
         except (OSError, ValueError, KeyError) as e:
-            raise ValueError(f"METALORA_CALIBRATION_DATA={os.environ['METALORA_CALIBRATION_DATA']!r}: {e}") from None
+            raise ValueError(f"METALORA_CALIBRATION_DATA={settings.calibration_data!r}: {e}") from None
 
 
 

@@ -2,9 +2,10 @@
 
 The event loop never calls torch: it hands a batch to `Engine.run`, which runs it on the
 engine's single thread. A backend is anything with `run(x, keys) -> Output` (embeddings (N, D),
-one logits vector per sample, and the seconds of each stage it measured in `Output.stages`);
-`metalora.runtime.Runtime` is the torch backend, and `--backend onnx` plugs in
-`metalora.onnx_backend` (`OrtRunner`). `make_backend` resolves the name once.
+one logits vector per sample, and the seconds of each stage it measured in `Output.stages`;
+`metalora.backends.base.Backend`): `metalora.runtime.Runtime` is the torch backend, and
+`--backend onnx` plugs in `metalora.backends` (`lowp.LowpRunner` on CPU, `onnx.OrtRunner` on
+CUDA). `make_backend` resolves the name once.
 """
 
 from __future__ import annotations
@@ -13,21 +14,14 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from metalora.adapters import Output
+from metalora.backends.base import Backend
 
 from .batcher import WorkItem
 from .metrics import Metrics
-
-
-class Backend(Protocol):
-    """What the engine runs a batch on: images (N, 3, S, S) + one loaded key per sample."""
-
-    def run(self, x: torch.Tensor, keys: list[str]) -> Output: ...
 
 
 @dataclass
@@ -39,14 +33,15 @@ class ItemResult:
 
 def make_backend(name: str, runtime, settings) -> tuple[str, Backend]:
     """The compute backend by name -> (resolved name, backend); `auto` picks the faster one on the
-    runtime's device (`metalora.onnx_backend.resolve_backend`), `torch` is the runtime itself.
+    runtime's device (`metalora.backends.base.resolve_backend`), `torch` is the runtime itself.
 
     On the ONNX CPU backend `settings.precision` picks the shared prefix's precision
-    (`metalora.lowp`). Raises ValueError for an unknown name or a precision the backend or CPU
-    cannot run, and RuntimeError when `onnx` is asked for without onnxruntime.
+    (`metalora.backends.lowp`), int8 calibrated on `settings.calibration`; ONNX graphs are cached
+    in `settings.onnx_cache`. Raises ValueError for an unknown name or a precision the backend or
+    CPU cannot run, and RuntimeError when `onnx` is asked for without onnxruntime.
     """
-    from metalora.lowp import refused
-    from metalora.onnx_backend import resolve_backend
+    from metalora.backends.base import resolve_backend
+    from metalora.backends.lowp import refused
 
     name = resolve_backend(name, runtime.device)
     precision = getattr(settings, "precision", "fp32")
@@ -57,12 +52,13 @@ def make_backend(name: str, runtime, settings) -> tuple[str, Backend]:
         return name, runtime
     try:
         if torch.device(runtime.device).type == "cpu":
-            from metalora.lowp import create_lowp_backend
+            from metalora.backends.lowp import create_lowp_backend
 
-            return name, create_lowp_backend(runtime, precision, threads=torch.get_num_threads())
-        from metalora import onnx_backend
+            return name, create_lowp_backend(runtime, precision, threads=torch.get_num_threads(), cache_dir=settings.onnx_cache,
+                                             calibration=settings.calibration)
+        from metalora.backends.onnx import create_backend
 
-        return name, onnx_backend.create_backend(runtime, settings)
+        return name, create_backend(runtime, cache_dir=settings.onnx_cache)
     except ImportError as e:
         raise RuntimeError(f"backend 'onnx' is not available here ({e}); use --backend torch") from None
 

@@ -87,7 +87,7 @@ def test_a_non_default_prefix_cut_gets_its_own_cache_keys_and_bundles(tmp_path):
     """Features and graphs of blocks[:6] must never be read for a backbone cut at blocks[:5]."""
     from metalora.bundle import BundleError, check_backbone
     from metalora.data import DataSpec, cache_path
-    from metalora.onnx_backend import graph_digest
+    from metalora.backends.export import graph_digest
 
     default, cut5 = create_backbone("efficientnet_lite0", pretrained=False), create_backbone("efficientnet_lite0", pretrained=False, split=5)
     cut5.net.load_state_dict(default.net.state_dict())  # same weights: only the cut differs

@@ -96,7 +96,7 @@ def test_a_mixed_batch_of_two_cuts_answers_as_each_bundle_on_its_own_cut(stores)
 @pytest.mark.slow
 def test_onnx_bridges_later_cuts_and_reuses_their_own_tail_graphs(stores, tmp_path):
     pytest.importorskip("onnxruntime")
-    from metalora.onnx_backend import OrtRunner
+    from metalora.backends.onnx import OrtRunner
 
     rt = Runtime(stores["mixed"])
     for k in ("late", "early"):
@@ -115,7 +115,7 @@ def test_onnx_bridges_later_cuts_and_reuses_their_own_tail_graphs(stores, tmp_pa
     only_late = runner.run(x[:2], ["late@1"] * 2)  # every row through the bridge, none left at the prefix
     assert (only_late.embeddings - rt.run(x[:2], ["late@1"] * 2).embeddings).abs().max().item() <= TOL
     # What `metalora serve` runs on CPU by default (--precision fp32): the static-pad prefix and bridge.
-    from metalora.lowp import LowpRunner
+    from metalora.backends.lowp import LowpRunner
 
     static = LowpRunner(rt, "fp32", cache_dir=tmp_path)
     got = static.run(x, keys)
@@ -128,8 +128,8 @@ def test_a_blocks4_store_serves_three_cuts_in_one_batch(stores, tmp_path):
     """Three cuts at once: rows of cut-5 and cut-6 bundles are bridged 4 -> 5, then the cut-6 rows
     5 -> 6, in torch, ONNX Runtime and the service's static-pad CPU runner alike."""
     pytest.importorskip("onnxruntime")
-    from metalora.lowp import LowpRunner
-    from metalora.onnx_backend import OrtRunner
+    from metalora.backends.lowp import LowpRunner
+    from metalora.backends.onnx import OrtRunner
 
     rt = Runtime(stores["mixed4"])
     assert rt.backbone.split == 4

@@ -1,4 +1,4 @@
-"""ONNX Runtime backend: exported graphs match the torch path (fp32, max abs diff <= 1e-4).
+"""ONNX Runtime backend (metalora/backends/onnx.py, export.py): exported graphs match the torch path (fp32, max abs diff <= 1e-4).
 
 Runs the real efficientnet_lite0 with randomized adapter bundles of every format, written to a
 temporary store and loaded the way the service loads them.
@@ -18,7 +18,9 @@ from metalora.store import DEFAULT_STORE
 from tests.conftest import randomize
 
 ort = pytest.importorskip("onnxruntime")
-from metalora.onnx_backend import AUTO_BACKEND, OrtRunner, export_onnx, resolve_backend  # noqa: E402
+from metalora.backends.base import AUTO_BACKEND, resolve_backend  # noqa: E402
+from metalora.backends.export import export_onnx  # noqa: E402
+from metalora.backends.onnx import OrtRunner  # noqa: E402
 
 TOL = 1e-4
 BUNDLES = [  # (name, format, ranks, targets)
@@ -160,11 +162,12 @@ def test_export_onnx_command(tmp_path):
 
 @pytest.mark.slow
 def test_bench_onnx_command_reports_both_backends(monkeypatch, tmp_path):
+    """Through `metalora` (metalora_serve.cli), whose METALORA_ONNX_CACHE default reaches --onnx-cache."""
     import json
 
     from typer.testing import CliRunner
 
-    from metalora.cli import app
+    from metalora_serve.cli import app
 
     monkeypatch.setenv("METALORA_ONNX_CACHE", str(tmp_path))
     threads = torch.get_num_threads()
@@ -175,6 +178,7 @@ def test_bench_onnx_command_reports_both_backends(monkeypatch, tmp_path):
     assert res["torch_img_s"] > 0 and res["onnx_img_s"] > 0
     assert res["onnx_over_torch"] == pytest.approx(res["onnx_img_s"] / res["torch_img_s"])
     assert torch.get_num_threads() == threads  # the measurement's thread count does not leak
+    assert list(tmp_path.glob("*-prefix-*.onnx"))  # its graphs went to the cache the environment named
 
 
 @pytest.mark.slow

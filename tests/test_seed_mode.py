@@ -164,7 +164,7 @@ def test_frozen_bundle_loads_and_serves(trained):
     # The loaded frozen adapter answers exactly as the trained one did.
     torch.testing.assert_close(rt.model.adapters[keys[0]].state_dict()["mapping.seed0"], out["frozen"]["adapter"].state_dict()["mapping.seed0"].float())
     pytest.importorskip("onnxruntime")
-    from metalora.onnx_backend import OrtRunner
+    from metalora.backends.onnx import OrtRunner
 
     runner = OrtRunner(rt, cache_dir=root / "onnx")
     o = runner.run(x[[0, 3]], [keys[0], keys[0]])
