@@ -89,3 +89,76 @@ def test_no_import_cycles():
 def test_app_module_only_assembles():
     lines = (ROOT / "service" / "http" / "app.py").read_text().count("\n")
     assert lines <= 150, f"service/http/app.py has {lines} lines; routes, parsing and middleware live in their own modules"
+
+
+# ------------------------------------------------------------------------ one data plane (issue 31)
+FRONT_DOORS = ("service.http", "service.grpc", "service.oip")  # the protocols' packages
+ENTRY_POINTS = {"service.cli", "service.launch"}  # the process's start (assembles the doors) and the tests' launcher
+CORE = sorted(m for m in MODULES if m.split(".")[0] == "service" and not m.startswith(FRONT_DOORS) and m not in ENTRY_POINTS and m != "service")
+WEB = ("fastapi", "starlette", "uvicorn")
+
+
+def _third_party(path: Path) -> set[str]:
+    """Top-level names of every module `path` imports that is not the project's."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            out.add(node.module.split(".")[0])
+    return out - set(PACKAGES)
+
+
+def test_the_core_is_seen():
+    assert {"service.dataplane", "service.errors", "service.adapters", "service.batcher", "service.galleries.manager"} <= set(CORE)
+
+
+@pytest.mark.parametrize("module", CORE)
+def test_the_core_knows_no_protocol(module):
+    """A core module imports no front door and no web or RPC framework, and speaks no HTTP status."""
+    doors = sorted(t for t in GRAPH[module] if t.startswith(FRONT_DOORS))
+    assert not doors, f"{module} imports front doors: {doors}"
+    frameworks = sorted(_third_party(MODULES[module]) & {*WEB, "grpc"})
+    assert not frameworks, f"{module} imports {frameworks}"
+    names = {n.id for n in ast.walk(ast.parse(MODULES[module].read_text())) if isinstance(n, ast.Name)}
+    names |= {n.attr for n in ast.walk(ast.parse(MODULES[module].read_text())) if isinstance(n, ast.Attribute)}
+    assert not names & {"HTTPException", "status_code"}, f"{module} speaks HTTP: {sorted(names & {'HTTPException', 'status_code'})}"
+
+
+def _reach(start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        parts = m.split(".")  # importing a module runs its packages' __init__ too
+        todo += [".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) in MODULES]
+        todo += GRAPH[m]
+    return seen
+
+
+def test_the_grpc_door_reaches_no_web_framework():
+    reached = _reach("service.grpc.server")
+    assert "service.dataplane" in reached  # the scan follows the edges
+    bad = sorted(f"{m} imports {sorted(_third_party(MODULES[m]) & set(WEB))}" for m in reached if _third_party(MODULES[m]) & set(WEB))
+    assert not bad, f"the gRPC door reaches a web framework: {bad}"
+
+
+def _at_parses(path: Path) -> list[str]:
+    """Places that take a string apart at "@": x.split("@"), .rsplit, .partition, .rpartition, "@" in x."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("split", "rsplit", "partition", "rpartition"):
+            if node.args and isinstance(node.args[0], ast.Constant) and node.args[0].value == "@":
+                out.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+        if isinstance(node, ast.Compare) and isinstance(node.left, ast.Constant) and node.left.value == "@" and any(isinstance(op, (ast.In, ast.NotIn)) for op in node.ops):
+            out.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    return out
+
+
+def test_adapter_references_are_parsed_in_one_module():
+    files = [p for pkg in (*PACKAGES, "research") for p in sorted((ROOT / pkg).rglob("*.py"))]
+    assert _at_parses(ROOT / "metalora" / "refs.py"), "the scan finds nothing even where the parsing is"
+    places = [s for p in files if p != ROOT / "metalora" / "refs.py" for s in _at_parses(p)]
+    assert not places, f"'@' is parsed outside metalora/refs.py (use AdapterRef): {places}"
