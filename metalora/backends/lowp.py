@@ -195,6 +195,8 @@ class LowpRunner(OrtRunner):
 
 # ------------------------------------------------------------------------------------ choosing
 def base_outputs(runtime, feats: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings (N, D) and ImageNet logits (N, 1000) of the frozen tail on prefix features: what
+    the start-up check and the accuracy runs compare across precisions."""
     bb = runtime.backbone
     with torch.inference_mode():
         h = torch.from_numpy(feats).to(next(bb.parameters()).dtype)  # (N, C_p, H_p, W_p)
