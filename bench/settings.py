@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# `../shared` beside the checkout: where this project's data sets live (README, "Training and results").
+# `../shared` beside the checkout: where this project's data sets live (docs/models.md, "Training").
 CHECKOUT_SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
 
 

@@ -323,8 +323,8 @@ def _bundle_view(manifest: dict, backbone: Backbone) -> Backbone:
             f"bundle was trained with the shared prefix ending at {shown(want.get('cut'), split)}, this backbone's prefix ends "
             f"{'later, ' if later else ''}at {shown(have.cut, backbone.split)}"
             + (f": a store serves bundles cut at its backbone's cut or after it. Cut the store at blocks[:{split}] or earlier: in "
-               f"its backbone manifest set `kwargs.split` and the `seed_in_dim` and `targetable` that cut builds (README, "
-               f"\"The backbone\"), or retrain the bundle at this store's cut (metalora train --split {backbone.split})" if later else ""),
+               f"its backbone manifest set `kwargs.split` and the `seed_in_dim` and `targetable` that cut builds (docs/models.md, "
+               f"\"The cut\"), or retrain the bundle at this store's cut (metalora train --split {backbone.split})" if later else ""),
         )
     try:
         return backbone.at_cut(split)

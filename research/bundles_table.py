@@ -133,8 +133,8 @@ def _replace(path: Path, block: str, text: str) -> None:
 def main(refs: list[str], write: bool = False) -> None:
     table = "\n".join([HEADER, *(row(r) for r in refs)])
     print(table)
-    if write:  # README and research/NOTES.md carry the tables between their markers; all computed before any write
-        blocks = [(ROOT / "README.md", "readme-bundles", table), (ROOT / "research" / "NOTES.md", "bundles-table", table),
+    if write:  # docs/models.md and research/NOTES.md carry the tables between their markers; all computed before any write
+        blocks = [(ROOT / "docs" / "models.md", "readme-bundles", table), (ROOT / "research" / "NOTES.md", "bundles-table", table),
                   (ROOT / "research" / "NOTES.md", "targets", "\n".join(target_row(r) for r in refs if name_of(r) in TASKS))]
         if any(name_of(r) == "mixed" for r in refs):
             blocks.append((ROOT / "research" / "NOTES.md", "mixed-table", mixed_table()))

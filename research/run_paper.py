@@ -57,6 +57,7 @@ from metalora.data import DataSpec, FeatureSet, prefix_features
 from metalora.evaluate import evaluate_features, knn_search
 from metalora.features import embed_features, model_for
 from metalora.train import DEFAULT_TARGETS, TrainConfig, count_params, holdout_split, pick_device, ranks_for_budget, train
+from metalora_serve.settings import CommandSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -485,7 +486,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--sweep-ranks", type=int, nargs="+", default=list(SWEEP_RANKS))
     ap.add_argument("--out", type=Path, default=ROOT / "research" / "paper")
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "paper", help="checkpoints of unfinished runs")
-    ap.add_argument("--cache-dir", type=Path, help="prefix-feature cache (default: $METALORA_CACHE or ~/.cache/metalora)")
+    ap.add_argument("--cache-dir", type=Path, default=CommandSettings().cache, help="prefix-feature cache (default: $METALORA_CACHE or ~/.cache/metalora)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--compute-features", action="store_true", help="compute prefix features missing from the cache (default: refuse)")
     ap.add_argument("--progress", action="store_true", help="progress bars")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -17,9 +16,9 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-_ADAPTER_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}(@[a-z0-9][a-z0-9._-]{0,63})?$"
-_ADAPTER_NAME = re.compile(_ADAPTER_PATTERN)
-AdapterRef = Annotated[str, StringConstraints(min_length=1, max_length=130, pattern=_ADAPTER_PATTERN)]
+from metalora.refs import REF_PATTERN, AdapterRef, RefError
+
+AdapterName = Annotated[str, StringConstraints(min_length=1, max_length=130, pattern=REF_PATTERN)]  # parsed into an AdapterRef by the route
 # Segments joined by "/" (bundle items are named after their source file, e.g. train/cat/0377.jpg);
 # no segment is empty or starts with "." (so "." and ".." never appear, which URLs would rewrite).
 ItemId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*(/[A-Za-z0-9_:-][A-Za-z0-9._:-]*)*$")]
@@ -37,7 +36,7 @@ def _adapters(v):
 class ImagesRequest(_Strict):
     """Images as base64 strings (a `data:` URL prefix is accepted) and one adapter or a list."""
 
-    adapter: AdapterRef | Annotated[list[AdapterRef], Field(min_length=1, max_length=MAX_FANOUT)] = Field(
+    adapter: AdapterName | Annotated[list[AdapterName], Field(min_length=1, max_length=MAX_FANOUT)] = Field(
         "base", description="`base`, `name` or `name@version`; a list fans out: one result per image × adapter"
     )
     images: list[str] | None = Field(None, min_length=1, description="base64-encoded image files (JPEG, PNG, WebP, BMP, GIF, TIFF)")
@@ -47,8 +46,11 @@ class ImagesRequest(_Strict):
     def _names(cls, v):
         """A malformed name is 422 `invalid_name` (not a union-validation dump), as on the path routes."""
         for n in [v] if isinstance(v, str) else v if isinstance(v, list) else []:
-            if isinstance(n, str) and not _ADAPTER_NAME.fullmatch(n):
-                raise PydanticCustomError("invalid_name", "adapter '{name}' is not base, name or name@version (lower-case letters, digits, . _ -)", {"name": n[:140]})
+            if isinstance(n, str):
+                try:
+                    AdapterRef.parse(n)
+                except RefError as e:
+                    raise PydanticCustomError("invalid_name", "{message}", {"message": str(e)}) from None
         return v
 
     @property
