@@ -141,6 +141,8 @@ class Batcher:
                     self._fail(it, e)
                 continue
             for it, res in zip(live, results):
+                if hasattr(res, "queue_s"):
+                    res.queue_s = now - it.enqueued
                 if not it.future.done():
                     it.future.set_result(res)
                 it.release()

@@ -37,6 +37,7 @@ from .engine import ItemResult
 from .errors import DomainError, Kind, conflict, from_library, invalid, not_found, too_large, unavailable
 from .galleries import Item
 from .knn import GalleryEmpty, Hit, vote
+from .stats import ModelStats, Statistics
 
 log = logging.getLogger("metalora.service")
 _DROPPED = {"deadline_exceeded": "deadline", "client_closed_request": "cancelled"}  # error code -> rejected reason
@@ -213,6 +214,7 @@ class DataPlane:
     def __init__(self, service: Service):
         self.svc = service
         self.settings = service.settings
+        self.statistics = Statistics()
 
     # ---------------------------------------------------------------- the process
     def public(self, message: str) -> str:
@@ -333,10 +335,19 @@ class DataPlane:
         """Every image × adapter, scored: probabilities, embedding, seed and (`unknown=True`) `unknown`;
         image-major. The one inference path of `/v1/predict`, `/v1/embed`, k-NN by image and
         the Open Inference Protocol's infer."""
-        for ref in refs:  # an unknown or bad name fails fast, before any image is decoded
-            self.resolve(ref)
+        keys = [self.resolve(ref) for ref in refs]  # an unknown or bad name fails fast, before any image is decoded
         self.check_images(raws)
-        entries, results = await self.compute(await self.decode(raws, deadline, names), refs, deadline)
+        t0 = time.perf_counter()
+        try:
+            entries, results = await self.compute(await self.decode(raws, deadline, names), refs, deadline)
+        except BaseException:
+            for key in dict.fromkeys(keys):
+                self.statistics.failure(key, time.perf_counter() - t0)
+            raise
+        took = time.perf_counter() - t0
+        for k, e in enumerate(entries):
+            mine = results[k :: len(entries)]
+            self.statistics.success(e.key, took, len(mine), sum(r.queue_s for r in mine), sum(r.compute_s for r in mine))
         out = []
         for j, res in enumerate(results):
             e = entries[j % len(entries)]
@@ -626,3 +637,14 @@ class DataPlane:
                 labels = manifest["adapter"].get("labels", [])
             versions = store.versions(name_of(key))
         return ModelInfo(name_of(key), versions, len(labels), svc.runtime.backbone.embed_dim, svc.backend_name, list(labels))
+
+    def model_statistics(self, ref: AdapterRef | None = None) -> list[tuple[str, str, ModelStats]]:
+        """(name, version, statistics) of the version `ref` names, or of every version that has
+        answered or is loaded (`base` included) when `ref` is None."""
+        if ref is not None:
+            key = self.resolve(ref)
+            keys = [key]
+        else:
+            keys = list(dict.fromkeys([BASE, *self.svc.registry.loaded(), *self.statistics.models]))
+        return [(name_of(k), version_of(k), self.statistics.get(k)) for k in keys]
+

@@ -29,6 +29,8 @@ class ItemResult:
     logits: torch.Tensor  # (num_classes,) float32 on the CPU
     embedding: torch.Tensor  # (D,) float32, L2-normalised, on the CPU
     seed: torch.Tensor | None = None  # (S,) float32 on the CPU: the concatenated seed c(x); None for LoRA and base
+    compute_s: float = 0.0  # this item's share of its batch's forward (seconds)
+    queue_s: float = 0.0  # how long it waited in the batcher's queue (seconds; set by the batcher)
 
 
 def make_backend(name: str, runtime, settings) -> tuple[str, Backend]:
@@ -85,10 +87,12 @@ class Engine:
             emb = F.normalize(out.embeddings.float(), dim=-1).cpu()  # (N, D)
             logits = [lo.float().cpu() for lo in out.logits]
             seeds = [None if sd is None else sd.float().cpu() for sd in out.seeds]
-        self.metrics.inference.labels("forward").observe(time.perf_counter() - t0)
+        forward_s = time.perf_counter() - t0
+        self.metrics.inference.labels("forward").observe(forward_s)
         for stage, seconds in out.stages.items():  # the frozen prefix vs the adapted rest, where measured
             self.metrics.inference.labels(stage).observe(seconds)
-        return [ItemResult(lo, e, sd) for lo, e, sd in zip(logits, emb, seeds)]
+        share = forward_s / len(items)
+        return [ItemResult(lo, e, sd, compute_s=share) for lo, e, sd in zip(logits, emb, seeds)]
 
     def call(self, fn, *args):
         """Run `fn` on the engine thread (warm-up, anything that must not race a batch)."""
