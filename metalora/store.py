@@ -22,7 +22,8 @@ def safe_join(root: Path, *parts: str) -> Path:
     return out
 
 
-def _version_key(v: str):
+def version_order(v: str):
+    """Sort key of versions: numeric ones by number, then the others by name (the last is the latest)."""
     return (0, int(v), "") if v.isdigit() else (1, 0, v)
 
 
@@ -56,7 +57,7 @@ class ModelStore:
         if not d.is_dir():
             return []
         vs = [p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file()]
-        return sorted(vs, key=_version_key)
+        return sorted(vs, key=version_order)
 
     def resolve(self, ref: str) -> tuple[str, str, Path]:
         """`name[@version]` -> (name, version, bundle dir); latest version when none is given."""

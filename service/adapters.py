@@ -21,6 +21,7 @@ from metalora.refs import BASE, AdapterRef, name_of, version_of
 from metalora.runtime import Runtime
 
 from .errors import from_library, invalid, not_found
+from .repository import Repository
 from .metrics import Metrics
 
 log = logging.getLogger("metalora.service")
@@ -53,8 +54,12 @@ class Entry:
 class AdapterRegistry:
     """LRU of loaded adapters over a `Runtime`, with pinning, in-flight counts and deferred unloads."""
 
-    def __init__(self, runtime: Runtime, metrics: Metrics, capacity: int, on_evict: Callable[[str], None] | None = None):
+    def __init__(self, runtime: Runtime, metrics: Metrics, capacity: int, on_evict: Callable[[str], None] | None = None, repository: Repository | None = None):
         self.runtime = runtime
+        if repository is None:  # the store as it is now, every version (a registry used on its own)
+            repository = Repository(runtime.store, "none", "all")
+            repository.scan()
+        self.repository = repository
         self.metrics = metrics
         self.capacity = capacity
         self.on_evict = on_evict or (lambda key: None)
@@ -62,16 +67,19 @@ class AdapterRegistry:
         self.base = Entry(BASE, pinned=True)
         self._locks: dict[str, asyncio.Lock] = {}
         self.failed: dict[str, str] = {}  # key -> why its bundle was refused (last attempt)
-        self._store_count: tuple[float, int] | None = None  # (when counted, adapters in the store)
+        self.allowed: set[str] | None = None  # explicit model control: the adapters loaded on request (None: every available one)
 
     # ---------------------------------------------------------------- lookups
-    def resolve(self, ref: AdapterRef) -> str:
-        """An adapter reference -> the key of the version it names (`base` or `name@version`);
-        unknown names raise NOT_FOUND `unknown_adapter`, bad names INVALID `invalid_name`."""
-        try:
-            key = self.runtime.resolve(str(ref))
-        except BundleError as e:
-            raise from_library(e) from None
+    def resolve(self, ref: AdapterRef, any_state: bool = False) -> str:
+        """An adapter reference -> the key of the version it names (`base` or `name@version`), as the
+        repository serves it; unknown names raise NOT_FOUND `unknown_adapter`, bad names INVALID
+        `invalid_name`, a version that cannot serve CONFLICT (`service.repository`). Under explicit
+        model control an adapter not loaded by request is NOT_FOUND `not_loaded`."""
+        if isinstance(ref, str):  # a key or a setting's name
+            ref = AdapterRef(*AdapterRef.split(ref))
+        key = self.repository.resolve(ref, any_state)
+        if self.allowed is not None and not any_state and key != BASE and name_of(key) not in self.allowed:
+            raise not_found("not_loaded", f"adapter {name_of(key)} is not loaded (model control mode explicit: load it with POST /v2/repository/models/{name_of(key)}/load)")
         self.metrics.admit(name_of(key))
         return key
 
@@ -145,7 +153,7 @@ class AdapterRegistry:
 
     def unload(self, ref: AdapterRef) -> tuple[Entry, bool]:
         """Unload now, or when its images in flight are done; returns (entry, deferred)."""
-        key = self.resolve(ref)
+        key = self.resolve(ref, any_state=True)
         if key == BASE:
             raise invalid("cannot_unload_base", "the frozen backbone ('base') is always loaded")
         entry = self.entries.get(key)
@@ -157,6 +165,21 @@ class AdapterRegistry:
             return entry, True
         self._drop(entry)
         return entry, False
+
+    def retire(self, keys) -> None:
+        """Versions the repository no longer serves (deleted, replaced by a newer one under the version
+        policy): unloaded now, or when their last image in flight is done."""
+        for key in keys:
+            self.failed.pop(key, None)
+            entry = self.entries.get(key)
+            if entry is None:
+                continue
+            entry.pinned = False
+            if entry.inflight > 0:
+                entry.unload_pending = True
+            else:
+                self._drop(entry)
+        self._gauge()
 
     def _drop(self, entry: Entry) -> None:
         if self.entries.get(entry.key) is not entry:
@@ -188,10 +211,6 @@ class AdapterRegistry:
         self.metrics.adapters_loaded.labels("pinned").set(sum(e.pinned for e in self.entries.values()))
         self.metrics.adapters_loaded.labels("store").set(self._count_store())
 
-    def _count_store(self, max_age_s: float = 10.0) -> int:
-        """Adapters in the store, recounted at most every `max_age_s`: a scan of a large store costs
-        hundreds of ms, which must not land on every cache miss."""
-        now = time.monotonic()
-        if self._store_count is None or now - self._store_count[0] > max_age_s:
-            self._store_count = (now, len(self.runtime.store.adapter_names()))
-        return self._store_count[1]
+    def _count_store(self) -> int:
+        """Adapters in the store (the repository's last scan)."""
+        return len(self.repository.names())

@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 
 from metalora.bundle import BundleError
-from metalora.refs import BASE
+from metalora.refs import BASE, AdapterRef
 from metalora.runtime import Runtime, pick_device
 
 from .adapters import AdapterRegistry
+from .repository import Repository
 from .batcher import Batcher, WorkItem
 from .engine import Engine, make_backend
 from .errors import DomainError, from_library, public_message
@@ -66,18 +67,26 @@ class Service:
         store = open_store(s.galleries, dsn, timeout_s=s.gallery_db_timeout_s, pool_size=s.gallery_db_pool)
         self.galleries = GalleryStore(self.runtime.store, store, self.runtime.backbone.embed_dim, s.knn_exact_max, legacy_dir=s.galleries, retry_after_s=s.retry_after_s)
         self.thumbnails = ThumbnailStore(self.runtime.store, s.galleries)
-        self.registry = AdapterRegistry(self.runtime, self.metrics, s.lru_capacity, on_evict=self.galleries.drop)
+        self.repository = Repository(self.runtime.store, s.model_control_mode, s.version_policy)
+        await asyncio.to_thread(self.repository.scan)  # hashes every version once: off the loop, before anything resolves
+        self.registry = AdapterRegistry(self.runtime, self.metrics, s.lru_capacity, on_evict=self.galleries.drop, repository=self.repository)
+        if s.model_control_mode == "explicit":
+            self.registry.allowed = set()
         self.batcher = Batcher(
             self.engine.run, self.metrics, max_batch_size=s.max_batch_size, max_delay_s=s.max_delay_ms / 1000, max_queue=s.max_queue, retry_after_s=s.retry_after_s
         )
         self.decode_pool = ThreadPoolExecutor(s.decode_workers, thread_name_prefix="decode")
         self.batcher.start()
         self.registry._gauge()
+        if s.model_control_mode == "poll":
+            self._poll = asyncio.get_running_loop().create_task(self._poll_store(), name="metalora-repository-poll")
 
     async def warm(self) -> None:
         """Load the default adapters (skipping refused bundles), run one batch through them, turn ready."""
         s = self.settings
-        names = list(dict.fromkeys([*s.pinned, *(s.adapters or self.runtime.store.adapter_names()[: s.lru_capacity])]))
+        names = list(dict.fromkeys([*s.pinned, *(s.adapters or self.repository.names()[: s.lru_capacity])]))
+        if self.registry.allowed is not None:  # explicit model control: what starts loaded is what serves
+            self.registry.allowed.update(AdapterRef(*AdapterRef.split(n)).name for n in names)
         for ref in names:
             try:
                 await self.registry.load(ref, pin=ref in s.pinned)
@@ -101,7 +110,26 @@ class Service:
         self.ready = True
         log.info("ready on %s with %s", self.device, ", ".join(self.registry.loaded()) or "base only")
 
+    async def _poll_store(self) -> None:
+        """Poll mode: look at the store every `repository_poll_s`; versions that stopped serving are
+        retired (unloaded once their images in flight are done)."""
+        while True:
+            await asyncio.sleep(self.settings.repository_poll_s)
+            try:
+                await self.rescan()
+            except Exception:  # a store that cannot be read now is read again next time
+                log.exception("model store scan failed")
+
+    async def rescan(self, names: list[str] | None = None) -> None:
+        added, removed = await asyncio.to_thread(self.repository.scan, names)
+        if added or removed:
+            log.info("model store: %s", ", ".join([*(f"+{k}" for k in sorted(added)), *(f"-{k}" for k in sorted(removed))]))
+        self.registry.retire(removed)
+
     async def stop(self) -> None:
+        poll = getattr(self, "_poll", None)
+        if poll is not None:
+            poll.cancel()
         await self.batcher.stop()
         self.engine.shutdown()
         self.decode_pool.shutdown(wait=False, cancel_futures=True)

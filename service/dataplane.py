@@ -141,6 +141,7 @@ class AdapterVersion:
     version: str
     loaded: bool
     pinned: bool
+    state: str = "available"  # the repository's: available | incomplete | invalid | retired
     format: str | None = None
     ranks: list[int] | None = None
     targets: list[str] | None = None
@@ -538,12 +539,12 @@ class DataPlane:
 
     # ---------------------------------------------------------------- the repository
     def list_adapters(self) -> AdapterList:
-        """What the store holds, and which versions are on the device."""
+        """What the store holds (the versions that serve), and which versions are on the device."""
         svc = self.svc
-        store, loaded = svc.runtime.store, svc.registry.entries
+        repo, loaded = svc.repository, svc.registry.entries
         rows = []
-        for name in store.adapter_names():
-            versions = store.versions(name)
+        for name in repo.names():
+            versions = repo.available(name)
             mine = [version_of(k) for k in loaded if name_of(k) == name]
             rows.append(AdapterSummary(name, versions, versions[-1] if versions else None, mine, [v for v in mine if loaded[AdapterRef.key_of(name, v)].pinned]))
         bb = svc.runtime.backbone
@@ -560,10 +561,12 @@ class DataPlane:
         store, bb = svc.runtime.store, svc.runtime.backbone
         default_cut = f"blocks[:{bb.default_split}]" if bb.default_split is not None else None  # bundles at the default cut leave it unrecorded
         rows = []
-        for v in store.versions(name):
-            k = AdapterRef.key_of(name, v)
+        for st in svc.repository.states(name):
+            v, k = st.version, st.key
             entry = svc.registry.entries.get(k)
-            row = AdapterVersion(v, entry is not None, bool(entry and entry.pinned))
+            row = AdapterVersion(v, entry is not None, bool(entry and entry.pinned), state=st.state)
+            if st.reason:
+                row.error = svc.public(st.reason)
             try:
                 m = read_manifest(store.resolve(k)[2])
                 a = m["adapter"]
@@ -571,46 +574,58 @@ class DataPlane:
                 row.num_classes, row.labels = len(a.get("labels", [])), a.get("labels")
                 row.trainable_params, row.metrics, row.cut = m.get("trainable_params"), m.get("metrics"), m["backbone"].get("cut") or default_cut
             except BundleError as e:
-                row.error = svc.public(f"{e.code}: {e}")
+                row.error = row.error or svc.public(f"{e.code}: {e}")
             if k in svc.registry.failed:
                 row.error = svc.public(svc.registry.failed[k])
             if k in svc.galleries.indexes:
                 row.gallery_items = len(svc.galleries.indexes[k])
             rows.append(row)
-        return AdapterInfo(name, rows[-1].version if rows else None, rows)
+        avail = svc.repository.available(name)
+        return AdapterInfo(name, avail[-1] if avail else None, rows)
 
     async def load(self, ref: AdapterRef, pin: bool = False) -> Entry:
-        """Load a version onto the device (latest unless versioned); a bundle that cannot be served is CONFLICT."""
-        return await self.svc.registry.load(ref, pin=pin)
+        """Load a version onto the device (latest unless versioned); a bundle that cannot be served is
+        CONFLICT. Under explicit model control the adapter is looked at on disk again first, and
+        serves from now on."""
+        svc = self.svc
+        reg = svc.registry
+        if reg.allowed is not None and not ref.is_base:
+            await svc.rescan([ref.name])
+            reg.allowed.add(ref.name)
+        return await reg.load(ref, pin=pin)
 
-    def unload(self, ref: AdapterRef) -> tuple[Entry, bool]:
-        """Drop a version from the device; requests already accepted finish with it. Returns (entry, deferred)."""
-        return self.svc.registry.unload(ref)
-
-    def unload_all(self, ref: AdapterRef) -> list[str]:
-        """Unload `name@version`, or every loaded version of `name`; busy ones go when their last
-        image is done. A known model with nothing loaded is a no-op (the repository's unload is
-        idempotent). Returns the keys meant."""
+    def unload(self, ref: AdapterRef, *, every_version: bool = False) -> list[tuple[Entry, bool]]:
+        """Drop a version from the device (`name@version`, or the latest), or with `every_version`
+        each loaded version of `name` (the repository's unload: idempotent, nothing loaded is no
+        error); requests already accepted finish with it. Under explicit model control an
+        unversioned unload stops the adapter serving. Returns (entry, deferred) per version dropped.
+        A single version that is not loaded is NOT_FOUND `not_loaded`."""
         reg = self.svc.registry
-        key = reg.resolve(ref)
+        key = reg.resolve(ref, any_state=True)
         if key == BASE:
             raise invalid("cannot_unload_base", "the frozen backbone ('base') is always loaded")
-        keys = [key] if ref.version else [k for k in reg.loaded() if name_of(k) == ref.name]
-        for k in keys:
-            if k in reg.entries:
-                reg.unload(AdapterRef.parse(k))
-        return keys
+        if every_version and not ref.version:
+            keys = [k for k in reg.loaded() if name_of(k) == ref.name]
+        else:
+            keys = [key]
+        if not every_version and key not in reg.entries:
+            raise not_found("not_loaded", f"adapter {key} is not loaded")
+        dropped = [reg.unload(AdapterRef.parse(k)) for k in keys if k in reg.entries]
+        if reg.allowed is not None and not ref.version:
+            reg.allowed.discard(ref.name)
+        return dropped
 
     def repository_index(self, ready_only: bool = False) -> list[RepositoryEntry]:
-        """Every model version in the store (and `base`), with whether it is on the device and why not."""
+        """Every model version in the store (and `base`), with whether it is on the device and why not
+        (`unloaded`, a failed load, or the repository's state: incomplete, invalid, retired)."""
         svc = self.svc
         rows = [RepositoryEntry(BASE, "", svc.ready)]
-        store = svc.runtime.store
-        for name in store.adapter_names():
-            for v in store.versions(name):
-                key = AdapterRef.key_of(name, v)
+        for name in svc.repository.names():
+            for st in svc.repository.states(name):
+                key = st.key
                 loaded = key in svc.registry.entries
-                rows.append(RepositoryEntry(name, v, loaded, svc.public(svc.registry.failed.get(key, "" if loaded else "unloaded"))))
+                why = "" if loaded else f"{st.state}: {st.reason}" if st.reason else "unloaded"
+                rows.append(RepositoryEntry(name, st.version, loaded, svc.public(svc.registry.failed.get(key, why))))
         return [r for r in rows if r.loaded] if ready_only else rows
 
     def model_ready(self, ref: AdapterRef) -> bool:
@@ -635,7 +650,7 @@ class DataPlane:
                 except BundleError as e:
                     raise from_library(e) from None
                 labels = manifest["adapter"].get("labels", [])
-            versions = store.versions(name_of(key))
+            versions = svc.repository.available(name_of(key))
         return ModelInfo(name_of(key), versions, len(labels), svc.runtime.backbone.embed_dim, svc.backend_name, list(labels))
 
     def model_statistics(self, ref: AdapterRef | None = None) -> list[tuple[str, str, ModelStats]]:
@@ -648,3 +663,7 @@ class DataPlane:
             keys = list(dict.fromkeys([BASE, *self.svc.registry.loaded(), *self.statistics.models]))
         return [(name_of(k), version_of(k), self.statistics.get(k)) for k in keys]
 
+
+    def unload_all(self, ref: AdapterRef) -> list[str]:
+        """The repository extension's unload: `unload(ref, every_version=True)`; the keys dropped."""
+        return [e.key for e, _ in self.unload(ref, every_version=True)]

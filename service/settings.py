@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     pinned: NameList = Field(default_factory=list, description="adapters never evicted from the device")
     lru_capacity: int = Field(16, ge=1, description="adapters kept on the device; the least recently used unpinned one is evicted")
     warmup: bool = Field(True, description="run one dummy batch before turning ready")
+    model_control_mode: Literal["none", "poll", "explicit"] = Field("poll", description="how the model store's changes reach the server, as Triton names it: none = the store as it was at start; poll = new, changed and deleted versions picked up every repository_poll_s; explicit = only repository load / unload change what serves (an adapter serves once loaded)")
+    repository_poll_s: float = Field(5.0, gt=0, le=3600, description="seconds between two looks at the model store in poll mode")
+    version_policy: str = Field("latest 1", description="which valid versions of an adapter serve: 'latest N' (the N highest) or 'all', and per adapter 'name=...', comma-separated (e.g. 'latest 1,cifar10=all'); a version outside it answers 404 unknown_adapter")
 
     gallery_dir: Path | None = Field(None, description="where edited galleries live (default <store>/galleries)")
     gallery_dsn: SecretStr | None = Field(None, description="PostgreSQL connection string (libpq URI) for galleries shared by every replica; unset = embedded SQLite store in gallery_dir")
@@ -78,6 +81,14 @@ class Settings(BaseSettings):
     def _split(cls, v):
         if isinstance(v, str):
             return [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+    @field_validator("version_policy")
+    @classmethod
+    def _policy(cls, v: str):
+        from .repository import parse_policies
+
+        parse_policies(v)  # raises ValueError naming the bad part
         return v
 
     @field_validator("gallery_dsn")

@@ -90,7 +90,7 @@ class Server(ServerProcess):
     """The shared launcher (`service.launch`) pinned to CPU and the torch backend, plus helpers."""
 
     def __init__(self, store: Path, log: Path, **settings):
-        super().__init__(store, log, device="cpu", backend="torch", **settings)
+        super().__init__(store, log, device="cpu", backend="torch", **{"version_policy": "all", **settings})  # all: beta@1 beside beta@2
 
     def client(self, **kw) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 120), **kw)

@@ -244,6 +244,7 @@ class AdapterVersion(BaseModel):
     version: str
     loaded: bool
     pinned: bool
+    state: Literal["available", "incomplete", "invalid", "retired"] = Field("available", description="the model repository's: available (whole, in the version policy: it serves), incomplete (a file missing or short: a copy in progress), invalid (manifest or checksum wrong), retired (outside the version policy); `error` says why")
     format: str | None = None
     ranks: list[int] | None = None
     targets: list[str] | None = None

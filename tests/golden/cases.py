@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 GOLDEN = HERE / "golden.json"
 TOKEN = "golden-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-SETTINGS = dict(backend="torch", adapters="cifar10,mixed", lru_capacity=4, max_images=4, max_delay_ms=0, admin_token=TOKEN, warmup="false")
+SETTINGS = dict(backend="torch", adapters="cifar10,mixed", lru_capacity=4, max_images=4, max_delay_ms=0, admin_token=TOKEN, warmup="false", version_policy="all")  # all: the set asks for older versions (cifar10@1)
 KEEP_HEADERS = ("content-type", "retry-after", "www-authenticate", "inference-header-content-length", "allow", "accept-encoding")
 V2_NEW_OUTPUTS = {"unknown"}
 

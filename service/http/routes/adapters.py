@@ -55,7 +55,7 @@ async def load_adapter(name: RefPath, dp: PlaneDep, pin: Annotated[bool, Query(d
 @router.post("/{name}/unload", response_model=UnloadResponse, dependencies=[AdminDep], responses=ADMIN)
 async def unload_adapter(name: RefPath, dp: PlaneDep) -> UnloadResponse:
     """Drop a version from the device; requests already accepted still finish with it."""
-    entry, deferred = dp.unload(AdapterRef.parse(name))
+    ((entry, deferred),) = dp.unload(AdapterRef.parse(name))
     return UnloadResponse(adapter=entry.name, version=entry.version, unloaded=True, deferred=deferred)
 
 
