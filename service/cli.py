@@ -45,7 +45,34 @@ def serve(
         preflight(settings)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
+    taken = ports_taken(settings)
+    if taken:
+        for line in taken:
+            typer.echo(f"error: {line}", err=True)
+        raise typer.Exit(1)
     run_server(settings)
+
+
+def ports_taken(settings: Settings) -> list[str]:
+    """One line per port the server would listen on that cannot be had now, naming the setting
+    that chose it: a second instance on one host stops here, before it loads anything."""
+    import errno
+    import socket
+
+    out = []
+    for what, port, setting in (("HTTP", settings.port, "METALORA_PORT (--port)"), ("gRPC", settings.grpc_port, "METALORA_GRPC_PORT (--grpc-port), or 0 to turn gRPC off")):
+        if not port:
+            continue
+        host = settings.host.strip("[]")
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn and gRPC bind: a port in TIME_WAIT is free
+            try:
+                sock.bind((host, port))
+            except OSError as e:
+                why = "the port is in use" if e.errno == errno.EADDRINUSE else f"{e.strerror.lower()} (is the address this host's?)"
+                out.append(f"{what} could not bind {address}: {why}; set {setting} to a free port")
+    return out
 
 
 def preflight(settings: Settings) -> None:
