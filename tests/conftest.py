@@ -1,4 +1,12 @@
-"""Shared fixtures: tiny backbones for fast CPU tests, and the path to ../shared when present."""
+"""Shared fixtures: tiny backbones for fast CPU tests, the path to ../shared when present, and the
+real servers that several test modules share (one process each for the whole session).
+
+Shared servers, for tests that only read them: no gallery edits, nothing left loaded or
+unloaded, no setting whose exact value another sharer needs differently. A module whose tests
+edit a gallery, need a tiny queue or a fresh server (tests/test_golden.py) starts its own.
+
+* `shipped_server`: the shipped model_store/ on torch (tests/test_oip.py, test_cli_predict.py).
+"""
 
 from __future__ import annotations
 
@@ -78,3 +86,26 @@ def tiny_backbone():
 def randomize(adapter, std: float = 0.3):
     """Move an adapter off its zero-start so tests compare non-trivial updates."""
     return adapter.perturb_(std)
+
+
+# ------------------------------------------------------------------------ servers shared by several modules
+SHIPPED_TOKEN = "shipped-test-admin-token-0123456789"
+# The union of what its modules need: test_oip's limits (it asserts them: 4 images, 1 Mpx, an 8 MB
+# body, top_k up to 1000) and its 150 ms batching delay (a /v1 and a gRPC request meet in one batch);
+# cifar10 (today cifar10@6, the calibrated version test_cli_predict names) and digits loaded, mnist left unloaded for
+# test_oip's repository tests; gRPC on. Its galleries live in a temporary directory, never model_store/.
+SHIPPED_SETTINGS = dict(
+    device="cpu", backend="torch", admin_token=SHIPPED_TOKEN, adapters="cifar10,digits", lru_capacity=8, max_delay_ms=150,
+    max_images=4, max_pixels=1_000_000, max_body_bytes=8_000_000, max_top_k=1000, version_policy="all",  # all: tests ask for older versions (cifar10@1)
+)
+
+
+@pytest.fixture(scope="session")
+def shipped_server(tmp_path_factory):
+    """`metalora serve` on the shipped model_store/, torch on CPU, for the whole session."""
+    from service.launch import ServerProcess
+
+    tmp = tmp_path_factory.mktemp("shipped")
+    srv = ServerProcess(ROOT / "model_store", tmp / "server.log", gallery_dir=tmp / "galleries", **SHIPPED_SETTINGS).start()
+    yield srv
+    srv.stop()

@@ -15,7 +15,6 @@ from typer.testing import CliRunner
 
 from clients.cli import app as client_app
 from metalora.cli import app as lib_app
-from service.launch import ServerProcess
 
 from .conftest import ROOT
 
@@ -35,11 +34,9 @@ def cat(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    gal = tmp_path_factory.mktemp("galleries")
-    srv = ServerProcess(ROOT / "model_store", gal.parent / "cli-server.log", gallery_dir=gal, adapters=CIFAR).start()
-    yield srv
-    srv.stop()
+def server(shipped_server):
+    """The session's shared server on the shipped store (tests/conftest.py); the tests name cifar10@6."""
+    return shipped_server
 
 
 def _served(server, path, adapter: str, top_k: int) -> dict:

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.launch import ServerProcess
 
-from .conftest import ROOT
+from .conftest import ROOT, SHIPPED_SETTINGS, SHIPPED_TOKEN
 
 # The shipped store's cifar10: every version, and the one a plain "cifar10" resolves to (the loaded one).
 from metalora.store import ModelStore  # noqa: E402
@@ -31,13 +31,13 @@ httpclient = pytest.importorskip("tritonclient.http")
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException
 
-TOKEN = "oip-test-admin-token-0123456789"
+TOKEN = SHIPPED_TOKEN
 AUTH_HTTP = {"Authorization": f"Bearer {TOKEN}"}
 AUTH_GRPC = {"authorization": f"Bearer {TOKEN}"}
 CAT_NEIGHBOURS = {"tiger cat", "tabby", "tabby cat", "Egyptian cat"}
-MAX_IMAGES = 4
-MAX_PIXELS = 1_000_000
-MAX_BODY = 8_000_000
+MAX_IMAGES = SHIPPED_SETTINGS["max_images"]  # 4
+MAX_PIXELS = SHIPPED_SETTINGS["max_pixels"]  # 1_000_000
+MAX_BODY = SHIPPED_SETTINGS["max_body_bytes"]  # 8_000_000
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 
@@ -57,16 +57,11 @@ def photos() -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """The shipped store; mnist is left unloaded for the repository tests; a 150 ms batching delay
-    lets a /v1 and a gRPC request meet in one batch; top_k up to 1000 so /v1 can list every base class."""
-    log = tmp_path_factory.mktemp("oip") / "server.log"
-    srv = ServerProcess(
-        ROOT / "model_store", log, device="cpu", backend="torch", admin_token=TOKEN, adapters="cifar10,digits", lru_capacity=4, max_delay_ms=150,
-        max_images=MAX_IMAGES, max_pixels=MAX_PIXELS, max_body_bytes=MAX_BODY, max_top_k=1000, gallery_dir=tmp_path_factory.mktemp("galleries"),
-    ).start()
-    yield srv
-    srv.stop()
+def server(shipped_server):
+    """The session's shared server on the shipped store (tests/conftest.py): mnist is left unloaded
+    for the repository tests; a 150 ms batching delay lets a /v1 and a gRPC request meet in one
+    batch; top_k up to 1000 so /v1 can list every base class; the limits below."""
+    return shipped_server
 
 
 @pytest.fixture(scope="module")
