@@ -5,7 +5,10 @@ Shared servers, for tests that only read them: no gallery edits, nothing left lo
 unloaded, no setting whose exact value another sharer needs differently. A module whose tests
 edit a gallery, need a tiny queue or a fresh server (tests/test_golden.py) starts its own.
 
-* `shipped_server`: the shipped model_store/ on torch (tests/test_oip.py, test_cli_predict.py).
+* `shipped_server`: the shipped model_store/ on torch (tests/test_oip.py, test_cli_predict.py,
+  test_http.py);
+* `small_server` on `small_store`: alpha (a gallery of 4) and a corrupt bundle `broken`
+  (tests/test_errors.py, test_thumbnails.py).
 """
 
 from __future__ import annotations
@@ -88,6 +91,19 @@ def randomize(adapter, std: float = 0.3):
     return adapter.perturb_(std)
 
 
+# ------------------------------------------------------------------------ pictures
+def small_png(colour: str, fmt: str = "PNG") -> str:
+    """A small picture (40 x 32, one colour) as base64."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 32), colour).save(buf, fmt)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
 # ------------------------------------------------------------------------ servers shared by several modules
 SHIPPED_TOKEN = "shipped-test-admin-token-0123456789"
 # The union of what its modules need: test_oip's limits (it asserts them: 4 images, 1 Mpx, an 8 MB
@@ -107,5 +123,45 @@ def shipped_server(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("shipped")
     srv = ServerProcess(ROOT / "model_store", tmp / "server.log", gallery_dir=tmp / "galleries", **SHIPPED_SETTINGS).start()
+    yield srv
+    srv.stop()
+
+
+SMALL_TOKEN = "small-store-test-admin-token-0123456789"
+SMALL_LABELS = ["cat", "dog", "fox"]
+
+
+@pytest.fixture(scope="session")
+def small_store(tmp_path_factory) -> Path:
+    """A throw-away store: the shipped backbone manifest, `alpha` (a gallery of 4) and `broken`
+    (one flipped weight byte)."""
+    import shutil
+
+    from metalora.adapters import Adapter, AdapterConfig
+    from metalora.backbones import create_backbone
+    from metalora.bundle import Gallery, save_bundle
+
+    root = tmp_path_factory.mktemp("store")
+    shutil.copytree(ROOT / "model_store" / "backbones", root / "backbones")
+    bb = create_backbone("efficientnet_lite0", split=6)
+    torch.manual_seed(0)
+    for name in ("alpha", "broken"):
+        ad = randomize(Adapter(bb, AdapterConfig("lora", (2,), ["conv_head"], labels=SMALL_LABELS)), std=0.05)
+        emb = torch.nn.functional.normalize(torch.randn(4, bb.embed_dim), dim=1)
+        save_bundle(root / "adapters" / name / "1", ad, bb, name=name, version="1", gallery=Gallery(emb, torch.tensor([0, 1, 2, 0]), [f"g{i}" for i in range(4)]))
+    w = root / "adapters" / "broken" / "1" / "weights.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-10] ^= 0xFF
+    w.write_bytes(bytes(data))
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_server(small_store):
+    """`metalora serve` on `small_store`, torch on CPU, the admin token set, for the whole session.
+    Its sharers' gallery writes are their own items (alpha's size is read before and after)."""
+    from service.launch import ServerProcess
+
+    srv = ServerProcess(small_store, small_store.parent / "small-server.log", backend="torch", admin_token=SMALL_TOKEN, max_delay_ms=5).start()
     yield srv
     srv.stop()
