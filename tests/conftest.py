@@ -6,7 +6,7 @@ unloaded, no setting whose exact value another sharer needs differently. A modul
 edit a gallery, need a tiny queue or a fresh server (tests/test_golden.py) starts its own.
 
 * `shipped_server`: the shipped model_store/ on torch (tests/test_oip.py, test_cli_predict.py,
-  test_http.py);
+  test_http.py, test_readme.py);
 * `small_server` on `small_store`: alpha (a gallery of 4) and a corrupt bundle `broken`
   (tests/test_errors.py, test_thumbnails.py).
 """
@@ -92,6 +92,19 @@ def randomize(adapter, std: float = 0.3):
 
 
 # ------------------------------------------------------------------------ pictures
+@pytest.fixture(scope="session")
+def cat() -> bytes:
+    """skimage's chelsea (the README's cat photo, 451 x 300) as JPEG bytes."""
+    import io
+
+    import skimage.data
+    from PIL import Image
+
+    b = io.BytesIO()
+    Image.fromarray(skimage.data.chelsea()).save(b, "JPEG")
+    return b.getvalue()
+
+
 def small_png(colour: str, fmt: str = "PNG") -> str:
     """A small picture (40 x 32, one colour) as base64."""
     import base64

@@ -3,7 +3,8 @@
 The reference for every search is a brute-force numpy cosine over the items the test itself
 wrote (a dict id -> (label, vector)), never the code under test. PostgreSQL is a private cluster
 from Debian's `postgresql` package (`service.galleries.pgcluster`), skipped with a reason when
-the binaries are absent.
+the binaries are absent. A real server on the shipped store with its gallery database down still
+answers predictions, without `unknown`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import textwrap
 import threading
 import time
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -28,6 +30,7 @@ from service.galleries import EmbeddedStore, Item, LiveIndex, Seed, UnknownItems
 from service.galleries import index as index_mod
 from service.galleries.manager import Galleries
 from service.galleries.pgcluster import PostgresCluster, find_bindir
+from service.launch import ServerProcess, free_port
 
 from .conftest import ROOT, TinyBackbone, randomize
 
@@ -448,3 +451,15 @@ def test_listener_outlives_a_failing_callback_and_retries_it_without_a_later_wri
         assert [c[:2] for c in calls] == [("pets@1", 1), ("pets@1", 1), ("pets@1", 2)]  # the listener lives on
     finally:
         follower.close()
+
+
+# ------------------------------------------------------------------------ a real server, its gallery database down
+@pytest.mark.slow
+def test_predict_answers_without_unknown_while_the_gallery_database_is_down(tmp_path, cat):
+    dead = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    with ServerProcess(ROOT / "model_store", tmp_path / "s.log", gallery_dsn=dead, gallery_dir=tmp_path / "g", adapters="cifar10", grpc_port=0) as srv:
+        r = httpx.post(srv.url + "/v1/predict", files=[("images", ("c.jpg", cat))], data={"adapter": "cifar10", "top_k": "1"}, timeout=30)
+        assert r.status_code == 200, r.text
+        res = r.json()["results"][0]
+        assert res["predictions"][0]["label"] == "cat" and "unknown" not in res
+        assert httpx.post(srv.url + "/v1/knn", files=[("images", ("c.jpg", cat))], data={"adapter": "cifar10"}, timeout=30).json()["error"]["code"] == "gallery_unavailable"

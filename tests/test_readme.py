@@ -8,7 +8,8 @@
   arguments; the torch pin README names is the one setup.sh installs);
 * every path the tour table names exists;
 * the curl examples use the fields the API takes: the multipart fields of /v1/predict and
-  /v1/knn, and a /v2 infer body that fits the protocol's schema with real input/output names.
+  /v1/knn, and a /v2 infer body that fits the protocol's schema with real input/output names;
+* the thumbnail example answers a picture on a live server (the session's `shipped_server`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ import json
 import re
 from pathlib import Path
 
+import httpx
 import pytest
+
+from .conftest import needs_shared, run_metalora
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -166,3 +170,23 @@ def test_the_curl_examples_use_the_api_fields():
     req = InferRequestBody.model_validate(json.loads(body))
     assert [i.name for i in req.inputs] and all(i.name in INPUTS and i.datatype == INPUTS[i.name] for i in req.inputs)
     assert all(o.name in OUTPUTS for o in req.outputs or [])
+
+
+@pytest.fixture(scope="module")
+def server(shipped_server):
+    return shipped_server
+
+
+@pytest.mark.slow  # a real server
+@pytest.mark.timeout(300)
+@needs_shared("cifar10", "train.zip")
+def test_readme_thumbnail_example_answers_a_picture(server):
+    """The README's example, after the install step it names (`metalora thumbnails`, which
+    `scripts/serve.sh` runs): the shipped bundles carry no pictures of their own."""
+    readme = (ROOT / "README.md").read_text()
+    path = re.search(r"localhost:8000(/v1/adapters/\S+/thumbnail)", readme).group(1)
+    ref = re.search(r"/v1/adapters/([^/]+)/gallery", path).group(1)
+    made = run_metalora("thumbnails", ref, "--gallery-dir", server.env["METALORA_GALLERY_DIR"])
+    assert made.returncode == 0, made.stderr
+    r = httpx.get(server.url + path)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/webp", r.text
