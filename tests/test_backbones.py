@@ -74,6 +74,7 @@ def test_user_supplied_weights_file_loads(tmp_path):
 
 
 @needs_shared("imagenet-sample", "val.zip")
+@pytest.mark.slow
 def test_imagenet_sample_top1_at_least_85():
     from metalora.imagenet import evaluate_imagenet_sample
 
@@ -116,6 +117,7 @@ def test_a_non_default_prefix_cut_gets_its_own_cache_keys_and_bundles(tmp_path):
         create_backbone("efficientnet_lite0", pretrained=False, split=1)
 
 
+@pytest.mark.slow
 def test_cli_caches_features_at_the_cut_it_is_given(tmp_path):
     """`--split` reaches the backbone: blocks[:5] features are 112 x 14 x 14, the default's 192 x 7 x 7,
     and an impossible cut is one line, not a traceback."""

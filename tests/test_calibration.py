@@ -126,6 +126,7 @@ def test_a_subset_reads_the_whole_sets_chunks(backbone, tmp_path):
 
 
 # ------------------------------------------------------------------ training writes the calibration
+@pytest.mark.slow
 def test_train_with_holdout_stores_a_calibration(backbone, tmp_path):
     cache = tmp_path / "cache"
     cfg = TrainConfig(data=[TRAIN], format="cp", ranks=(4,), epochs=2, batch_size=8, seed=0, holdout_frac=0.34)
@@ -199,6 +200,7 @@ def store(tmp_path_factory, backbone, images):
     return root
 
 
+@pytest.mark.slow
 def test_predict_and_knn_say_unknown_below_the_threshold(store, images, tmp_path):
     from service.launch import ServerProcess
 

@@ -73,6 +73,7 @@ def test_metalora_help_finishes():
 
 
 # ------------------------------------------------------------------------------------ unknown variables
+@pytest.mark.slow
 def test_serve_refuses_an_unknown_variable_in_one_line():
     r = run_metalora("serve", "--port", "1", "--grpc-port", "0", env={"METALORA_MAX_BATCH": "8"}, timeout=120)
     lines = r.stderr.strip().splitlines()

@@ -93,6 +93,7 @@ def test_shipped_galleries_carry_no_dataset_images(bundle):
     assert g.thumbnails is None and len(g.ids) == manifest["training"]["gallery_items"]
 
 
+@pytest.mark.slow
 def test_thumbnails_command_writes_sidecars_from_the_training_data(tmp_path):
     """`metalora thumbnails` on the shipped digits bundle (its data is scikit-learn's, on every
     machine): one WebP per gallery item, the item's own image; files already there are kept."""

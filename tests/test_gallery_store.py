@@ -391,6 +391,7 @@ def test_two_replicas_follow_each_other_and_converge(make_pg_store, models):
 
 
 @needs_pg
+@pytest.mark.slow
 def test_database_down_answers_503_and_recovers(make_pg_store, models, pg):
     make_store = make_pg_store
     a = Galleries(models, make_store(), DIM, exact_max=100)

@@ -290,6 +290,7 @@ def test_auto_leaves_int8_out_without_photos_to_calibrate_on(runtime, monkeypatc
         (["--device", "cuda"] if not torch.cuda.is_available() else ["--precision", "fp8"], {}, "cuda" if not torch.cuda.is_available() else "precision"),
     ],
 )
+@pytest.mark.slow
 def test_serve_refuses_what_it_cannot_run_before_starting(args, env, says):
     """A precision the backend cannot run or calibration images that are not there: a one-line
     usage error and exit 2, not a server that starts and then fails every request."""
@@ -300,6 +301,7 @@ def test_serve_refuses_what_it_cannot_run_before_starting(args, env, says):
     assert says in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_a_cache_that_cannot_be_written_builds_graphs_in_a_scratch_dir(runtime, tmp_path):
     """A read-only ONNX cache (a volume mounted read-only) must not fail requests: graphs it
     holds are read from it, graphs it lacks go to a per-process scratch directory."""
@@ -314,6 +316,7 @@ def test_a_cache_that_cannot_be_written_builds_graphs_in_a_scratch_dir(runtime, 
     assert torch.allclose(torch.stack(got.logits), torch.stack(ref.logits), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_a_cut_short_auto_decision_is_measured_again(runtime, tmp_path, monkeypatch):
     """The cached `auto` decision is written atomically; a broken one (a crash mid-write on an
     older version, a disk filling up) is ignored rather than failing the start."""

@@ -345,6 +345,7 @@ def test_server_stays_healthy_after_bad_inputs(server, images):
     assert "nope" not in labels and "other" in labels and {"alpha", "base"} <= labels  # unknown names never get a series
 
 
+@pytest.mark.slow
 def test_gallery_add_remove_persists_across_restart(server, images):
     auth = {"Authorization": f"Bearer {TOKEN}"}
     with server.client(headers=auth) as c:
