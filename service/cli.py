@@ -60,7 +60,7 @@ def ports_taken(settings: Settings) -> list[str]:
     import socket
 
     out = []
-    for what, port, setting in (("HTTP", settings.port, "METALORA_PORT (--port)"), ("gRPC", settings.grpc_port, "METALORA_GRPC_PORT (--grpc-port), or 0 to turn gRPC off")):
+    for what, port, setting in (("HTTP", settings.port, "METALORA_PORT (--port)"), ("gRPC", settings.grpc_port, "METALORA_GRPC_PORT (--grpc-port)")):
         if not port:
             continue
         host = settings.host.strip("[]")
@@ -71,7 +71,8 @@ def ports_taken(settings: Settings) -> list[str]:
                 sock.bind((host, port))
             except OSError as e:
                 why = "the port is in use" if e.errno == errno.EADDRINUSE else f"{e.strerror.lower()} (is the address this host's?)"
-                out.append(f"{what} could not bind {address}: {why}; set {setting} to a free port")
+                off = ", or 0 to turn gRPC off" if what == "gRPC" else ""
+                out.append(f"{what} could not bind {address}: {why}; set {setting} to a free port{off}")
     return out
 
 

@@ -207,6 +207,8 @@ class Repository:
         `any_state` (an unload: whatever is there, the latest directory for a bare name)."""
         if ref.is_base:
             return BASE
+        if ref.name == BASE:
+            raise not_found("unknown_version", "'base' (the frozen backbone) has no versions; leave the version empty")
         try:
             check_name(ref.name)
             if ref.version:

@@ -64,7 +64,7 @@ async def images_body(request: Request, model: type[ImagesRequest], max_images: 
     ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         try:
-            form = await request.form(max_files=max_images, max_fields=64)
+            form = await request.form(max_files=max_images + 1, max_fields=64)  # one more: the data plane's count check answers (413), as for JSON
         except StarletteHTTPException as e:  # the multipart parser's own limits and syntax errors
             raise invalid("invalid_multipart", f"multipart body refused: {e.detail}") from None
         files = [f for f in form.getlist("images") if isinstance(f, UploadFile)]
