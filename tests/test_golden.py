@@ -5,7 +5,12 @@ recorded before the one-data-plane move (`tests/golden/cases.py`).
 Byte for byte where the machine is the one that recorded it; elsewhere as parsed JSON with floats
 to 1e-4 (another CPU rounds the last bits differently). `/v2` answers may carry the `unknown`
 output that the move added (and the error listing the outputs names it), and `/v1/adapters/{name}`
-each version's repository `state` (issue 32); nothing else may differ.
+each version's repository `state` (issue 32); and the Open Inference Protocol's changes for the
+tools (issue 32, item 5: `ITEM5`): the `statistics` extension listed, `image` declared [-1, 1] and
+`pixels` declared FP32 [-1, 3, 224, 224] (the model input; UINT8 RGB pixels are still taken, the
+golden `v2.infer.pixels` answer stands), both inputs `optional` in the model config, `unknown`
+declared by calibrated bundles, and the unknown-input error naming the FP32 `pixels`. Each of those
+is checked to be exactly the new value before the old one is put back; nothing else may differ.
 """
 
 from __future__ import annotations
@@ -46,6 +51,51 @@ def _close(a, b, path="") -> list[str]:
     return [] if a == b else [f"{path}: {a!r} != {b!r}"]
 
 
+# Issue 32, item 5 (perf_analyzer, KServe's clients): what the metadata, the config and one error now
+# say, and what they said when the golden set was recorded.
+ITEM5 = {
+    "extension": "statistics",
+    "meta_inputs": ([{"name": "image", "datatype": "BYTES", "shape": [-1, 1]}, {"name": "pixels", "datatype": "FP32", "shape": [-1, 3, 224, 224]}],
+                    [{"name": "image", "datatype": "BYTES", "shape": [-1]}, {"name": "pixels", "datatype": "UINT8", "shape": [-1, -1, -1, 3]}]),
+    "config_inputs": ([{"name": "image", "data_type": "TYPE_STRING", "dims": [1], "reshape": {"shape": []}, "optional": True},
+                       {"name": "pixels", "data_type": "TYPE_FP32", "dims": [3, 224, 224], "optional": True}],
+                      [{"name": "image", "data_type": "TYPE_STRING", "dims": [1], "reshape": {"shape": []}},
+                       {"name": "pixels", "data_type": "TYPE_UINT8", "dims": [-1, -1, 3]}]),
+    "unknown": ({"name": "unknown", "datatype": "BOOL", "shape": [-1]}, {"name": "unknown", "data_type": "TYPE_BOOL", "dims": [1], "reshape": {"shape": []}}),
+    "calibrated": {"v2.model", "v2.config", "grpc.model_metadata"},  # cifar10's latest (6) has a k-NN threshold; cifar10@1 and base have none
+    "input_error": ("unknown input 'img'; the inputs are 'image' (BYTES [N]) or 'pixels' (FP32 [N, 3, S, S], the model input; or UINT8 [N, H, W, 3], RGB)",
+                    "unknown input 'img'; the inputs are 'image' (BYTES [N]) and 'pixels' (UINT8 [N, H, W, 3])"),
+}
+
+
+def _before_item5(name: str, doc: dict) -> dict:
+    """A metadata or config answer (parsed) as it was before item 5, after checking it is exactly item 5's."""
+    if "extensions" in doc:
+        assert doc["extensions"][-1] == ITEM5["extension"], name
+        doc["extensions"] = doc["extensions"][:-1]
+    for key, (new, old) in (("inputs", ITEM5["meta_inputs"]), ("input", ITEM5["config_inputs"])):
+        if key in doc:
+            assert doc[key] == new, name
+            doc[key] = old
+            outputs = "outputs" if key == "inputs" else "output"
+            unknown = ITEM5["unknown"][0 if key == "inputs" else 1]
+            assert (doc[outputs][-1] == unknown) == (name in ITEM5["calibrated"]), name
+            if name in ITEM5["calibrated"]:
+                doc[outputs] = doc[outputs][:-1]
+    return doc
+
+
+def _http_before_item5(name: str, body: str) -> str:
+    """A new answer's metadata, config and errors as they were before issue 32's item 5 (`ITEM5`)."""
+    if name in ("v2.server", "v2.model", "v2.model.base", "v2.model.version", "v2.config"):
+        return json.dumps(_before_item5(name, json.loads(body)), separators=(",", ":"), ensure_ascii=False)
+    if name == "v2.err.input_name":
+        new, old = ITEM5["input_error"]
+        assert new in body, body
+        return body.replace(new, old)
+    return body
+
+
 def _without_new_outputs(name: str, body: str) -> str:
     """A /v2 infer answer without the outputs the move added (`unknown`), re-serialised as the server writes it."""
     if name == "v2.err.output":  # the list of outputs now names `unknown` too
@@ -81,7 +131,7 @@ def test_http_answer_unchanged(answers, i):
         if same_machine:
             assert base64.b64decode(got["body"]) == base64.b64decode(want["body"]), want["name"]
         return
-    body = _without_new_outputs(want["name"], got["body"])
+    body = _without_new_outputs(want["name"], _http_before_item5(want["name"], got["body"]))
     wbody = _without_new_outputs(want["name"], want["body"])
     if now["machine"] == golden["machine"]:
         assert body == wbody, want["name"]
@@ -95,6 +145,12 @@ def test_grpc_answer_unchanged(answers, i):
     golden, now = answers
     want, got = golden["grpc"][i], now["grpc"][i]
     assert got["code"] == want["code"], f"{want['name']}: {got}"
+    if want["name"] == "grpc.infer.bad_input":  # issue 32, item 5: the error names the FP32 `pixels`
+        new, old = ITEM5["input_error"]
+        assert new in got["details"], got["details"]
+        got = {**got, "details": got["details"].replace(new, old)}
+    if want["name"] in ("grpc.server_metadata", "grpc.model_metadata"):  # issue 32, item 5, as for /v2
+        got = {**got, "body": _grpc_before_item5(want["name"], got["body"])}
     if want["code"] != "OK":
         assert got["details"] == want["details"], want["name"]
     elif now["machine"] == golden["machine"] and not want["name"].startswith("grpc.infer"):
@@ -132,3 +188,19 @@ def test_grpc_answer_unchanged(answers, i):
                 gd.pop("rawOutputContents", None)
             diffs = _close(gd, wd)
             assert not diffs, f"{want['name']}: {diffs[:5]}"
+
+
+def _grpc_before_item5(name: str, body: str) -> str:
+    """A gRPC ServerMetadata / ModelMetadata answer (base64 of the message) as it was before item 5."""
+    from google.protobuf import json_format
+
+    from service.grpc import proto
+
+    rpc = {n: rpc for n, rpc, _, _ in cases.grpc_cases({"cat": b""})}[name]
+    _, resp_t = proto.methods()[rpc]
+    msg = resp_t.FromString(base64.b64decode(body))
+    doc = json_format.MessageToDict(msg, preserving_proto_field_name=True)
+    for t in doc.get("inputs", []) + doc.get("outputs", []):
+        t["shape"] = [int(d) for d in t["shape"]]  # int64 as JSON strings
+    doc = _before_item5(name, doc)
+    return base64.b64encode(json_format.ParseDict(doc, resp_t()).SerializeToString(deterministic=True)).decode()

@@ -121,26 +121,42 @@ def test_server_and_model_metadata_over_http_and_grpc(http, grpcc):
     assert http.is_server_live() and http.is_server_ready() and grpcc.is_server_live() and grpcc.is_server_ready()
     for meta in (http.get_server_metadata(), grpcc.get_server_metadata(as_json=True)):
         assert meta["name"] == "metalora-serve"
-        assert {"binary_tensor_data", "classification", "model_repository"} <= set(meta["extensions"])
-    for model, classes, versions in (("cifar10", 10, CIFAR_VERSIONS), ("base", 1000, [])):
+        assert {"binary_tensor_data", "classification", "model_configuration", "model_repository", "statistics"} <= set(meta["extensions"])
+    # cifar10's latest version carries a calibration (a k-NN threshold), so it has `unknown`; base has none
+    for model, classes, versions, unknown in (("cifar10", 10, http.get_model_metadata("cifar10")["versions"], True), ("base", 1000, [], False)):
         for meta in (http.get_model_metadata(model), grpcc.get_model_metadata(model, as_json=True)):
             assert meta["name"] == model and meta.get("versions", []) == versions
             shapes = {t["name"]: (t["datatype"], [int(d) for d in t["shape"]]) for t in meta["outputs"]}
-            assert shapes == {"probabilities": ("FP32", [-1, classes]), "embedding": ("FP32", [-1, 1280]), "label": ("BYTES", [-1])}
-            assert {t["name"]: t["datatype"] for t in meta["inputs"]} == {"image": "BYTES", "pixels": "UINT8"}
+            want = {"probabilities": ("FP32", [-1, classes]), "embedding": ("FP32", [-1, 1280]), "label": ("BYTES", [-1])}
+            assert shapes == {**want, **({"unknown": ("BOOL", [-1])} if unknown else {})}
+            # `pixels` is declared as the model input (already preprocessed); UINT8 RGB pixels are taken too
+            assert {t["name"]: (t["datatype"], [int(d) for d in t["shape"]]) for t in meta["inputs"]} == {"image": ("BYTES", [-1, 1]), "pixels": ("FP32", [-1, 3, 224, 224])}
+    assert CIFAR in http.get_model_metadata("cifar10")["versions"]
     assert http.is_model_ready("cifar10") and http.is_model_ready("cifar10", CIFAR) and http.is_model_ready("base")
     assert grpcc.is_model_ready("cifar10") and not grpcc.is_model_ready("mnist")
     assert not http.is_model_ready("mnist")  # in the store, not loaded
 
 
 # Triton's model_config.proto DataType names for the protocol's datatypes (Triton's docs, "Datatypes" table)
-TRITON_TYPES = {"BYTES": "TYPE_STRING", "UINT8": "TYPE_UINT8", "FP32": "TYPE_FP32"}
+TRITON_TYPES = {"BYTES": "TYPE_STRING", "UINT8": "TYPE_UINT8", "FP32": "TYPE_FP32", "BOOL": "TYPE_BOOL"}
 
 
-@pytest.mark.parametrize("model, version, classes", [("cifar10", None, 10), ("cifar10", CIFAR_VERSIONS[0], 10), ("base", None, 1000)])
-def test_model_config_over_http_agrees_with_metadata(http, model, version, classes):
-    """tritonclient's get_model_config (Triton's model-configuration extension): batched, at most
-    METALORA_MAX_IMAGES per request, and each tensor the metadata's shape without the batch -1."""
+def _grpc_config(grpcc, model: str, version: str = "") -> dict:
+    """tritonclient's gRPC get_model_config as the JSON HTTP answers (protobuf's JSON writes int64 as strings)."""
+    cfg = grpcc.get_model_config(model, version, as_json=True)["config"]
+    for t in cfg["input"] + cfg["output"]:
+        t["dims"] = [int(d) for d in t["dims"]]
+        if "reshape" in t:
+            t["reshape"] = {"shape": [int(d) for d in t["reshape"].get("shape", [])]}
+    return cfg
+
+
+@pytest.mark.parametrize("model, version, classes", [("cifar10", None, 10), ("cifar10", CIFAR, 10), ("base", None, 1000)])
+def test_model_config_over_http_and_grpc_agrees_with_metadata(http, grpcc, model, version, classes):
+    """tritonclient's get_model_config (Triton's model-configuration extension), HTTP and gRPC alike:
+    batched, at most METALORA_MAX_IMAGES per request, each tensor the metadata's shape without the
+    batch -1 (Triton: with max_batch_size > 0 the full shape is [-1] + dims; a per-image scalar
+    output is dims [1] with reshape [], sent as [N]), and both inputs optional (a request sends one)."""
     kw = {"model_version": version} if version else {}
     cfg = http.get_model_config(model, **kw)
     meta = http.get_model_metadata(model, **kw)
@@ -151,32 +167,34 @@ def test_model_config_over_http_agrees_with_metadata(http, model, version, class
         for t in tensors:
             c = got[t["name"]]
             assert c["data_type"] == TRITON_TYPES[t["datatype"]]
-            # Triton: with max_batch_size > 0 the full shape is [-1] + dims, or [-1] + reshape.shape
-            assert [-1] + (c["reshape"]["shape"] if "reshape" in c else c["dims"]) == t["shape"]
+            if side == "input":
+                assert [-1] + c["dims"] == t["shape"] and c["optional"] is True
+            else:
+                assert [-1] + (c["reshape"]["shape"] if "reshape" in c else c["dims"]) == t["shape"] and "optional" not in c
     assert {t["name"]: t["dims"] for t in cfg["output"]}["probabilities"] == [classes]
+    assert _grpc_config(grpcc, model, version or "") == cfg
 
 
 def test_model_config_errors(http, grpcc):
     status, msg = _http_error(lambda: http.get_model_config("no-such-adapter"))
     assert status == "404" and "no-such-adapter" in msg
-    status, msg = _http_error(lambda: grpcc.get_model_config("cifar10"))  # no Triton model_config.proto here
-    assert status == "StatusCode.UNIMPLEMENTED" and "GET /v2/models/{name}/config" in msg
+    status, msg = _http_error(lambda: grpcc.get_model_config("no-such-adapter"))
+    assert status == "StatusCode.NOT_FOUND" and "no-such-adapter" in msg
+    status, msg = _http_error(lambda: grpcc.get_model_config("base", "1"))
+    assert status == "StatusCode.NOT_FOUND" and msg.startswith("unknown_version")
 
 
 def test_unmatched_v2_routes_answer_in_the_protocol_shape(server, http):
     """An unknown /v2 route or a wrong method: `"error": "<string>"` as the /v2 routes' own errors,
     so tritonclient's exception works; /v1 keeps its own shape."""
     with httpx.Client(base_url=server.url, timeout=60) as c:
-        r = c.get("/v2/models/cifar10/stats")
+        r = c.get("/v2/models/cifar10/trace/setting")  # Triton's trace extension, not served here
         assert r.status_code == 404 and isinstance(r.json()["error"], str) and r.json()["code"] == "not_found"
         r = c.get("/v2/models/cifar10/infer")
         assert r.status_code == 405 and isinstance(r.json()["error"], str) and r.json()["code"] == "method_not_allowed"
         assert "POST" in r.headers["allow"]
         r = c.get("/v1/no-such-route")
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
-    with pytest.raises(InferenceServerException) as e:
-        http.get_inference_statistics("cifar10")  # the statistics extension is not served
-    assert e.value.status() == "404" and "/v2/models/cifar10/stats" in str(e.value)
 
 
 # ------------------------------------------------------------------------ the cat, and /v1 as the reference
@@ -228,6 +246,138 @@ def test_uint8_pixels_equal_the_encoded_file(http, grpcc, photos, client, binary
     b = cl.infer("digits", [_image_input(mod, [photos["coffee.png"], _file(pix[::-1].copy(), "PNG")])], outputs=outputs).as_numpy("probabilities")
     np.testing.assert_allclose(a, b, atol=1e-6)
     assert not np.allclose(a[0], a[1])  # the flipped photo is a different input, not a copy
+
+
+def _core_takes_model_inputs() -> bool:
+    """Whether the data plane takes a model input as it is (float32 (3, S, S): no decode, no preprocessing)."""
+    from service import decode
+
+    return hasattr(decode, "check_model_input")
+
+
+needs_model_inputs = pytest.mark.skipif(
+    not _core_takes_model_inputs(),
+    reason="FP32 `pixels` needs the core to take model inputs: service.decode.check_model_input and DataPlane.check_images / "
+    "decode_one passing float32 (3, S, S) arrays through (issue 32, item 5)",
+)
+
+
+def _model_input(jpeg: bytes) -> np.ndarray:
+    """The file as the model input (3, S, S) float32, by the store's own preprocessing recipe (the
+    backbone manifest's `preprocess`, as metalora.runtime builds it)."""
+    import json
+
+    from metalora.images import Preprocess, Preprocessor
+
+    (manifest,) = (ROOT / "model_store" / "backbones").glob("*/manifest.json")
+    return Preprocessor(Preprocess(**json.loads(manifest.read_text())["preprocess"]))(jpeg).numpy()
+
+
+@needs_model_inputs
+@pytest.mark.parametrize("client, binary", [("http", True), ("http", False), ("grpc", True)])
+def test_fp32_pixels_are_the_model_input_and_equal_the_encoded_file(http, grpcc, photos, client, binary):
+    """`pixels` FP32 [N, 3, S, S] is the model input itself: the cat preprocessed by the store's
+    recipe gives exactly what the JPEG gives (decode and preprocessing skipped, the rest the same)."""
+    mod, cl = (httpclient, http) if client == "http" else (grpcclient, grpcc)
+    x = np.stack([_model_input(photos["cat.jpg"]), _model_input(photos["coffee.png"])])  # (2, 3, 224, 224)
+    inp = mod.InferInput("pixels", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, **({"binary_data": binary} if mod is httpclient else {}))
+    outputs = [mod.InferRequestedOutput(n, **({"binary_data": binary} if mod is httpclient else {})) for n in ("probabilities", "label", "unknown")]
+    a = cl.infer("cifar10", [inp], outputs=outputs)
+    b = cl.infer("cifar10", [_image_input(mod, [photos["cat.jpg"], photos["coffee.png"]])], outputs=outputs)
+    np.testing.assert_allclose(a.as_numpy("probabilities"), b.as_numpy("probabilities"), atol=1e-6)
+    assert list(a.as_numpy("label")) == list(b.as_numpy("label")) and a.as_numpy("label")[0] in (b"cat", "cat")
+    assert list(a.as_numpy("unknown")) == list(b.as_numpy("unknown"))
+
+
+@needs_model_inputs
+@pytest.mark.parametrize("client", ["http", "grpc"])
+def test_fp32_pixels_obey_the_data_plane_limits(http, grpcc, client):
+    """The model input's shape is the model's; NaN is refused; the image count limit holds as for files."""
+    mod, cl = (httpclient, http) if client == "http" else (grpcclient, grpcc)
+    bad = "400" if client == "http" else "StatusCode.INVALID_ARGUMENT"
+
+    def send(x):
+        inp = mod.InferInput("pixels", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        return cl.infer("cifar10", [inp])
+
+    status, msg = _http_error(lambda: send(np.zeros((1, 3, 32, 32), np.float32)))
+    assert status == bad and "224" in msg
+    nan = np.zeros((1, 3, 224, 224), np.float32)
+    nan[0, 1, 2, 3] = np.nan
+    assert _http_error(lambda: send(nan))[0] == bad
+    assert _http_error(lambda: send(np.zeros((MAX_IMAGES + 1, 3, 224, 224), np.float32)))[0] in ("413", "StatusCode.INVALID_ARGUMENT")
+    assert send(np.zeros((1, 3, 224, 224), np.float32)).as_numpy("probabilities").shape == (1, 10)
+
+
+# ------------------------------------------------------------------------ statistics extension
+def _stats(rows: list[dict], name: str) -> dict:
+    (row,) = [r for r in rows if r["name"] == name]
+    return row
+
+
+@pytest.mark.parametrize("client", ["http", "grpc"])
+def test_statistics_count_what_each_model_version_answered(server, http, grpcc, photos, client):
+    """Triton's statistics extension (tritonclient's get_inference_statistics, HTTP and gRPC): per
+    model version, counts of images and requests, cumulative ns, failures apart; from the data plane,
+    so a /v1 request counts as well."""
+    cl = http if client == "http" else grpcc
+
+    def stats(model="", version=""):
+        got = cl.get_inference_statistics(model, version) if client == "http" else cl.get_inference_statistics(model, version, as_json=True)
+        return _ints(got["model_stats"])
+
+    before = _stats(stats("digits"), "digits")
+    assert before["version"] and set(before["inference_stats"]) >= {"success", "fail", "queue", "compute_input", "compute_infer", "compute_output"}
+    cl.infer("digits", [_image_input(httpclient if client == "http" else grpcclient, [photos["cat.png"], photos["coffee.png"]])])
+    _v1(server, "digits", [photos["cat.png"]], top_k=1)  # /v1/predict and /v1/embed: two requests of one image
+    junk = _image_input(httpclient if client == "http" else grpcclient, [b"not an image"])
+    _http_error(lambda: cl.infer("digits", [junk]))
+    after = _stats(stats("digits", before["version"]), "digits")
+    d = lambda k: after[k] - before[k]  # noqa: E731
+    s0, s1 = before["inference_stats"], after["inference_stats"]
+    assert (d("inference_count"), d("execution_count")) == (4, 3)
+    assert s1["success"]["count"] - s0["success"]["count"] == 3 and s1["success"]["ns"] > s0["success"]["ns"]
+    assert s1["fail"]["count"] - s0["fail"]["count"] == 1
+    assert s1["queue"]["count"] - s0["queue"]["count"] == 4 and s1["compute_infer"]["count"] - s0["compute_infer"]["count"] == 4
+    assert s1["compute_input"]["count"] == s1["compute_infer"]["count"] == s1["compute_output"]["count"]  # Triton's (perf_analyzer checks it)
+    assert after["last_inference"] >= before["last_inference"] and after["last_inference"] > 1e12  # ms since the epoch
+    assert not after["batch_stats"]  # batches mix adapters: none per model
+    every = stats()
+    assert {"base", "cifar10", "digits"} <= {r["name"] for r in every}
+    status, _ = _http_error(lambda: stats("no-such-adapter"))
+    assert status in ("404", "StatusCode.NOT_FOUND")
+
+
+def _ints(rows: list[dict]) -> list[dict]:
+    """gRPC's JSON writes uint64 as strings and leaves out zeros; HTTP writes numbers: make them alike."""
+    out = []
+    for r in rows:
+        st = r.get("inference_stats", {})
+        out.append({
+            "name": r["name"], "version": r.get("version", ""), "batch_stats": r.get("batch_stats", []),
+            **{k: int(r.get(k, 0)) for k in ("last_inference", "inference_count", "execution_count")},
+            "inference_stats": {k: {f: int(st.get(k, {}).get(f, 0)) for f in ("count", "ns")} for k in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")},
+        })
+    return out
+
+
+def test_statistics_routes_over_plain_http(server):
+    """The three routes of the extension, in Triton's JSON shape."""
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        every = c.get("/v2/models/stats")
+        one = c.get("/v2/models/cifar10/stats")
+        version = c.get(f"/v2/models/cifar10/versions/{CIFAR}/stats")
+        base = c.get("/v2/models/base/stats")
+        unknown = c.get("/v2/models/no-such-adapter/stats")
+    assert every.status_code == one.status_code == version.status_code == base.status_code == 200
+    assert [r["name"] for r in one.json()["model_stats"]] == ["cifar10"] and one.json()["model_stats"][0]["version"] == CIFAR
+    assert version.json()["model_stats"][0]["version"] == CIFAR and base.json()["model_stats"][0]["version"] == ""
+    row = every.json()["model_stats"][0]
+    assert set(row) == {"name", "version", "last_inference", "inference_count", "execution_count", "inference_stats", "batch_stats"}
+    assert set(row["inference_stats"]) == {"success", "fail", "queue", "compute_input", "compute_infer", "compute_output"}
+    assert unknown.status_code == 404 and isinstance(unknown.json()["error"], str)
 
 
 @pytest.mark.parametrize("client, binary", [("http", True), ("http", False), ("grpc", True)])

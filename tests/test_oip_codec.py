@@ -14,6 +14,7 @@ tritonclient = pytest.importorskip("tritonclient")
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.grpc import _utils as grpc_utils
+from tritonclient.grpc import model_config_pb2 as triton_config_pb2
 from tritonclient.grpc import service_pb2 as triton_pb2
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
@@ -180,7 +181,8 @@ def test_classification_strings_are_top_k_in_order_and_round_trip():
 
 # ------------------------------------------------------------------------ gRPC
 def test_our_proto_is_wire_compatible_with_tritonclient():
-    """Every field we declare has the same number and type in Triton's compiled proto."""
+    """Every field we declare has the same number and type in Triton's compiled protos (grpc_service.proto,
+    and model_config.proto for the configuration's messages), and every enum value the same number."""
     ours = proto.messages().DESCRIPTOR
     theirs = triton_pb2.DESCRIPTOR
 
@@ -189,11 +191,16 @@ def test_our_proto_is_wire_compatible_with_tritonclient():
             g = b.fields_by_name.get(f.name)
             assert g is not None, f"{a.full_name}.{f.name} missing in tritonclient"
             assert (f.number, f.type, f.is_repeated) == (g.number, g.type, g.is_repeated), f"{a.full_name}.{f.name}"
+            if f.message_type is not None or f.enum_type is not None:  # the same type by name (inference.ModelConfig, ...)
+                assert (f.message_type or f.enum_type).full_name == (g.message_type or g.enum_type).full_name, f"{a.full_name}.{f.name}"
         for n in a.nested_types:
             check(n, b.nested_types_by_name[n.name])
 
     for name, d in ours.message_types_by_name.items():
-        check(d, theirs.message_types_by_name[name])
+        check(d, theirs.message_types_by_name.get(name) or triton_config_pb2.DESCRIPTOR.message_types_by_name[name])
+    for name, e in ours.enum_types_by_name.items():
+        t = triton_config_pb2.DESCRIPTOR.enum_types_by_name[name]
+        assert {v.name: v.number for v in e.values} == {v.name: v.number for v in t.values}, name
     svc_ours, svc_theirs = ours.services_by_name["GRPCInferenceService"], theirs.services_by_name["GRPCInferenceService"]
     for m in svc_ours.methods:
         t = svc_theirs.methods_by_name[m.name]

@@ -10,7 +10,9 @@ and too-large input INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, NOT_FO
 FAILED_PRECONDITION, UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED). An UNAVAILABLE error carries its
 retry hint as trailing metadata: `retry-after` (seconds, as HTTP) and `grpc-retry-pushback-ms`
 (what gRPC's own retry policy reads). The repository RPCs need `authorization: Bearer <token>`
-metadata, as the HTTP admin routes do.
+metadata, as the HTTP admin routes do. `ModelConfig` and `ModelStatistics` answer in Triton's messages
+(the shipped .proto carries the subset of model_config.proto and grpc_service.proto they need);
+Triton's other RPCs (streaming, shared memory, trace, log settings) are grpcio's UNIMPLEMENTED.
 
 Metrics: each call counts in `metalora_requests_total` with `endpoint` = the gRPC method path
 (`/inference.GRPCInferenceService/ModelInfer`) and `code` = the HTTP status the same outcome
@@ -23,6 +25,7 @@ import logging
 import time
 
 import grpc
+from google.protobuf import json_format
 
 from ..dataplane import DataPlane
 from ..errors import LIBRARY_ERRORS, DomainError, Kind, from_library
@@ -82,6 +85,15 @@ class Servicer:
             name=meta["name"], versions=meta["versions"], platform=meta["platform"], inputs=[T(**t) for t in meta["inputs"]], outputs=[T(**t) for t in meta["outputs"]]
         )
 
+    async def ModelConfig(self, request, context):
+        """Triton's model configuration (its model_config.proto messages), as `/v2/models/{m}/config`."""
+        config = oip.model_config(self.dp, await oip.model_metadata(self.dp, request.name, request.version))
+        return self.pb.ModelConfigResponse(config=json_format.ParseDict(config, self.pb.ModelConfig()))
+
+    async def ModelStatistics(self, request, context):
+        """The statistics extension, as `/v2/models[/{m}[/versions/{v}]]/stats`."""
+        return json_format.ParseDict(oip.model_statistics(self.dp, request.name, request.version), self.pb.ModelStatisticsResponse())
+
     async def ModelInfer(self, request, context):
         dp = self._ready()
         deadline = dp.deadline(context.time_remaining())  # the client's deadline, when it set one
@@ -138,21 +150,6 @@ def _metered(dp: DataPlane, name: str, fn):
     return call
 
 
-# RPCs of Triton's gRPC service that need messages from Triton's model_config.proto, which the shipped
-# .proto (KServe's file + the repository RPCs) does not have: a clear UNIMPLEMENTED, not "Method not found!".
-NOT_HERE = {
-    "ModelConfig": "ModelConfig is not served over gRPC here: the shipped .proto has no Triton model_config.proto; "
-    "the same configuration is on HTTP, GET /v2/models/{name}/config",
-}
-
-
-def _not_here(message: str):
-    async def call(request: bytes, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"unimplemented: {message}")
-
-    return call
-
-
 def build_server(dp: DataPlane, host: str, port: int) -> grpc.aio.Server:
     """A `grpc.aio` server for the service, bound to host:port (not started). Messages are limited to
     the HTTP body limit, so both front doors refuse the same sizes.
@@ -168,7 +165,6 @@ def build_server(dp: DataPlane, host: str, port: int) -> grpc.aio.Server:
         name: grpc.unary_unary_rpc_method_handler(_metered(dp, name, getattr(servicer, name)), request_deserializer=req.FromString, response_serializer=resp.SerializeToString)
         for name, (req, resp) in proto.methods().items()
     }
-    handlers.update({name: grpc.unary_unary_rpc_method_handler(_not_here(msg)) for name, msg in NOT_HERE.items() if name not in handlers})
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(proto.SERVICE, handlers),))
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"  # IPv6 in brackets
     why = f"gRPC could not bind {address}: the port is in use (or the address is not this host's); set METALORA_GRPC_PORT to a free port, or 0 to turn gRPC off"

@@ -35,6 +35,7 @@ from .v2_schemas import (
     ModelConfig,
     ModelMetadata,
     ModelReady,
+    ModelStatisticsResponse,
     ProtocolError,
     RepositoryIndexRequest,
     RepositoryModel,
@@ -105,6 +106,27 @@ async def model_version_ready(model_name: ModelPath, model_version: VersionPath,
     return await _model_ready(dp, model_name, model_version)
 
 
+# ------------------------------------------------------------------------ statistics extension
+# Declared before `/models/{model_name}`, which would otherwise take `stats` for a model's name.
+@router.get("/models/stats", response_model=ModelStatisticsResponse)
+async def models_statistics(dp: AnyPlaneDep) -> ModelStatisticsResponse:
+    """Inference statistics of every model version that has answered or is loaded (`base` included)."""
+    return ModelStatisticsResponse(**oip.model_statistics(dp))
+
+
+@router.get("/models/{model_name}/stats", response_model=ModelStatisticsResponse)
+async def model_statistics(model_name: ModelPath, dp: AnyPlaneDep) -> ModelStatisticsResponse:
+    """Inference statistics of the version the model resolves to (the latest): counts and cumulative ns."""
+    return ModelStatisticsResponse(**oip.model_statistics(dp, model_name))
+
+
+@router.get("/models/{model_name}/versions/{model_version}/stats", response_model=ModelStatisticsResponse)
+async def model_version_statistics(model_name: ModelPath, model_version: VersionPath, dp: AnyPlaneDep) -> ModelStatisticsResponse:
+    """Inference statistics of one bundle version."""
+    return ModelStatisticsResponse(**oip.model_statistics(dp, model_name, model_version))
+
+
+# ------------------------------------------------------------------------ model metadata and configuration
 @router.get("/models/{model_name}", response_model=ModelMetadata)
 async def model_metadata(model_name: ModelPath, dp: AnyPlaneDep) -> ModelMetadata:
     """Versions, inputs and outputs of an adapter (`base` included)."""
@@ -166,7 +188,7 @@ async def _infer(request: Request, dp, model_name: str, model_version: str) -> R
 
 @router.post("/models/{model_name}/infer", response_model=None, openapi_extra=INFER_DOC, responses=INFER_RESPONSES)
 async def infer(model_name: ModelPath, request: Request, dp: PlaneDep) -> Response:
-    """Run images through the adapter's latest version: `probabilities`, `embedding`, `label`."""
+    """Run images through the adapter's latest version: `probabilities`, `embedding`, `label` (and `unknown`)."""
     return await _infer(request, dp, model_name, "")
 
 

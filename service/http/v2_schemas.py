@@ -52,9 +52,10 @@ class ConfigReshape(BaseModel):
 
 class ConfigTensor(BaseModel):
     name: str
-    data_type: str = Field(description="Triton's `TYPE_*` names: TYPE_STRING (= BYTES), TYPE_UINT8, TYPE_FP32")
+    data_type: str = Field(description="Triton's `TYPE_*` names: TYPE_STRING (= BYTES), TYPE_FP32, TYPE_BOOL")
     dims: list[int] = Field(description="the shape without the batch dimension; -1 = any size")
     reshape: ConfigReshape | None = Field(None, description="`{\"shape\": []}`: one element per batch item, sent as [N] (or [N, 1])")
+    optional: bool | None = Field(None, description="inputs only: true for both, a request sends one of them (`image` or `pixels`)")
 
 
 class ModelConfig(BaseModel):
@@ -68,8 +69,38 @@ class ModelConfig(BaseModel):
     output: list[ConfigTensor]
 
 
+class StatisticDuration(BaseModel):
+    count: int
+    ns: int = Field(description="cumulative nanoseconds")
+
+
+class InferStatistics(BaseModel):
+    success: StatisticDuration = Field(description="requests answered, whole (decode, queue, compute)")
+    fail: StatisticDuration = Field(description="requests that failed")
+    queue: StatisticDuration = Field(description="per image: the wait in the batcher's queue")
+    compute_input: StatisticDuration = Field(description="not measured apart: compute_infer's count, 0 ns")
+    compute_infer: StatisticDuration = Field(description="per image: its share of its batch's forward")
+    compute_output: StatisticDuration = Field(description="not measured apart: compute_infer's count, 0 ns")
+
+
+class ModelStatistics(BaseModel):
+    name: str
+    version: str = Field(description="the bundle version (empty for `base`)")
+    last_inference: int = Field(description="ms since the epoch of the last request; 0: none yet")
+    inference_count: int = Field(description="images answered")
+    execution_count: int = Field(description="requests answered")
+    inference_stats: InferStatistics
+    batch_stats: list[dict[str, Any]] = Field(description="empty: batches mix adapters, so they are not per model")
+
+
+class ModelStatisticsResponse(BaseModel):
+    """Triton's statistics extension."""
+
+    model_stats: list[ModelStatistics]
+
+
 class InferInput(BaseModel):
-    name: str = Field(description="`image` (BYTES [N]) or `pixels` (UINT8 [N, H, W, 3])")
+    name: str = Field(description="`image` (BYTES [N]) or `pixels` (FP32 [N, 3, S, S], the model input; or UINT8 [N, H, W, 3], RGB)")
     shape: list[int]
     datatype: str
     parameters: dict[str, Any] | None = Field(None, description="`binary_data_size` when the data follows the JSON as binary")
@@ -77,7 +108,7 @@ class InferInput(BaseModel):
 
 
 class InferRequestedOutput(BaseModel):
-    name: str = Field(description="`probabilities`, `embedding` or `label`")
+    name: str = Field(description="`probabilities`, `embedding`, `label` or (calibrated bundles) `unknown`")
     parameters: dict[str, Any] | None = Field(None, description="`binary_data` (bool), `classification` (top-k, on `probabilities`)")
 
 
@@ -85,7 +116,7 @@ class InferRequestBody(BaseModel):
     id: str | None = None
     parameters: dict[str, Any] | None = Field(None, description="`binary_data_output`: every output as binary unless it says otherwise")
     inputs: list[InferInput]
-    outputs: list[InferRequestedOutput] | None = Field(None, description="default: all three outputs")
+    outputs: list[InferRequestedOutput] | None = Field(None, description="default: every output the model has")
 
 
 class InferOutput(BaseModel):
