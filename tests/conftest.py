@@ -118,6 +118,45 @@ def small_png(colour: str, fmt: str = "PNG") -> str:
 
 
 # ------------------------------------------------------------------------ servers shared by several modules
+# Each one holds 1-2 GB for as long as it runs, and other modules start servers of their own: the
+# modules that use one run one after the other (moved up to where the first of them runs; the
+# order within a module and of every other module is kept), and the server stops right after its
+# last test, not at the end of the session.
+SHARED_SERVERS = ("shipped_server", "small_server")
+_SHARED: dict = {}  # fixture name -> its ServerProcess, once started
+_LAST_USER: dict = {}  # fixture name -> nodeid of the last test that uses it, in the order run
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session, config, items):
+    modules: dict[str, list] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+    order = list(modules)
+    for name in SHARED_SERVERS:
+        users = [m for m in order if any(name in getattr(i, "fixturenames", ()) for i in modules[m])]
+        if len(users) > 1:
+            first = order.index(users[0])
+            rest = [m for m in order if m not in users]
+            order = rest[:first] + users + rest[first:]
+    items[:] = [i for m in order for i in modules[m]]
+
+
+def pytest_collection_finish(session):
+    for item in session.items:
+        for name in SHARED_SERVERS:
+            if name in getattr(item, "fixturenames", ()):
+                _LAST_USER[name] = item.nodeid
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    yield
+    for name, srv in _SHARED.items():
+        if _LAST_USER.get(name) == item.nodeid:
+            srv.stop()  # the session's finalizer then finds it stopped (stop is idempotent)
+
+
 SHIPPED_TOKEN = "shipped-test-admin-token-0123456789"
 # The union of what its modules need: test_oip's limits (it asserts them: 4 images, 1 Mpx, an 8 MB
 # body, top_k up to 1000) and its 150 ms batching delay (a /v1 and a gRPC request meet in one batch);
@@ -135,7 +174,7 @@ def shipped_server(tmp_path_factory):
     from service.launch import ServerProcess
 
     tmp = tmp_path_factory.mktemp("shipped")
-    srv = ServerProcess(ROOT / "model_store", tmp / "server.log", gallery_dir=tmp / "galleries", **SHIPPED_SETTINGS).start()
+    srv = _SHARED["shipped_server"] = ServerProcess(ROOT / "model_store", tmp / "server.log", gallery_dir=tmp / "galleries", **SHIPPED_SETTINGS).start()
     yield srv
     srv.stop()
 
@@ -175,6 +214,6 @@ def small_server(small_store):
     Its sharers' gallery writes are their own items (alpha's size is read before and after)."""
     from service.launch import ServerProcess
 
-    srv = ServerProcess(small_store, small_store.parent / "small-server.log", backend="torch", admin_token=SMALL_TOKEN, max_delay_ms=5).start()
+    srv = _SHARED["small_server"] = ServerProcess(small_store, small_store.parent / "small-server.log", backend="torch", admin_token=SMALL_TOKEN, max_delay_ms=5).start()
     yield srv
     srv.stop()
