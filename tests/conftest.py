@@ -1,5 +1,6 @@
 """Shared fixtures: tiny backbones for fast CPU tests, the path to ../shared when present, and the
-real servers that several test modules share (one process each for the whole session).
+real servers that several test modules share (one process each, session-scoped: its modules run
+one after the other and it stops after the last of them).
 
 Shared servers, for tests that only read them: no gallery edits, nothing left loaded or
 unloaded, no setting whose exact value another sharer needs differently. A module whose tests
