@@ -554,7 +554,7 @@ class DataPlane:
     def adapter_info(self, ref: AdapterRef) -> AdapterInfo:
         """Every version of one adapter: format, ranks, labels, metrics, whether each is loaded."""
         svc = self.svc
-        key = self.resolve(ref)
+        key = svc.registry.resolve(ref, any_state=True)  # a listing: versions that cannot serve are shown, with why
         if key == BASE:
             raise not_found("unknown_adapter", "'base' is the frozen backbone, not a stored adapter; see GET /v1/adapters")
         name = name_of(key)
@@ -566,7 +566,7 @@ class DataPlane:
             entry = svc.registry.entries.get(k)
             row = AdapterVersion(v, entry is not None, bool(entry and entry.pinned), state=st.state)
             if st.reason:
-                row.error = svc.public(st.reason)
+                row.error = svc.public(f"{st.code}: {st.reason}" if st.code else st.reason)
             try:
                 m = read_manifest(store.resolve(k)[2])
                 a = m["adapter"]
@@ -624,7 +624,7 @@ class DataPlane:
             for st in svc.repository.states(name):
                 key = st.key
                 loaded = key in svc.registry.entries
-                why = "" if loaded else f"{st.state}: {st.reason}" if st.reason else "unloaded"
+                why = "" if loaded else f"{st.state}: {st.code + ': ' if st.code else ''}{st.reason}" if st.reason else "unloaded"
                 rows.append(RepositoryEntry(name, st.version, loaded, svc.public(svc.registry.failed.get(key, why))))
         return [r for r in rows if r.loaded] if ready_only else rows
 

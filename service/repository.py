@@ -163,7 +163,7 @@ class Repository:
         try:
             manifest = read_manifest(p)
         except BundleError as e:
-            return VersionState(name, version, INVALID, f"{e.code}: {e}", e.code)
+            return VersionState(name, version, INVALID, str(e), e.code)
         files = manifest.get("files", {})
         sig = [str(p), st.st_size, st.st_mtime_ns]
         for fname, meta in files.items():
@@ -181,7 +181,7 @@ class Repository:
             verify_files(p, manifest)
             state = VersionState(name, version, AVAILABLE)
         except BundleError as e:
-            state = VersionState(name, version, INVALID, f"{e.code}: {e}", e.code)
+            state = VersionState(name, version, INVALID, str(e), e.code)
         if state.state == INVALID:
             log.warning("%s@%s is not served: %s", name, version, state.reason)
         self._verified = {k: v for k, v in self._verified.items() if k[0] != str(p)}  # one entry a directory
@@ -237,7 +237,9 @@ class Repository:
 def _unservable(s: VersionState) -> DomainError:
     if s.state == RETIRED:
         return not_found("unknown_adapter", f"adapter {s.name!r} version {s.version!r} is {s.reason}")
-    return DomainError(Kind.CONFLICT, s.code or "bad_bundle", f"{s.key} is {s.state}: {s.reason}")
+    if s.state == INVALID:  # the bundle's own error, as a load of it would say
+        return DomainError(Kind.CONFLICT, s.code or "bad_manifest", s.reason)
+    return DomainError(Kind.CONFLICT, s.code or "missing_file", f"{s.key} is {s.state}: {s.reason}")
 
 
 __all__ = ["AVAILABLE", "INCOMPLETE", "INVALID", "RETIRED", "Policy", "Repository", "Snapshot", "VersionState", "parse_policies"]
