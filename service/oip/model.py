@@ -46,7 +46,8 @@ from .codec import InferRequest, InferResponse, RequestedOutput, Tensor, bad, cl
 SERVER_NAME = "metalora-serve"
 EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "model_repository", "statistics"]
 CONFIG_TYPES = {"BYTES": "TYPE_STRING", "UINT8": "TYPE_UINT8", "FP32": "TYPE_FP32", "BOOL": "TYPE_BOOL"}  # protocol datatype -> Triton's config name
-INPUTS = {"image": ("BYTES",), "pixels": ("FP32", "UINT8")}  # the first is the one declared
+INPUTS = {"image": "BYTES", "pixels": "FP32"}  # the datatypes the metadata declares
+ACCEPTED = {"image": ("BYTES",), "pixels": ("FP32", "UINT8")}  # and what each input takes (UINT8 pixels: RGB, undeclared)
 INPUT_HELP = "'image' (BYTES [N]) or 'pixels' (FP32 [N, 3, S, S], the model input; or UINT8 [N, H, W, 3], RGB)"
 OUTPUTS = ("probabilities", "embedding", "label", "unknown")
 DEFAULT_OUTPUTS = ("probabilities", "embedding", "label")  # `unknown` joins them for calibrated bundles
@@ -119,8 +120,8 @@ async def model_metadata(dp: DataPlane, name: str, version: str = "") -> dict:
         "versions": info.versions,
         "platform": f"metalora_{info.backend}",
         "inputs": [
-            {"name": "image", "datatype": "BYTES", "shape": [-1, 1]},  # [N] is taken too; a tool sizing a request from this needs the per-image 1
-            {"name": "pixels", "datatype": "FP32", "shape": [-1, 3, s, s]},
+            {"name": "image", "datatype": INPUTS["image"], "shape": [-1, 1]},  # [N] is taken too; a tool sizing a request from this needs the per-image 1
+            {"name": "pixels", "datatype": INPUTS["pixels"], "shape": [-1, 3, s, s]},
         ],
         "outputs": outputs,
     }
@@ -203,8 +204,8 @@ def _images(dp: DataPlane, req: InferRequest) -> list:
     (t,) = req.inputs
     if t.name not in INPUTS:
         raise bad("invalid_input", f"unknown input {t.name!r}; the inputs are {INPUT_HELP}")
-    if t.datatype not in INPUTS[t.name]:
-        raise bad("invalid_datatype", f"input {t.name!r} must be {' or '.join(INPUTS[t.name])}, not {t.datatype}")
+    if t.datatype not in ACCEPTED[t.name]:
+        raise bad("invalid_datatype", f"input {t.name!r} must be {' or '.join(ACCEPTED[t.name])}, not {t.datatype}")
     if t.name == "image":
         if not (len(t.shape) == 1 or (len(t.shape) == 2 and t.shape[1] == 1)):
             raise bad("invalid_shape", f"input 'image' has shape [N] (or [N, 1]), got {list(t.shape)}")
