@@ -32,7 +32,7 @@ from .adapters import Entry
 from .batcher import WorkItem
 from .container import Service
 from .deadline import Deadline
-from .decode import Raw, check_count, check_pixels, decode_one
+from .decode import Raw, check_count, check_model_input, check_pixels, decode_one
 from .engine import ItemResult
 from .errors import DomainError, Kind, conflict, from_library, invalid, not_found, too_large, unavailable
 from .galleries import Item
@@ -267,12 +267,16 @@ class DataPlane:
     # ---------------------------------------------------------------- images in, results out
     def check_images(self, raws: Sequence[Raw]) -> None:
         """The request's images against the limits: how many, and, for decoded pixels, their size
-        and shape (files are checked from their header when decoded)."""
+        and shape, for a model input (float32) its shape (files are checked from their header when
+        decoded)."""
         s = self.settings
         check_count(len(raws), s.max_images)
         for raw in raws:
             if isinstance(raw, np.ndarray):
-                check_pixels(raw.shape[0], raw.shape[1], s.max_pixels, s.max_aspect_ratio)
+                if raw.dtype == np.float32:
+                    check_model_input(raw, self.svc.runtime.preprocessor.cfg.input_size)
+                else:
+                    check_pixels(raw.shape[0], raw.shape[1], s.max_pixels, s.max_aspect_ratio)
 
     async def decode(self, raws: Sequence[Raw], deadline: Deadline, names: list[str] | None = None) -> list[torch.Tensor]:
         """Raw images -> model inputs (3, S, S) on the decoder pool, within the request's deadline.

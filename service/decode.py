@@ -1,9 +1,11 @@
 """One raw image -> the model's input tensor, for every front door; and the limits on images.
 
 A raw image is what a door took off the wire: file bytes, a base64 string (or a `data:` URL) from
-JSON, or RGB pixels already decoded (an (H, W, 3) uint8 array from the Open Inference Protocol's
-`pixels` input). Files are decoded by `metalora.images` (EXIF, bit depth, ICC, reduced-size JPEG
-decoding bounded by the model's input); pixels run through the same preprocessing.
+JSON, RGB pixels already decoded (an (H, W, 3) uint8 array from the Open Inference Protocol's
+`pixels` input), or the model input itself (a (3, S, S) float32 array, `pixels` FP32: already
+resized, cropped and normalised). Files are decoded by `metalora.images` (EXIF, bit depth, ICC,
+reduced-size JPEG decoding bounded by the model's input); pixels run through the same
+preprocessing; a model input is used as it is.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from metalora.images import ImageError, Preprocessor
 
 from .errors import from_library, invalid, too_large
 
-Raw = bytes | str | np.ndarray
+Raw = bytes | str | np.ndarray  # ndarray: (H, W, 3) uint8 RGB pixels, or (3, S, S) float32 the model input
 _WRAP = re.compile(r"[\r\n]+")
 
 
@@ -29,9 +31,12 @@ def decode_one(preprocessor: Preprocessor, raw: Raw, where: str, max_pixels: int
 
     Raises INVALID `invalid_base64`, or the image error of `metalora.images` as a domain error,
     naming the image `where` (as the request has it: `images[3]`, `items[1].image (id 'a2')`).
-    Runs on the decoder pool, never on the event loop. Pixel arrays were checked by `check_pixels`.
+    Runs on the decoder pool, never on the event loop. Pixel arrays were checked by `check_pixels`,
+    model inputs by `check_model_input`.
     """
     if isinstance(raw, np.ndarray):
+        if raw.dtype == np.float32:  # the model input itself: no decode, no preprocessing
+            return torch.from_numpy(np.array(raw, dtype=np.float32))  # a copy: the request's buffer may be read-only
         return preprocessor(Image.fromarray(raw, "RGB"))
     if isinstance(raw, str):
         if raw.startswith("data:"):
@@ -58,3 +63,12 @@ def check_pixels(h: int, w: int, max_pixels: int, max_aspect_ratio: float) -> No
         raise too_large("image_too_large", f"pixels images are {w}x{h}, the limit is {max_pixels} pixels")
     if max(w, h) > max_aspect_ratio * min(w, h):
         raise invalid("extreme_aspect_ratio", f"pixels images are {w}x{h}; the long side may be at most {max_aspect_ratio:g} times the short side")
+
+
+def check_model_input(x: np.ndarray, size: int) -> None:
+    """A model input sent as it is (float32): INVALID `invalid_shape` unless it is (3, S, S), the
+    model's input; INVALID `invalid_data` when it holds NaN or infinities."""
+    if x.shape != (3, size, size):
+        raise invalid("invalid_shape", f"a model input is (3, {size}, {size}), got {tuple(x.shape)}")
+    if not np.isfinite(x).all():
+        raise invalid("invalid_data", "a model input holds NaN or infinite values")
