@@ -120,10 +120,20 @@ def test_every_case_answered(answers):
     assert len(golden["http"]) >= 60 and len(golden["grpc"]) >= 10
 
 
+# Issue 32: the repository index is open, as GET /v1/adapters and Triton's are: asked without a
+# token it now answers what it answered with one.
+OPENED = {"v2.repository.index.no_token": "v2.repository.index", "grpc.repository.index.no_token": "grpc.repository.index"}
+
+
+def _meant(rows: list[dict], i: int) -> dict:
+    name = rows[i]["name"]
+    return next(r for r in rows if r["name"] == OPENED[name]) if name in OPENED else rows[i]
+
+
 @pytest.mark.parametrize("i", range(len(json.loads(cases.GOLDEN.read_text())["http"])))
 def test_http_answer_unchanged(answers, i):
     golden, now = answers
-    want, got = golden["http"][i], now["http"][i]
+    want, got = _meant(golden["http"], i), now["http"][i]
     assert got["status"] == want["status"], f"{want['name']}: {got['body'][:300]}"
     assert got["headers"] == want["headers"], want["name"]
     if want["binary"]:
@@ -143,7 +153,7 @@ def test_http_answer_unchanged(answers, i):
 @pytest.mark.parametrize("i", range(len(json.loads(cases.GOLDEN.read_text())["grpc"])))
 def test_grpc_answer_unchanged(answers, i):
     golden, now = answers
-    want, got = golden["grpc"][i], now["grpc"][i]
+    want, got = _meant(golden["grpc"], i), now["grpc"][i]
     assert got["code"] == want["code"], f"{want['name']}: {got}"
     if want["name"] == "grpc.infer.bad_input":  # issue 32, item 5: the error names the FP32 `pixels`
         new, old = ITEM5["input_error"]

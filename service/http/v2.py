@@ -213,9 +213,9 @@ async def _json_object(request: Request) -> dict:
     return doc
 
 
-@router.post("/repository/index", response_model=list[RepositoryModel], dependencies=[AdminDep], responses=ADMIN_ERRORS, openapi_extra={"requestBody": {"content": {"application/json": {"schema": RepositoryIndexRequest.model_json_schema()}}}})
+@router.post("/repository/index", response_model=list[RepositoryModel], responses=error_responses(413, model=ProtocolError), openapi_extra={"requestBody": {"content": {"application/json": {"schema": RepositoryIndexRequest.model_json_schema()}}}})
 async def repository_index(request: Request, dp: PlaneDep) -> list[RepositoryModel]:
-    """Every adapter version in the store (and `base`) with its state; admin token."""
+    """Every adapter version in the store (and `base`) with its state; open, as `GET /v1/adapters` (the same facts) and Triton's index are."""
     doc = await _json_object(request)
     return [RepositoryModel(**r) for r in oip.repository_index(dp, bool(doc.get("ready", False)))]
 
